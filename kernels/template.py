@@ -1,0 +1,77 @@
+"""The template protocol: what every tunable kernel declares so the engine can tune it.
+
+A template is a parametrised Triton kernel plus everything needed to check and time it:
+
+- ``name``: unique, also the name of its search space ``search_spaces/<name>.toml``;
+- ``shape_keys``: the keys of a shape dict (e.g. ``("N", "H", "K", "V", "S")``);
+- ``make_inputs(shape, dtype, device, seed)``: fresh random inputs (a dict of tensors and
+  scalars) for that shape — never zeros;
+- ``launch(inputs, config)``: runs the kernel(s) with a config dict and returns a dict of
+  output tensors (allocated inside, so the engine can poison them via ``out=`` if given);
+- ``reference(inputs)``: the reference outputs (same keys), computed by ``momtune.reference``
+  in float64;
+- ``default_config``: valid for every supported shape;
+- ``tolerance(dtype)``: (atol, rtol) for the comparison;
+- ``cost(shape, dtype)``: (flops, bytes) — the floor is max(flops / peak, bytes / bandwidth);
+- ``sources``: files whose content defines the template (hashed into library provenance).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Inputs = dict[str, Any]
+Outputs = dict[str, torch.Tensor]
+Shape = Mapping[str, int]
+Config = Mapping[str, Any]
+
+DEFAULT_TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-8, 1e-8),
+    torch.float32: (2e-3, 2e-3),  # tl.dot may run in tf32
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (4e-2, 4e-2),
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    shape_keys: tuple[str, ...]
+    make_inputs: Callable[[Shape, torch.dtype, torch.device | str, int], Inputs]
+    launch: Callable[..., Outputs]
+    reference: Callable[[Inputs], Outputs]
+    default_config: Mapping[str, Any]
+    cost: Callable[[Shape, torch.dtype], tuple[float, float]]
+    sources: tuple[str, ...]
+    tolerances: Mapping[torch.dtype, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+    # optional: a config -> problem string, empty if the config cannot run this shape
+    # (used to skip configs before compiling them).
+    check_config: Callable[[Shape, Config], str] | None = None
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        return self.tolerances.get(dtype, DEFAULT_TOLERANCE[torch.float32])
+
+    def source_hash(self) -> str:
+        """sha256 over the template's source files (library provenance)."""
+        h = hashlib.sha256()
+        for src in self.sources:
+            p = Path(src)
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+        return h.hexdigest()[:16]
+
+    def validate_shape(self, shape: Shape) -> None:
+        from momtune.errors import InputError
+
+        missing = [k for k in self.shape_keys if k not in shape]
+        extra = [k for k in shape if k not in self.shape_keys]
+        if missing or extra:
+            raise InputError(
+                f"shape for template {self.name!r}: expected keys {list(self.shape_keys)}, "
+                f"missing {missing}, unknown {extra}"
+            )

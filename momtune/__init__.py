@@ -1,0 +1,27 @@
+"""momtune: autotuned Triton kernels for Mixture-of-Memories (MoM) linear attention.
+
+Public API (loaded lazily, so ``import momtune`` does no work):
+``MoMAttention``, ``MoMForCausalLM`` (fast, ``backend="auto"|"triton"|"reference"``),
+``MoMConfig``, and the error hierarchy in :mod:`momtune.errors`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "MoMAttention": "momtune.model",
+    "MoMForCausalLM": "momtune.model",
+    "MoMConfig": "momtune.reference.config",
+    "MomtuneError": "momtune.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'momtune' has no attribute {name!r}")

@@ -1,0 +1,157 @@
+"""Ground-truth recurrences of MoM's memory update, over packed varlen segments.
+
+Layout (packed, varlen): tokens of all segments lie back to back along the first axis.
+
+    q, k  [N, H, K]      v [N, H, V]      g [N, H] (log decay, <= 0)      beta [N, H]
+    cu_seqlens [S + 1]   segment s is rows cu_seqlens[s]:cu_seqlens[s+1] (may be empty)
+    initial_state / final_state [S, H, K, V]
+
+Update rules (per head, state S [K, V], q and k optionally L2-normalised, eps 1e-6):
+
+    gated_delta:   S <- exp(g_t) S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = scale S^T q_t
+    gated_linear:  S <- exp(g_t) S + k_t v_t^T;                                o_t = scale S^T q_t
+
+``recurrent_naive`` walks token by token (the ground truth); ``recurrent_chunked`` computes the
+same function chunk by chunk (WY form of the delta rule), is differentiable and fast enough for
+CPU tests. Both compute in float32 (float64 for float64 inputs); outputs are cast back to the
+input dtype and states stay in the compute dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+RULES = ("gated_delta", "gated_linear")
+L2_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last axis."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm):
+    from momtune.checks import check_choice, check_cu_seqlens, check_tensor
+    from momtune.checks import FLOAT_DTYPES
+
+    check_choice("rule", rule, RULES)
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    n, h, kd = q.shape
+    check_tensor("k", k, shape=(n, h, kd), dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, shape=(n, h, None), dtypes=FLOAT_DTYPES)
+    check_tensor("g", g, shape=(n, h), dtypes=FLOAT_DTYPES)
+    if rule == "gated_delta":
+        check_tensor("beta", beta, shape=(n, h), dtypes=FLOAT_DTYPES)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, n], dtype=torch.int64)
+    check_cu_seqlens("cu_seqlens", cu_seqlens, n)
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    s, vd = len(cu) - 1, v.shape[-1]
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, shape=(s, h, kd, vd), dtypes=FLOAT_DTYPES)
+    cd = compute_dtype(q.dtype)
+    scale = kd ** -0.5 if scale is None else float(scale)
+    qf, kf = q.to(cd), k.to(cd)
+    if use_qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    qf = qf * scale
+    vf, gf = v.to(cd), g.to(cd)
+    bf = beta.to(cd) if rule == "gated_delta" else None
+    if initial_state is None:
+        state0 = torch.zeros(s, h, kd, vd, dtype=cd, device=q.device)
+    else:
+        state0 = initial_state.to(cd)
+    return qf, kf, vf, gf, bf, cu, state0
+
+
+def recurrent_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor | None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    rule: str = "gated_delta",
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence. Returns (o [N, H, V] in q's dtype, final_state [S, H, K, V])."""
+    qf, kf, vf, gf, bf, cu, state0 = _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm)
+    o = torch.zeros_like(vf)
+    finals = []
+    for s in range(len(cu) - 1):
+        S = state0[s].clone()  # [H, K, V]
+        for t in range(cu[s], cu[s + 1]):
+            S = S * gf[t].exp()[:, None, None]
+            if rule == "gated_delta":
+                pred = torch.einsum("hk,hkv->hv", kf[t], S)
+                S = S + torch.einsum("hk,hv->hkv", kf[t], bf[t][:, None] * (vf[t] - pred))
+            else:
+                S = S + torch.einsum("hk,hv->hkv", kf[t], vf[t])
+            o[t] = torch.einsum("hk,hkv->hv", qf[t], S)
+        finals.append(S)
+    final = torch.stack(finals) if finals else state0
+    return o.to(q.dtype), final
+
+
+def _chunk_step(qc, kc, vc, gc, bc, S, rule):
+    """One chunk of L tokens for one segment: qc, kc [L, H, K], vc [L, H, V], gc, bc [L, H], S [H, K, V]."""
+    L = qc.shape[0]
+    G = gc.cumsum(0).transpose(0, 1)  # [H, L] cumulative log decay within the chunk
+    q, k, v = (x.transpose(0, 1) for x in (qc, kc, vc))  # [H, L, *]
+    diff = G[:, :, None] - G[:, None, :]  # [H, L, L]  G_i - G_j
+    lower = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    decay = torch.where(lower, diff, torch.full_like(diff, float("-inf"))).exp()  # 0 above the diagonal
+    if rule == "gated_delta":
+        b = bc.transpose(0, 1)[..., None]  # [H, L, 1]
+        strict = lower & ~torch.eye(L, dtype=torch.bool, device=q.device)
+        A = torch.where(strict, b * (k @ k.transpose(1, 2)) * decay, torch.zeros_like(decay))
+        eye = torch.eye(L, dtype=q.dtype, device=q.device).expand_as(A)
+        # (I + A) is unit lower triangular: W and U by triangular solves (the UT/WY transform)
+        W = torch.linalg.solve_triangular(eye + A, b * G.exp()[..., None] * k, upper=False, unitriangular=True)
+        U = torch.linalg.solve_triangular(eye + A, b * v, upper=False, unitriangular=True)
+        vnew = U - W @ S
+    else:
+        vnew = v
+    o = (q * G.exp()[..., None]) @ S + ((q @ k.transpose(1, 2)) * decay) @ vnew
+    G_last = G[:, -1:]  # [H, 1]
+    S = G_last.exp()[..., None] * S + (k * (G_last - G).exp()[..., None]).transpose(1, 2) @ vnew
+    return o.transpose(0, 1), S
+
+
+def recurrent_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor | None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    rule: str = "gated_delta",
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked form of :func:`recurrent_naive` (same arguments plus ``chunk_size``); differentiable."""
+    from momtune.checks import check_int
+
+    check_int("chunk_size", chunk_size, lo=1)
+    qf, kf, vf, gf, bf, cu, state0 = _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm)
+    outs, finals = [], []
+    for s in range(len(cu) - 1):
+        S = state0[s]
+        for c0 in range(cu[s], cu[s + 1], chunk_size):
+            c1 = min(c0 + chunk_size, cu[s + 1])
+            bc = bf[c0:c1] if bf is not None else None
+            o, S = _chunk_step(qf[c0:c1], kf[c0:c1], vf[c0:c1], gf[c0:c1], bc, S, rule)
+            outs.append(o)
+        finals.append(S)
+    o = torch.cat(outs) if outs else vf[:0]
+    final = torch.stack(finals) if finals else state0
+    return o.to(q.dtype), final

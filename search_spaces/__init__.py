@@ -1,0 +1,1 @@
+"""Search spaces (TOML), shipped as package data."""
