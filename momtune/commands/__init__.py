@@ -1,0 +1,1 @@
+"""Subcommands of the momtune CLI (one module each)."""
