@@ -27,8 +27,9 @@ def short_conv(
     ys, windows = [], []
     for s in range(S):
         seg = torch.cat([initial_window[s].to(x.dtype), x[cu[s]:cu[s + 1]]])  # [W-1+L, C]
-        y = F.conv1d(seg.t()[None].to(weight.dtype), weight[:, None, :], groups=C)[0].t()  # [L, C]
-        ys.append(F.silu(y).to(x.dtype))
+        if cu[s + 1] > cu[s]:  # an empty segment has no output (and F.conv1d rejects it)
+            y = F.conv1d(seg.t()[None].to(weight.dtype), weight[:, None, :], groups=C)[0].t()  # [L, C]
+            ys.append(F.silu(y).to(x.dtype))
         windows.append(seg[seg.shape[0] - (W - 1):])
     y = torch.cat(ys) if ys else x[:0]
     return y, torch.stack(windows) if windows else initial_window
