@@ -1,0 +1,286 @@
+"""The fast MoM layer and causal LM: the reference modules with a Triton backend.
+
+``backend="triton"`` runs the tuned kernels (configs from the tuned library through
+:mod:`momtune.dispatch`, cached per shape, never tuned at run time); ``"reference"`` runs the
+pure-PyTorch reference; ``"auto"`` (default, or ``MOMTUNE_BACKEND``) picks Triton for CUDA
+tensors and the reference elsewhere (and says so once). With ``TRITON_INTERPRET=1`` the Triton
+backend also runs on CPU tensors (that is how CI tests it).
+
+The fast prefill of one layer, x [B, T, D]:
+
+    one GEMM  x @ [q | g_proj | gate | (k, v, b, a) of every memory]^T        (no loop over memories)
+    routing   softmax/top-k/renorm + stable counting sort into segments       (on device, no sync)
+    conv      gather + causal conv + SiLU per segment, from the unpermuted projections (q, k, v)
+    gate_prep g, beta of every packed row
+    recurrence chunked gated delta rule over all segments (routed + shared) in one launch
+    merge     weighted sum over the slots + gated RMSNorm, then o_proj
+
+A decode step (T = 1 with a cache) is one GEMM, routing, and the fused decode kernel that
+updates the routed memories' conv windows and states in place and returns the mixed, normed
+read-out; nothing syncs with the host, so the whole model step is captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from momtune import settings
+from momtune.checks import check_choice
+from momtune.errors import InputError
+from momtune.reference import layer as ref_layer
+from momtune.reference import model as ref_model
+from momtune.reference.cache import LayerCache, MoMCache
+from momtune.reference.config import MoMConfig
+
+BACKENDS = settings.BACKENDS
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'."""
+    if backend == "auto":
+        if x.is_cuda or settings.interpreter_mode():
+            return "triton"
+        _say_once("auto-cpu", "momtune: backend 'auto' runs the PyTorch reference for CPU tensors "
+                              "(Triton kernels need CUDA, or TRITON_INTERPRET=1)")
+        return "reference"
+    if backend == "triton" and not x.is_cuda and not settings.interpreter_mode():
+        raise InputError("backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
+                         "use backend='reference' or 'auto'")
+    return backend
+
+
+class MoMAttention(ref_layer.MoMAttention):
+    """fla-compatible MoM layer (same constructor, parameters and outputs as the reference) with
+    ``backend="auto"|"triton"|"reference"``."""
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = check_choice("backend", backend or settings.load().backend, BACKENDS)
+        self._packed: tuple[tuple, torch.Tensor] | None = None
+        self._configs: dict[tuple, dict] = {}
+
+    # ---------------------------------------------------------------- weights and configs
+    def _fused_weight(self) -> torch.Tensor:
+        """[q | g_proj | gate | per memory (k, v, b, a)] stacked along the output axis; rebuilt
+        only when a parameter changed (version counters)."""
+        params = [self.q_proj.weight, self.g_proj.weight, self.gate.weight]
+        for m in range(self.num_slots):
+            params += [lin.weight for lin in self.memory_linears(m)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._packed is None or self._packed[0] != key:
+            with torch.no_grad():
+                self._packed = (key, torch.cat(params, dim=0).contiguous())
+        return self._packed[1]
+
+    def _config(self, template: str, shape: dict[str, int], dtype: torch.dtype) -> dict:
+        key = (template, tuple(shape.items()), dtype)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            from momtune.dispatch import get_dispatcher
+            from momtune.kernels import get_template
+
+            cfg, _source = get_dispatcher().config(get_template(template), shape, dtype)
+            self._configs[key] = cfg = dict(cfg)
+        return cfg
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MoMCache | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
+        backend = resolve_backend(self.backend, hidden_states)
+        if backend == "reference":
+            return super().forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions, **kwargs)
+        capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:  # no host-synchronising checks inside a CUDA graph capture
+            x = hidden_states
+        else:
+            x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs)
+        if self.mode != "chunk" and not capturing:
+            _say_once("mode", "momtune: mode='fused_recurrent' computes the same function; the Triton "
+                              "backend always runs its chunked kernel")
+        cache = MoMCache() if past_key_values is None and use_cache else past_key_values
+        entry = self._cache_entry(cache, x) if cache is not None else None
+        if entry is not None and x.shape[1] == 1:
+            out, logits = self._decode(x, entry)
+        else:
+            out, logits = self._prefill(x, entry)
+        if entry is not None:
+            entry.seen_tokens += x.shape[1]
+        return out, logits, cache
+
+    def _cache_entry(self, cache: MoMCache, x: torch.Tensor) -> LayerCache:
+        from momtune.reference.recurrence import compute_dtype
+
+        return cache.get_or_create(
+            self._cache_key, batch_size=x.shape[0], num_slots=self.num_slots, num_heads=self.num_heads,
+            head_k=self.head_dim, head_v=self.head_v_dim, conv_size=self.conv_size,
+            state_dtype=compute_dtype(x.dtype), window_dtype=x.dtype, device=x.device)
+
+    def _project(self, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x2 [N, D] -> strided views q [N, HK], gate [N, HV], logits [N, E], k/v/b/a [N, M, *]."""
+        HK, HV, H, E, M = self.key_dim, self.value_dim, self.num_heads, self.num_memories, self.num_slots
+        proj = F.linear(x2, self._fused_weight())
+        q, gate, logits = proj[:, :HK], proj[:, HK:HK + HV], proj[:, HK + HV:HK + HV + E]
+        per = proj[:, HK + HV + E:].view(x2.shape[0], M, HK + HV + 2 * H)
+        k, v = per[..., :HK], per[..., HK:HK + HV]
+        b, a = per[..., HK + HV:HK + HV + H], per[..., HK + HV + H:]
+        return q, gate, logits, k, v, b, a
+
+    def _prefill(self, x: torch.Tensor, entry: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        from momtune.kernels.conv.conv import gate_prep, segment_conv
+        from momtune.kernels.merge.merge import merge_prefill
+        from momtune.kernels.recurrence.chunk import chunk_recurrence
+        from momtune.kernels.routing.routing import route_and_group
+
+        B, T, D = x.shape
+        E, M, H, K, V, W = self.num_memories, self.num_slots, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
+        J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
+        q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B * T, D))
+        logits = logits.contiguous()
+        r = route_and_group(logits.view(B, T, E), self.topk, shared=self.shared_mem,
+                            config=self._config("routing", dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D), dt))
+        Np = B * T * J
+        idx = (r.token_index, r.row_mem, r.row_seg, r.cu_seqlens)
+
+        def conv(src: torch.Tensor, weight: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
+            C = weight.shape[0]
+            cfg = self._config("conv", dict(B=B, T=T, E=E, topk=self.topk, shared=sh, C=C), dt)
+            init = None if cached is None else cached.view(B * M, W - 1, C)
+            final = None if cached is None else torch.empty_like(init)
+            y = segment_conv(src, weight.view(C, W), *idx, initial_window=init, final_window=final, config=cfg)
+            if cached is not None:
+                cached.copy_(final.view_as(cached))
+            return y
+
+        q = conv(q_in, self.q_conv1d.weight, None if entry is None else entry.conv_q)
+        k = conv(k_in, self.k_conv1d.weight, None if entry is None else entry.conv_k)
+        v = conv(v_in, self.v_conv1d.weight, None if entry is None else entry.conv_v)
+        g, beta = gate_prep(a_in, b_in, r.token_index, r.row_mem, self.A_log, self.dt_bias)
+        state = None if entry is None else entry.state.view(B * M, H, K, V)
+        cfg = self._config("recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt)
+        o, final = chunk_recurrence(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, r.cu_seqlens,
+                                    rule="gated_delta", initial_state=state, output_final_state=entry is not None,
+                                    use_qk_l2norm=True, config=cfg)
+        if entry is not None:
+            entry.state.copy_(final.view_as(entry.state))
+        cfg = self._config("merge", dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1), dt)
+        y = merge_prefill(o, r.slot, r.weights, gate=gate, norm_weight=self.o_norm.weight, eps=self.norm_eps, config=cfg)
+        return F.linear(y.reshape(B, T, H * V), self.o_proj.weight), logits.view(B * T, E)
+
+    def _decode(self, x: torch.Tensor, entry: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+        from momtune.kernels.decode.step import decode_step
+        from momtune.kernels.routing.routing import route_and_group
+
+        B, _, D = x.shape
+        E, H, K, V, W = self.num_memories, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
+        J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
+        q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B, D))
+        logits = logits.contiguous()
+        r = route_and_group(logits.view(B, 1, E), self.topk, shared=self.shared_mem,
+                            config=self._config("routing", dict(B=B, T=1, E=E, topk=self.topk, shared=sh, D=D), dt))
+        cfg = self._config("decode", dict(B=B, H=H, K=K, V=V, E=E, topk=self.topk, shared=sh), dt)
+        y = decode_step(q_in, k_in, v_in, a_in, b_in, r.idx.view(B, J), r.weights.view(B, J), entry.state,
+                        entry.conv_q, entry.conv_k, entry.conv_v, self.q_conv1d.weight.view(-1, W),
+                        self.k_conv1d.weight.view(-1, W), self.v_conv1d.weight.view(-1, W), self.A_log,
+                        self.dt_bias, rule="gated_delta", gate=gate, norm_weight=self.o_norm.weight,
+                        eps=self.norm_eps, config=cfg)
+        return F.linear(y.reshape(B, 1, H * V), self.o_proj.weight), logits.view(B, E)
+
+
+class MoMForCausalLM(ref_model.MoMForCausalLM):
+    """The causal LM on fast layers: same config, state_dict names (fla's) and outputs as the
+    reference; ``backend`` as :class:`MoMAttention`. ``generate`` captures the decode step of the
+    whole model in a CUDA graph on CUDA (``cuda_graph=False`` to turn it off)."""
+
+    def __init__(self, config: MoMConfig, backend: str | None = None) -> None:
+        super().__init__(config)
+        self.backend = check_choice("backend", backend or settings.load().backend, BACKENDS)
+        for block in self.model.layers:
+            old = block.attn
+            fast = MoMAttention(
+                hidden_size=old.hidden_size, head_dim=old.head_dim, num_heads=old.num_heads, expand_v=old.expand_v,
+                mode=old.mode, conv_size=old.conv_size, layer_idx=old.layer_idx, norm_eps=old.norm_eps,
+                num_memories=old.num_memories, topk=old.topk, shared_mem=old.shared_mem,
+                single_kv_proj=old.single_kv_proj, backend=self.backend)
+            fast.load_state_dict(old.state_dict())
+            block.attn = fast
+
+    def _step_logits(self, ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
+        """One decode step without host-side checks (capturable): ids [B, 1] -> logits [B, vocab]."""
+        x = self.model.embeddings(ids)
+        for block in self.model.layers:
+            x, _ = block(x, cache)
+        return self.lm_head(self.model.norm(x))[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 cuda_graph: bool = True) -> torch.Tensor:
+        """As the reference's ``generate``; on CUDA with the Triton backend the decode step of the
+        whole model runs as one CUDA graph replay (the cache is updated in place)."""
+        use_graph = (cuda_graph and input_ids.is_cuda and max_new_tokens > 1
+                     and resolve_backend(self.backend, self.lm_head.weight) == "triton")
+        if not use_graph:
+            return super().generate(input_ids, max_new_tokens, do_sample, temperature, top_k, generator)
+        self._check_ids("input_ids", input_ids)
+        cache = MoMCache()
+        logits = self(input_ids, past_key_values=cache).logits[:, -1]
+        graph = DecodeGraph(self, cache, input_ids.shape[0], input_ids.dtype)
+        out = [input_ids]
+        for step in range(max_new_tokens):
+            nxt = self._pick(logits, do_sample, temperature, top_k, generator).to(input_ids.dtype)
+            out.append(nxt[:, None])
+            if step + 1 < max_new_tokens:
+                logits = graph.step(nxt[:, None])
+        return torch.cat(out, dim=1)
+
+
+class DecodeGraph:
+    """A captured decode step of the whole model over a fixed cache (in-place updates).
+
+    ``step(ids [B, 1])`` copies the ids into the static input, replays the graph and returns the
+    static logits [B, vocab] (valid until the next step)."""
+
+    def __init__(self, model: MoMForCausalLM, cache: MoMCache, batch_size: int, dtype: torch.dtype) -> None:
+        self.model, self.cache = model, cache
+        device = model.lm_head.weight.device
+        self.ids = torch.zeros(batch_size, 1, dtype=dtype, device=device)
+        # warm up on a side stream (compiles kernels, fills dispatch caches) on a scratch copy of the cache
+        snapshot = {i: (e.state.clone(), e.conv_q.clone(), e.conv_k.clone(), e.conv_v.clone(), e.seen_tokens)
+                    for i, e in cache.layers.items()}
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model._step_logits(self.ids, cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model._step_logits(self.ids, cache)
+        for i, (s, q, k, v, seen) in snapshot.items():  # undo warm-up and capture side effects
+            e = cache.layers[i]
+            e.state.copy_(s), e.conv_q.copy_(q), e.conv_k.copy_(k), e.conv_v.copy_(v)
+            e.seen_tokens = seen
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        for e in self.cache.layers.values():
+            e.seen_tokens += 1
+        return self.logits

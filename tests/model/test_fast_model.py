@@ -1,0 +1,139 @@
+"""The fast model (Triton backend) against the reference: layer, cache/decode, LM, generate.
+
+On the CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by `make test`);
+GPU-marked tests check bf16 against float64 and the CUDA-graph decode on the H100.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import momtune
+from momtune.errors import InputError
+from momtune.reference.cache import MoMCache
+from tests.helpers import assert_close
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_kernels = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+LAYERS = [
+    dict(B=2, T=13, E=4, topk=2, shared=True),
+    dict(B=1, T=20, E=3, topk=1, shared=False),
+    dict(B=2, T=1, E=4, topk=4, shared=True),
+]
+
+
+def _ids(p: dict) -> str:
+    return f"B{p['B']}-T{p['T']}-E{p['E']}-top{p['topk']}-{'shared' if p['shared'] else 'noshared'}"
+
+
+def _layers(p: dict, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    args = dict(hidden_size=32, head_dim=16, num_heads=2, expand_v=1, num_memories=p["E"], topk=p["topk"],
+                shared_mem=p["shared"], norm_eps=1e-5, layer_idx=0)
+    args.update(kw)
+    fast = momtune.MoMAttention(**args, backend="triton").to(DEVICE)
+    ref = momtune.reference.MoMAttention(**args).to(DEVICE)
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():  # larger conv weights and gates than the init, so every term matters
+        for mod in (fast, ref):
+            torch.manual_seed(seed + 1)
+            for conv in (mod.q_conv1d, mod.k_conv1d, mod.v_conv1d):
+                conv.weight.normal_(0, 0.5)
+            mod.A_log.copy_(torch.linspace(-1, 1, mod.num_heads))
+    return fast.eval(), ref.eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("p", LAYERS, ids=_ids)
+def test_layer_prefill_matches_reference(p):
+    fast, ref = _layers(p)
+    x = torch.randn(p["B"], p["T"], 32, device=DEVICE)
+    with torch.no_grad():
+        out, logits, _ = fast(x)
+        want, want_logits, _ = ref(x.double().cpu() if False else x)
+    assert_close("router_logits", logits, want_logits, 1e-4, 1e-4)
+    assert_close("o", out, want, 2e-3, 2e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("p", LAYERS[:2], ids=_ids)
+def test_layer_cache_then_decode_matches_full_forward(p):
+    fast, ref = _layers(p, seed=3)
+    T = p["T"]
+    x = torch.randn(p["B"], T + 3, 32, device=DEVICE)
+    with torch.no_grad():
+        want, _, _ = ref(x)
+        cache = MoMCache()
+        first, _, _ = fast(x[:, :T], past_key_values=cache)
+        steps = [fast(x[:, T + i:T + i + 1], past_key_values=cache)[0] for i in range(3)]
+        ref_cache = MoMCache()
+        ref(x[:, :T], past_key_values=ref_cache)
+        for i in range(3):
+            ref(x[:, T + i:T + i + 1], past_key_values=ref_cache)
+    got = torch.cat([first, *steps], dim=1)
+    assert_close("o(prefill+decode)", got, want, 2e-3, 2e-3)
+    assert cache[0].seen_tokens == T + 3
+    assert_close("cache.state", cache[0].state, ref_cache[0].state, 2e-3, 2e-3)
+    assert_close("cache.conv_v", cache[0].conv_v, ref_cache[0].conv_v, 1e-6, 1e-6)
+
+
+@needs_kernels
+def test_lm_logits_and_generate_match_reference():
+    cfg = momtune.MoMConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    fast = momtune.MoMForCausalLM(cfg, backend="triton").to(DEVICE).eval()
+    ref = momtune.reference.MoMForCausalLM(cfg).to(DEVICE).eval()
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        got, want = fast(ids).logits, ref(ids).logits
+    assert_close("logits", got, want, 2e-3, 2e-3)
+    assert torch.equal(fast.generate(ids, 4), ref.generate(ids, 4))
+
+
+def test_backend_argument_is_checked():
+    with pytest.raises(InputError, match="backend"):
+        momtune.MoMAttention(hidden_size=32, head_dim=16, num_heads=2, num_memories=2, topk=1, backend="cuda")
+
+
+def test_auto_backend_uses_reference_on_cpu_without_interpreter(monkeypatch):
+    from momtune.model import resolve_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("auto", torch.zeros(1)) == "reference"
+    with pytest.raises(InputError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", torch.zeros(1)) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_layer_matches_float64_reference(dtype):
+    torch.manual_seed(0)
+    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True, layer_idx=0)
+    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(dtype).eval()
+    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    x = torch.randn(2, 300, 1024, device="cuda")
+    with torch.no_grad():
+        out = fast(x.to(dtype))[0].double()
+        want = ref(x.to(dtype).double())[0]
+    rel = ((out - want).norm() / want.norm()).item()
+    assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_generate_equals_eager():
+    cfg = momtune.MoMConfig.from_preset("tiny", hidden_size=256, head_dim=64, num_heads=4)
+    torch.manual_seed(0)
+    model = momtune.MoMForCausalLM(cfg, backend="triton").cuda().eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 17), device="cuda")
+    assert torch.equal(model.generate(ids, 8, cuda_graph=True), model.generate(ids, 8, cuda_graph=False))
