@@ -1,0 +1,237 @@
+"""Router + grouping into the packed (batch, memory) segment layout, fully on the device.
+
+Two kernels, grids from shapes only (no host synchronisation, CUDA-graph capturable):
+
+1. ``_route_count_kernel`` (grid ``[cdiv(T, BLOCK_T), B]``): fp32 softmax over the E logits,
+   top-k by repeated arg-max (ties pick the lower memory index), renormalise, append the shared
+   slot (memory E, weight 1); writes ``weights``/``idx`` and each block's token count per memory.
+2. ``_group_scatter_kernel`` (same grid): a stable counting sort. Every program scans the block
+   counts of its batch row (totals per memory -> segment starts, and the counts of the earlier
+   blocks -> its own offset per memory), ranks its tokens inside the block with ``tl.cumsum``
+   and scatters ``token_index``/``row_mem``/``row_seg``; it also writes ``slot``, and the first
+   block of each row writes that row's ``cu_seqlens``. Rows of a segment stay in time order.
+
+Batch row b owns packed rows ``[b*T*J, (b+1)*T*J)`` (every token has exactly J slots), so
+segment starts need only a scan inside the row. The scan costs O(blocks per row) per program:
+keep ``T / BLOCK_T`` moderate (a few hundred) for very long sequences.
+
+Slot order: the top-k slots by descending probability (as ``torch.topk``), then the shared slot.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from momtune.checks import check_int, check_tensor
+from momtune.errors import InputError
+
+from .common import INDEX_DTYPES, output_tensor, require_triton_device, resolve_config
+
+DEFAULT_CONFIG: dict[str, int] = {"BLOCK_T": 128, "num_warps": 4}
+GATHER_DEFAULT_CONFIG: dict[str, int] = {"BLOCK_R": 16, "BLOCK_D": 256, "num_warps": 4}
+SCAN_CHUNK = 128  # blocks per step of the count scan in the scatter kernel
+
+
+class RoutingResult(NamedTuple):
+    """The packed layout (see docs/CONVENTIONS.md); M = E + shared, J = topk + shared, Np = B*T*J.
+
+    weights     [B, T, J] float32   renormalised top-k probabilities, shared slot last (1.0)
+    idx         [B, T, J] int32     memory of each slot (shared = E)
+    cu_seqlens  [B*M + 1] int32     segment bounds, segment s = b*M + m (empty ones kept)
+    slot        [B, T, J] int32     packed row of each (token, slot)
+    token_index [Np] int32          flat token b*T + t of each packed row
+    row_mem     [Np] int32          memory of each packed row
+    row_seg     [Np] int32          segment of each packed row
+    """
+
+    weights: torch.Tensor
+    idx: torch.Tensor
+    cu_seqlens: torch.Tensor
+    slot: torch.Tensor
+    token_index: torch.Tensor
+    row_mem: torch.Tensor
+    row_seg: torch.Tensor
+
+
+@triton.jit
+def _route_count_kernel(
+    logits_ptr, w_ptr, idx_ptr, counts_ptr,
+    T, NB, stride_lb, stride_lt, stride_le,
+    E: tl.constexpr, TOPK: tl.constexpr, SHARED: tl.constexpr, M: tl.constexpr, J: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    e = tl.arange(0, BLOCK_E)
+    em = e < E
+    x = tl.load(logits_ptr + b * stride_lb + t[:, None] * stride_lt + e[None, :] * stride_le,
+                mask=tm[:, None] & em[None, :], other=0.0).to(tl.float32)
+    x = tl.where(em[None, :], x, float("-inf"))
+    ex = tl.exp(x - tl.max(x, 1)[:, None])
+    p = ex / tl.sum(ex, 1)[:, None]
+    score = tl.where(p == p, p, float("-inf"))  # NaN never wins, indices stay valid
+    avail = em[None, :] & (t[:, None] >= 0)
+    jr = tl.arange(0, BLOCK_J)
+    mr = tl.arange(0, BLOCK_M)
+    wt = tl.zeros([BLOCK_T, BLOCK_J], dtype=tl.float32)
+    it = tl.zeros([BLOCK_T, BLOCK_J], dtype=tl.int32)
+    sel = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.int32)
+    wsum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        s = tl.where(avail, score, float("-inf"))
+        best = tl.max(s, 1)
+        k = tl.min(tl.where(avail & (s == best[:, None]), e[None, :], BLOCK_E), 1)  # lowest index on ties
+        avail = avail & (e[None, :] != k[:, None])
+        wsum += best
+        wt = tl.where(jr[None, :] == j, best[:, None], wt)
+        it = tl.where(jr[None, :] == j, k[:, None], it)
+        sel += (mr[None, :] == k[:, None]).to(tl.int32)
+    wt = wt / wsum[:, None]
+    if SHARED:
+        wt = tl.where(jr[None, :] == TOPK, 1.0, wt)
+        it = tl.where(jr[None, :] == TOPK, E, it)
+        sel += (mr[None, :] == E).to(tl.int32)
+    off = (b * T + t)[:, None] * J + jr[None, :]
+    om = tm[:, None] & (jr[None, :] < J)
+    tl.store(w_ptr + off, wt, mask=om)
+    tl.store(idx_ptr + off, it, mask=om)
+    cnt = tl.sum(tl.where(tm[:, None], sel, 0), 0)
+    tl.store(counts_ptr + (b * NB + pid_t) * M + mr, cnt, mask=mr < M)
+
+
+@triton.jit
+def _group_scatter_kernel(
+    idx_ptr, counts_ptr, cu_ptr, slot_ptr, tok_ptr, mem_ptr, seg_ptr,
+    B, T, NB,
+    M: tl.constexpr, J: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    mr = tl.arange(0, BLOCK_M)
+    mm = mr < M
+    tot = tl.zeros([BLOCK_M], dtype=tl.int32)
+    before = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for c0 in range(0, NB, BLOCK_NB):
+        blk = c0 + tl.arange(0, BLOCK_NB)
+        c = tl.load(counts_ptr + (b * NB + blk[:, None]) * M + mr[None, :],
+                    mask=(blk < NB)[:, None] & mm[None, :], other=0)
+        tot += tl.sum(c, 0)
+        before += tl.sum(tl.where(blk[:, None] < pid_t, c, 0), 0)
+    base = b * T * J + tl.cumsum(tot, 0) - tot  # segment starts of this batch row
+    first = (mr * 0 + pid_t) == 0  # (as a tensor: scalar masks are not portable)
+    tl.store(cu_ptr + b * M + mr, base, mask=mm & first)
+    last = tl.zeros([BLOCK_M], dtype=tl.int32) + B * T * J
+    tl.store(cu_ptr + B * M + mr, last, mask=(mr + b == 0) & first)
+    start = base + before
+
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    tok = b * T + t
+    sel = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.int32)
+    for j in tl.static_range(J):
+        k = tl.load(idx_ptr + tok * J + j, mask=tm, other=BLOCK_M)
+        sel += (mr[None, :] == k[:, None]).to(tl.int32)
+    pos = start[None, :] + tl.cumsum(sel, 0) - sel  # stable rank inside the block
+    for j in tl.static_range(J):
+        k = tl.load(idx_ptr + tok * J + j, mask=tm, other=BLOCK_M)
+        row = tl.sum(tl.where(mr[None, :] == k[:, None], pos, 0), 1)
+        tl.store(slot_ptr + tok * J + j, row, mask=tm)
+        tl.store(tok_ptr + row, tok, mask=tm)
+        tl.store(mem_ptr + row, k, mask=tm)
+        tl.store(seg_ptr + row, b * M + k, mask=tm)
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, index_ptr, y_ptr, N, D, stride_x,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rm = r < N
+    mask = rm[:, None] & (d < D)[None, :]
+    src = tl.load(index_ptr + r, mask=rm, other=0).to(tl.int64)
+    v = tl.load(x_ptr + src[:, None] * stride_x + d[None, :], mask=mask)
+    tl.store(y_ptr + r.to(tl.int64)[:, None] * D + d[None, :], v, mask=mask)
+
+
+def route_and_group(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    shared: bool,
+    config: Mapping[str, Any] | None = None,
+    out: RoutingResult | Mapping[str, torch.Tensor] | None = None,
+) -> RoutingResult:
+    """logits [B, T, E] (any float dtype) -> :class:`RoutingResult` of the packed layout.
+
+    ``out`` (optional) gives preallocated outputs by field name. Top-k ties pick the lower
+    memory index; NaN logits never win (the layout stays a valid permutation).
+    """
+    check_tensor("logits", logits, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if not isinstance(shared, bool):
+        raise InputError(f"shared: expected a bool, got {shared!r}")
+    B, T, E = logits.shape
+    check_int("topk", topk, lo=1, hi=E)
+    cfg = resolve_config(config, DEFAULT_CONFIG, "routing")
+    require_triton_device(logits)
+    M, J = E + int(shared), topk + int(shared)
+    Np, dev = B * T * J, logits.device
+    if Np >= 2**31:
+        raise InputError(f"logits: B*T*J = {Np} packed rows do not fit int32 indices")
+    i32 = torch.int32
+    res = RoutingResult(
+        weights=output_tensor(out, "weights", (B, T, J), torch.float32, dev),
+        idx=output_tensor(out, "idx", (B, T, J), i32, dev),
+        cu_seqlens=output_tensor(out, "cu_seqlens", (B * M + 1,), i32, dev),
+        slot=output_tensor(out, "slot", (B, T, J), i32, dev),
+        token_index=output_tensor(out, "token_index", (Np,), i32, dev),
+        row_mem=output_tensor(out, "row_mem", (Np,), i32, dev),
+        row_seg=output_tensor(out, "row_seg", (Np,), i32, dev),
+    )
+    if B == 0 or T == 0:
+        res.cu_seqlens.zero_()
+        return res
+    BT = cfg["BLOCK_T"]
+    NB = triton.cdiv(T, BT)
+    counts = torch.empty((B, NB, M), dtype=i32, device=dev)
+    grid = (NB, B)
+    meta = dict(BLOCK_T=BT, BLOCK_M=triton.next_power_of_2(M), num_warps=cfg["num_warps"])
+    _route_count_kernel[grid](
+        logits, res.weights, res.idx, counts, T, NB, *logits.stride(),
+        E=E, TOPK=topk, SHARED=shared, M=M, J=J,
+        BLOCK_E=triton.next_power_of_2(E), BLOCK_J=triton.next_power_of_2(J), **meta,
+    )
+    _group_scatter_kernel[grid](
+        res.idx, counts, res.cu_seqlens, res.slot, res.token_index, res.row_mem, res.row_seg,
+        B, T, NB, M=M, J=J, BLOCK_NB=min(triton.next_power_of_2(NB), SCAN_CHUNK), **meta,
+    )
+    return res
+
+
+def gather_rows(
+    x: torch.Tensor,
+    token_index: torch.Tensor,
+    *,
+    config: Mapping[str, Any] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [B*T, D], token_index [Np] -> x[token_index] [Np, D] (a tiled copy, x's dtype)."""
+    check_tensor("x", x, ndim=2)
+    check_tensor("token_index", token_index, ndim=1, dtypes=INDEX_DTYPES)
+    if x.stride(-1) != 1:
+        raise InputError(f"x: the last dimension must be contiguous, got strides {tuple(x.stride())}")
+    cfg = resolve_config(config, GATHER_DEFAULT_CONFIG, "gather_rows")
+    require_triton_device(x, token_index)
+    N, D = token_index.shape[0], x.shape[1]
+    out = output_tensor(out, "out", (N, D), x.dtype, x.device)
+    if N and D:
+        grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+        _gather_rows_kernel[grid](x, token_index, out, N, D, x.stride(0),
+                                  BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return out

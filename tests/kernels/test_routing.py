@@ -1,0 +1,199 @@
+"""Routing + grouping kernels (momtune.kernels.routing) against momtune.reference.routing."""
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+
+import pytest
+import torch
+
+from momtune.errors import ConfigError, InputError
+from momtune.kernels import get_template
+from momtune.kernels.routing import RoutingResult, gather_rows, route_and_group
+from momtune.kernels.routing.template import distinct_logits, reference_layout
+from tests.helpers import assert_close, poison
+
+INTS = ("idx", "cu_seqlens", "slot", "token_index", "row_mem", "row_seg")
+
+# (B, T, E, topk, shared, BLOCK_T, bias): bias "empty" = memory 1 never picked,
+# "one" = every token's top-1 is memory 2
+CASES = [
+    (2, 13, 4, 2, True, 8, None),
+    (1, 1, 4, 4, False, 16, None),
+    (3, 40, 3, 1, True, 16, "empty"),
+    (2, 37, 5, 3, False, 4, None),
+    (2, 9, 4, 1, True, 4, "one"),
+    (1, 20, 6, 6, True, 32, None),
+]
+
+
+def case_id(c: tuple) -> str:
+    B, T, E, k, sh, bt, bias = c
+    return f"B{B}-T{T}-E{E}-top{k}-{'shared' if sh else 'noshared'}-BT{bt}" + (f"-{bias}" if bias else "")
+
+
+def make_logits(B: int, T: int, E: int, bias: str | None, seed: int, dtype=torch.float32) -> torch.Tensor:
+    x = distinct_logits(B, T, E, torch.float32, "cpu", torch.Generator().manual_seed(seed))
+    if bias == "empty":
+        x[..., 1] -= 100.0
+    elif bias == "one":
+        x[..., 2] += 100.0
+    return x.to(dtype)
+
+
+def poisoned_out(B: int, T: int, E: int, k: int, sh: bool) -> RoutingResult:
+    M, J = E + sh, k + sh
+    Np = B * T * J
+    i32 = torch.int32
+    return RoutingResult(
+        poison(torch.empty(B, T, J)), *(poison(torch.empty(s, dtype=i32)) for s in
+                                         [(B, T, J), (B * M + 1,), (B, T, J), (Np,), (Np,), (Np,)]))
+
+
+def check_layout(res: RoutingResult, logits: torch.Tensor, k: int, sh: bool) -> None:
+    ref = reference_layout(logits.double(), k, sh)
+    assert_close("weights", res.weights, ref["weights"], 1e-5, 1e-5)
+    for name in INTS:
+        out = getattr(res, name)
+        assert out.dtype == torch.int32, name
+        assert torch.equal(out.long(), ref[name].long()), f"{name}: {out.tolist()} != {ref[name].tolist()}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_route_and_group_matches_reference(case: tuple) -> None:
+    B, T, E, k, sh, bt, bias = case
+    logits = make_logits(B, T, E, bias, seed=B * 1000 + T * 10 + E)
+    out = poisoned_out(B, T, E, k, sh)
+    res = route_and_group(logits, k, shared=sh, config={"BLOCK_T": bt, "num_warps": 1}, out=out)
+    assert all(a is b for a, b in zip(res, out)), "outputs must be written into out"
+    check_layout(res, logits, k, sh)
+    # invariants of the packed layout
+    M, J, Np = E + sh, k + sh, B * T * (k + sh)
+    cu = res.cu_seqlens.long()
+    assert cu[0] == 0 and cu[-1] == Np and bool((cu[1:] >= cu[:-1]).all())
+    tok, seg = res.token_index.long(), res.row_seg.long()
+    for s in range(B * M):
+        rows = tok[cu[s]:cu[s + 1]]
+        assert bool((rows[1:] > rows[:-1]).all()), f"segment {s} not in time order"
+        assert bool((seg[cu[s]:cu[s + 1]] == s).all())
+    flat = torch.arange(B * T).repeat_interleave(J).view(B, T, J)
+    assert torch.equal(tok[res.slot.long()], flat)
+    assert torch.equal(res.row_mem.long()[res.slot.long()], res.idx.long())
+    assert torch.equal(torch.sort(res.slot.flatten().long()).values, torch.arange(Np))
+    if bias == "empty":
+        assert bool((cu[1::M][: B] == cu[2::M][: B]).all()), "memory 1 segments must be empty"
+    if sh:
+        assert bool((res.idx[..., -1] == E).all()) and bool((res.weights[..., -1] == 1).all())
+
+
+def test_count_scan_in_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import momtune.kernels.routing.routing as mod
+
+    monkeypatch.setattr(mod, "SCAN_CHUNK", 4)  # 10 blocks per row -> 3 scan steps
+    logits = make_logits(2, 37, 4, "empty", seed=2)
+    check_layout(route_and_group(logits, 2, shared=True, config={"BLOCK_T": 4, "num_warps": 1}), logits, 2, True)
+
+
+def test_route_float16_logits_and_default_config() -> None:
+    logits = make_logits(2, 21, 4, None, seed=3, dtype=torch.float16)
+    check_layout(route_and_group(logits, 2, shared=True), logits, 2, True)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN logits, on purpose
+def test_ties_pick_lower_memory_and_nan_keeps_layout_valid() -> None:
+    logits = torch.zeros(1, 5, 4)
+    logits[0, 1] = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    logits[0, 3, 2] = float("nan")
+    res = route_and_group(logits, 2, shared=False, config={"BLOCK_T": 16, "num_warps": 1})
+    assert res.idx[0, 0].tolist() == [0, 1] and res.idx[0, 1].tolist() == [1, 2]
+    assert torch.equal(torch.sort(res.slot.flatten().long()).values, torch.arange(10))
+    assert bool(((res.idx >= 0) & (res.idx < 4)).all())
+
+
+def test_gather_rows() -> None:
+    logits = make_logits(2, 11, 4, None, seed=5)
+    res = route_and_group(logits, 2, shared=True)
+    x = torch.randn(22, 40)
+    out = poison(torch.empty(res.token_index.numel(), 40))
+    y = gather_rows(x, res.token_index, config={"BLOCK_R": 32, "BLOCK_D": 32, "num_warps": 1}, out=out)
+    assert y is out and torch.equal(y, x[res.token_index.long()])
+
+
+@pytest.mark.parametrize("bad, arg", [
+    (lambda: route_and_group(torch.randn(4, 4), 1, shared=False), "logits"),
+    (lambda: route_and_group(torch.randint(0, 3, (1, 4, 4)), 1, shared=False), "logits"),
+    (lambda: route_and_group(torch.randn(1, 4, 4), 0, shared=False), "topk"),
+    (lambda: route_and_group(torch.randn(1, 4, 4), 5, shared=True), "topk"),
+    (lambda: route_and_group(torch.randn(1, 4, 4), 2, shared=1), "shared"),
+    (lambda: route_and_group(torch.randn(1, 4, 4), 2, shared=True, out={"slot": torch.empty(1, 4, 2, dtype=torch.int32)}), "out.slot"),
+    (lambda: gather_rows(torch.randn(4, 8), torch.zeros(3)), "token_index"),
+    (lambda: gather_rows(torch.randn(4), torch.zeros(3, dtype=torch.int32)), "x"),
+], ids=["logits-rank", "logits-dtype", "topk-0", "topk-gt-E", "shared-int", "out-shape", "index-dtype", "x-rank"])
+def test_bad_inputs_raise(bad, arg: str) -> None:
+    with pytest.raises(InputError, match=arg):
+        bad()
+
+
+def test_bad_config_raises() -> None:
+    with pytest.raises(ConfigError, match="BLOCK_X"):
+        route_and_group(torch.randn(1, 4, 4), 2, shared=True, config={"BLOCK_X": 8})
+    with pytest.raises(ConfigError, match="BLOCK_T"):
+        route_and_group(torch.randn(1, 4, 4), 2, shared=True, config={"BLOCK_T": 12})
+
+
+def load_space(name: str) -> dict:
+    return tomllib.loads((resources.files("momtune.search_spaces") / f"{name}.toml").read_text())
+
+
+def check_space(name: str) -> None:
+    """Defaults = the template's default_config; every constraint holds for the defaults on every
+    shape of every set; shape sets use exactly the template's keys."""
+    tmpl, space = get_template(name), load_space(name)
+    defaults = {k: v["default"] for k, v in space["parameters"].items()}
+    assert defaults == dict(tmpl.default_config)
+    for sname in ("tiny", "mom-340m-prefill", "mom-1.3b-prefill"):
+        assert sname in space["shapes"], sname
+    for sset in space["shapes"].values():
+        for shape in sset["shapes"]:
+            assert set(shape) == set(tmpl.shape_keys)
+            for c in space["constraints"]:
+                assert eval(c["expr"], {"__builtins__": {}, "min": min, "max": max}, {**shape, **defaults}), c  # noqa: S307
+            flops, nbytes = tmpl.cost(shape, torch.bfloat16)
+            assert flops > 0 and nbytes > 0
+
+
+def run_template(name: str, shape: dict, dtype: torch.dtype, device: str, seed: int) -> None:
+    tmpl = get_template(name)
+    inputs = tmpl.make_inputs(shape, dtype, device, seed)
+    ref = tmpl.reference(inputs)
+    first = tmpl.launch(inputs, tmpl.default_config)
+    out = {k: poison(torch.empty_like(v)) for k, v in first.items()}
+    got = tmpl.launch(inputs, tmpl.default_config, out=out)
+    atol, rtol = tmpl.tolerance(dtype)
+    for key in ref:
+        assert got[key] is out[key], f"{key} not written into out"
+        assert_close(f"{name}.{key}", got[key], ref[key], atol, rtol)
+
+
+def test_routing_search_space() -> None:
+    check_space("routing")
+    assert "decode" in load_space("routing")["shapes"]
+
+
+@pytest.mark.parametrize("shape", load_space("routing")["shapes"]["tiny"]["shapes"],
+                         ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_routing_template_tiny(shape: dict) -> None:
+    run_template("routing", shape, torch.float32, "cpu", seed=7)
+
+
+def gpu_shapes(name: str, sets: tuple[str, ...]) -> list:
+    space = load_space(name)
+    return [pytest.param(s, id=f"{n}-" + "-".join(f"{k}{v}" for k, v in s.items()))
+            for n in sets for s in space["shapes"][n]["shapes"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", gpu_shapes("routing", ("mom-340m-prefill", "mom-1.3b-prefill", "decode")))
+def test_routing_template_gpu_bf16(shape: dict) -> None:
+    run_template("routing", shape, torch.bfloat16, "cuda", seed=11)
