@@ -1,0 +1,85 @@
+"""momtune bench: layer prefill, layer decode and model decode, momtune vs fla vs reference."""
+from __future__ import annotations
+
+import argparse
+
+from momtune.errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the MoM layer (prefill, decode) and LM decode: momtune vs fla 0.6.0 vs reference",
+        description="Side-by-side end-to-end timings on this GPU (medians of triton.testing.do_bench), "
+                    "printed as a table and saved as JSON for `momtune report`.")
+    p.add_argument("--presets", nargs="+", default=["mom-340m", "mom-1.3b"], help="model presets")
+    p.add_argument("--what", nargs="+", default=["layer_prefill", "layer_decode", "model_decode"],
+                   help="layer_prefill layer_decode model_decode")
+    p.add_argument("--prefill", nargs="+", default=["8x2048"], help="B x T shapes of the layer prefill")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128], help="decode batch sizes")
+    p.add_argument("--impls", nargs="+", default=["momtune", "fla", "reference"], help="momtune fla reference")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+    p.add_argument("--layers", type=int, default=None, help="model decode with this many layers (default: preset's)")
+    p.add_argument("--out", default="bench.json", help="JSON file to write (atomically)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from momtune import bench
+    from momtune.checks import check_choice
+    from momtune.library import atomic_write_json as write_json_atomic
+    from momtune.provenance import collect as provenance
+
+    if not torch.cuda.is_available():
+        raise InputError("bench: needs a CUDA GPU (the end-to-end numbers are GPU numbers); none is visible")
+    for w in args.what:
+        check_choice("--what", w, bench.KINDS)
+    for i in args.impls:
+        check_choice("--impls", i, bench.IMPLS)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(args.dtype)
+    if dtype is None:
+        raise InputError(f"--dtype: {args.dtype!r} is not accepted; use bfloat16, float16 or float32")
+    shapes = []
+    for s in args.prefill:
+        try:
+            B, T = (int(v) for v in s.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--prefill: {s!r} is not BxT (e.g. 8x2048)") from None
+        shapes.append((B, T))
+    rows = []
+    for preset in args.presets:
+        if "layer_prefill" in args.what:
+            for B, T in shapes:
+                rows += bench.bench_layer_prefill(preset, B, T, args.impls, dtype)
+        if "layer_decode" in args.what:
+            for B in args.batches:
+                rows += bench.bench_layer_decode(preset, B, args.impls, dtype)
+        if "model_decode" in args.what:
+            for B in args.batches:
+                rows += bench.bench_model_decode(preset, B, args.impls, dtype, layers=args.layers)
+    write_json_atomic(args.out, {"schema": "momtune.bench/1", "provenance": provenance(), "rows": rows})
+    _print(rows)
+    return 0
+
+
+def _print(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="momtune bench (median ms; ratio = impl / momtune)")
+    for col in ("kind", "preset", "shape", "impl", "ms", "tokens/s", "peak MB", "x momtune", "note"):
+        table.add_column(col, justify="right" if col in ("ms", "tokens/s", "peak MB", "x momtune") else "left")
+    base = {(r["kind"], r["name"], str(r["shape"])): r.get("graph_ms", r.get("ms")) for r in rows if r["impl"] == "momtune"}
+    for r in rows:
+        b = base.get((r["kind"], r["name"], str(r["shape"])))
+        ms = r.get("ms")
+        ratio = f"{ms / b:.1f}x" if ms and b and r["impl"] != "momtune" else ""
+        shown = f"{ms:.3f}" if ms is not None else "-"
+        if "graph_ms" in r:
+            shown += f" (graph {r['graph_ms']:.3f})"
+        table.add_row(r["kind"], r["name"], str(r["shape"]), r["impl"], shown,
+                      f"{r['tokens_per_s']:.3g}" if r.get("tokens_per_s") else "-",
+                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-", ratio, r.get("note", ""))
+    Console().print(table)
