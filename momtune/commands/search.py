@@ -1,0 +1,81 @@
+"""momtune search: autotune templates on a shape set (one Optuna study per template, GPU, shape)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search", help="autotune templates on a shape set; resumable (a rerun continues the same studies)",
+        description="Each trial compiles a config, checks it against the float64 reference on fresh inputs and "
+                    "times it. Without a GPU the Triton interpreter runs (use --shapes tiny): timings are then "
+                    "interpreter timings. Trials already in the storage count toward --trials.")
+    p.add_argument("--template", action="append", required=True, metavar="NAME",
+                   help="template name (repeatable), 'all' for every template with a search space, or "
+                        "module:ATTR for an unregistered template")
+    p.add_argument("--shapes", required=True, metavar="SET", help="shape set of the search space (e.g. tiny, decode)")
+    p.add_argument("--trials", type=int, default=20, help="trials per study, those already done included (20)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="no new trials in a study after S seconds")
+    p.add_argument("--sampler", default="tpe", help="tpe | random | grid (= exhaustive: every valid config once)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage URL (MOMTUNE_STORAGE, default sqlite:///momtune.db; postgresql://... works)")
+    p.add_argument("--study", default=None, metavar="PREFIX", help="prefix study names with PREFIX/")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="compile workers on a GPU (min(cores, 8))")
+    p.add_argument("--seed", type=int, default=0, help="sampler and input seed (0)")
+    p.add_argument("--space-dir", default=None, metavar="DIR", help="read search spaces from DIR instead of the package")
+    p.add_argument("--trial-timeout", type=float, default=None, metavar="S",
+                   help="kill a trial after S seconds (120 on a GPU, 300 in the interpreter)")
+    p.add_argument("--retime", type=int, default=3, metavar="K", help="re-time the best K configs interleaved (3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved re-timing rounds (5 GPU, 2 interpreter)")
+    p.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                   help="trial heartbeat; a trial silent for 3*S seconds (its process died) is failed and redone (10)")
+    p.set_defaults(func=run)
+
+
+def template_specs(requested: list[str], space_dir: str | None, note: object = print) -> list[str]:
+    """Expand 'all' to the registered templates that have a search space and can be imported."""
+    from momtune.space import space_names
+    from momtune.templates import registered_names, resolve_template
+
+    out: list[str] = []
+    for name in requested:
+        if name != "all":
+            out.append(name)
+            continue
+        spaces = set(space_names(space_dir))
+        for reg in registered_names():
+            if reg not in spaces:
+                note(f"skipping template {reg!r}: no search space {reg}.toml")  # type: ignore[operator]
+                continue
+            try:
+                resolve_template(reg)
+            except ImportError as exc:
+                note(f"skipping template {reg!r}: cannot be imported ({exc})")  # type: ignore[operator]
+                continue
+            out.append(reg)
+    return list(dict.fromkeys(out))
+
+
+def run(args: argparse.Namespace) -> int:
+    from momtune import settings
+    from momtune.errors import InputError
+    from momtune.progress import RichReporter
+    from momtune.search import SearchOptions, prepare_environment, search
+
+    prepare_environment()  # before any kernel module is imported
+    reporter = RichReporter()
+    specs = template_specs(args.template, args.space_dir, reporter.note)
+    if not specs:
+        raise InputError("--template: no template to search")
+    opts = SearchOptions(trials=args.trials, timeout_s=args.timeout, sampler=args.sampler,
+                         storage=args.storage or settings.load().storage, study_prefix=args.study,
+                         workers=args.workers, seed=args.seed, space_dir=args.space_dir,
+                         trial_timeout_s=args.trial_timeout, retime=args.retime, rounds=args.rounds,
+                         heartbeat_s=args.heartbeat)
+    results = search(specs, args.shapes, opts, reporter)
+    reporter.summary(results)
+    failed = [r.study for r in results if r.winner is None]
+    if failed:
+        reporter.note(f"[red]no config passed the check in: {', '.join(failed)}[/]")
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""momtune verify: re-check a tuned library on this machine (provenance, correctness, speed-up)."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-run a library's configs against the reference and re-time tuned vs default",
+                       description="Checks the library's provenance against this machine, runs every entry's "
+                                   "config on fresh inputs against the float64 reference, and re-times tuned vs "
+                                   "default (interleaved). Exit status 1 if any tuned config fails its check.")
+    p.add_argument("library", metavar="FILE", help="library JSON written by momtune export")
+    p.add_argument("--policy", default=None, choices=("strict", "warn", "ignore"),
+                   help="provenance mismatch: strict = refuse, warn = report and go on (MOMTUNE_POLICY, warn)")
+    p.add_argument("--template", action="append", default=None, metavar="NAME", help="only these templates")
+    p.add_argument("--trial-timeout", type=float, default=None, metavar="S", help="per run (120 GPU, 300 interpreter)")
+    p.add_argument("--seed", type=int, default=12345, help="input seed (12345)")
+    p.set_defaults(func=run)
+
+
+def verify(path: str, policy: str, templates: list[str] | None, timeout: float | None, seed: int,
+           note: Any = print) -> list[dict[str, Any]]:
+    """One row per library entry: status of the tuned and default configs, times, speed-up."""
+    from momtune.dispatch import this_machine
+    from momtune.errors import LibraryError
+    from momtune.library import load_library
+    from momtune.provenance import mismatches
+    from momtune.search import prepare_environment
+    from momtune.templates import resolve_template
+    from momtune.timing import TimingOptions
+    from momtune.worker import Worker
+
+    interpreter = prepare_environment()
+    lib = load_library(path)
+    problems = mismatches(lib.provenance, this_machine())
+    for name, tmpl in lib.templates.items():
+        if templates and name not in templates:
+            continue
+        try:
+            current = resolve_template(tmpl.get("spec", name)).source_hash()
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"template {name}: cannot be loaded here ({exc})")
+            continue
+        if tmpl.get("source_hash") and current != tmpl["source_hash"]:
+            problems.append(f"template {name}: source hash library {tmpl['source_hash']}, this checkout {current}")
+    for p in problems:
+        note(f"provenance mismatch: {p}")
+    if problems and policy == "strict":
+        raise LibraryError(f"library {path}: {len(problems)} provenance mismatches [policy strict]")
+    timing = TimingOptions(interpreter=True, runs=3, rounds=2) if interpreter else TimingOptions(interpreter=False)
+    t_out = timeout or (300.0 if interpreter else 120.0)
+    worker = Worker("cpu" if interpreter else "cuda", {"TRITON_INTERPRET": "1"} if interpreter else {}, "momtune-verify")
+    rows: list[dict[str, Any]] = []
+    try:
+        for name, tmpl in lib.templates.items():
+            if templates and name not in templates:
+                continue
+            spec = tmpl.get("spec", name)
+            default = dict(resolve_template(spec).default_config)
+            for e in tmpl["entries"]:
+                base = {"template": spec, "shape": e["shape"], "dtype": e["dtype"], "seed": seed,
+                        "timing": timing.__dict__}
+                tuned = worker.call({**base, "op": "trial", "config": e["config"]}, t_out)
+                dflt = worker.call({**base, "op": "trial", "config": default}, t_out)
+                row = {"template": name, "shape": e["shape"], "dtype": e["dtype"], "config": e["config"],
+                       "status": tuned.get("status"), "reason": tuned.get("reason", ""),
+                       "default_status": dflt.get("status"), "library_ms": e.get("time_ms"),
+                       "max_rel_err": tuned.get("max_rel_err"), "tuned_ms": None, "default_ms": None}
+                if tuned.get("status") == "ok" and dflt.get("status") == "ok":
+                    rt = worker.call({**base, "op": "retime", "configs": [e["config"], default]}, 3 * t_out)
+                    if rt.get("status") == "ok":
+                        row["tuned_ms"], row["default_ms"] = rt["times"][0][0], rt["times"][1][0]
+                elif tuned.get("status") == "ok":
+                    row["tuned_ms"] = tuned.get("time_ms")
+                rows.append(row)
+    finally:
+        worker.close()
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from momtune import settings
+    from momtune.progress import fmt_config, fmt_ms
+
+    policy = args.policy or settings.load().policy
+    console = Console() if Console().is_terminal else Console(width=200)
+    rows = verify(args.library, policy, args.template, args.trial_timeout, args.seed,
+                  note=lambda m: console.print(m, markup=False, highlight=False))
+    table = Table(title=f"momtune verify {args.library}")
+    for col in ("template", "shape", "dtype", "config", "check", "tuned", "default", "speed-up", "library", "rel err"):
+        table.add_column(col)
+    bad = 0
+    for r in rows:
+        ok = r["status"] == "ok"
+        bad += not ok
+        speed = (f"{r['default_ms'] / r['tuned_ms']:.2f}x" if r["tuned_ms"] and r["default_ms"]
+                 and math.isfinite(r["tuned_ms"]) else "-")
+        check = "ok" if ok else f"{r['status']}: {r['reason']}"
+        err = r.get("max_rel_err")
+        table.add_row(r["template"], " ".join(f"{k}{v}" for k, v in r["shape"].items()), r["dtype"],
+                      fmt_config(r["config"]), check, fmt_ms(r["tuned_ms"]), fmt_ms(r["default_ms"]), speed,
+                      fmt_ms(r["library_ms"]), "-" if err is None else f"{err:.1e}")
+    console.print(table)
+    if bad:
+        console.print(f"[red]{bad} of {len(rows)} tuned configs failed their check on this machine[/]")
+        return 1
+    console.print(f"all {len(rows)} tuned configs pass their check")
+    return 0

@@ -1,0 +1,229 @@
+"""The tuned library: export from Optuna studies, load and validate, atomic writes.
+
+Schema ``momtune.library/1`` (docs/DATA_FORMATS.md). One library holds one GPU's winners: for
+each template and shape bucket (shape + dtype) the winning config, its time, the default's
+time, the largest error the winner showed in its checks, and the trial count; provenance says
+where it was measured (GPU, versions, commit) and each template records its source hash.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LibraryError, StorageError
+from .provenance import git_commit, now_iso
+from .space import canonical
+
+SCHEMA = "momtune.library/1"
+PROVENANCE_KEYS = ("gpu", "capability", "sm_count", "driver", "cuda", "torch", "triton", "momtune", "created",
+                   "commit")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``: readers see
+    the old file or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(obj), f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+@dataclass
+class Library:
+    path: str
+    provenance: dict[str, Any]
+    templates: dict[str, dict[str, Any]]
+
+    def entries(self, template: str) -> list[dict[str, Any]]:
+        return list(self.templates.get(template, {}).get("entries", []))
+
+
+def load_library(path: str | Path) -> Library:
+    """Load and check a library file; every problem is a LibraryError naming the file."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise LibraryError(f"library {p}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LibraryError(f"library {p}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise LibraryError(f"library {p}: schema {got!r}, expected {SCHEMA!r}")
+    prov, templates = data.get("provenance"), data.get("templates")
+    if not isinstance(prov, dict) or not isinstance(templates, dict):
+        raise LibraryError(f"library {p}: 'provenance' and 'templates' must be objects")
+    for name, tmpl in templates.items():
+        where = f"library {p}: templates.{name}"
+        if not isinstance(tmpl, dict) or not isinstance(tmpl.get("entries"), list):
+            raise LibraryError(f"{where}: must be an object with an 'entries' list")
+        for i, e in enumerate(tmpl["entries"]):
+            ok = (isinstance(e, dict) and isinstance(e.get("shape"), dict) and isinstance(e.get("config"), dict)
+                  and isinstance(e.get("dtype"), str)
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in e["shape"].values()))
+            if not ok:
+                raise LibraryError(f"{where}.entries[{i}]: needs 'shape' (ints), 'dtype' (str), 'config' (object)")
+    return Library(str(p), prov, templates)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _select_gpu(by_gpu: Mapping[str, list[Any]], gpu: str | None, note: Callable[[str], None]) -> str:
+    if gpu is not None:
+        if gpu not in by_gpu:
+            raise StorageError(f"--gpu {gpu!r}: no studies for it; GPUs in the storage: {', '.join(sorted(by_gpu))}")
+        chosen = gpu
+    elif len(by_gpu) == 1:
+        chosen = next(iter(by_gpu))
+    else:
+        from .provenance import current_gpu
+
+        here = current_gpu()
+        chosen = here if here in by_gpu else max(sorted(by_gpu), key=lambda g: len(by_gpu[g]))
+    others = sorted(g for g in by_gpu if g != chosen)
+    if others:
+        note(f"warning: the storage holds studies of several GPUs ({', '.join(sorted(by_gpu))}); exporting "
+             f"{chosen!r} and leaving out {sum(len(by_gpu[g]) for g in others)} studies of {', '.join(others)} "
+             "(choose with --gpu)")
+    return chosen
+
+
+def _entry(study: Any, attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    from .study import count, trials_of
+
+    trials = trials_of(study)
+    c = count(trials)
+    ok = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok"]
+    if not ok:
+        return None
+    winner = attrs.get("winner")
+    if winner and winner.get("config") is not None:
+        config, time_ms, retimed = dict(winner["config"]), winner.get("time_ms"), bool(winner.get("retimed"))
+    else:  # the search was interrupted before re-timing: the best trial
+        best = min(ok, key=lambda t: (t.value, canonical(t.user_attrs["config"])))
+        config, time_ms, retimed = dict(best.user_attrs["config"]), best.value, False
+    mine = [t for t in ok if canonical(t.user_attrs["config"]) == canonical(config)]
+    errs = [(t.user_attrs.get("max_abs_err", 0.0), t.user_attrs.get("max_rel_err", 0.0)) for t in mine]
+    return {"shape": dict(attrs["shape"]), "dtype": attrs["dtype"], "config": config, "time_ms": time_ms,
+            "default_time_ms": attrs.get("default_time_ms"),
+            "max_abs_err": max((e[0] for e in errs), default=None),
+            "max_rel_err": max((e[1] for e in errs), default=None),
+            "trials": c.done, "study": study.study_name, "retimed": retimed, "floor_ms": attrs.get("floor_ms"),
+            "shape_set": attrs.get("shape_set")}
+
+
+def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu: str | None = None,
+                  prefix: str | None = None, note: Callable[[str], None] = print) -> dict[str, Any]:
+    """The library dict of one GPU's studies (see module doc); notes go to ``note``."""
+    import optuna
+
+    from .study import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ours = [s for s in summaries if "template" in s.user_attrs and "shape" in s.user_attrs]
+    if prefix:
+        chosen = [s for s in ours if s.study_name.startswith(prefix + "/")]
+    else:
+        chosen = [s for s in ours if "/" not in s.study_name.split(":", 1)[0]]
+    if templates:
+        chosen = [s for s in chosen if s.user_attrs["template"] in templates]
+    if not chosen:
+        prefixes = sorted({s.study_name.split("/", 1)[0] for s in ours if "/" in s.study_name.split(":", 1)[0]})
+        raise StorageError(f"storage {storage_url!r}: no momtune studies"
+                           f"{' with prefix ' + repr(prefix) if prefix else ''}"
+                           f"{' of templates ' + ', '.join(templates) if templates else ''}"
+                           f"{'; study prefixes present: ' + ', '.join(prefixes) if prefixes else ''}")
+    by_gpu: dict[str, list[Any]] = {}
+    for s in chosen:
+        by_gpu.setdefault(str(s.user_attrs.get("gpu", "unknown")), []).append(s)
+    gpu_name = _select_gpu(by_gpu, gpu, note)
+    studies = sorted(by_gpu[gpu_name], key=lambda s: s.study_name)
+    newest = max(studies, key=lambda s: str(s.user_attrs.get("provenance", {}).get("created", "")))
+    prov_src = dict(newest.user_attrs.get("provenance", {}))
+    tritons = {str(s.user_attrs.get("provenance", {}).get("triton")) for s in studies}
+    if len(tritons) > 1:
+        note(f"warning: these studies ran under several Triton versions ({', '.join(sorted(tritons))}); "
+             f"the library records {prov_src.get('triton')}")
+    provenance = {k: prov_src.get(k) for k in PROVENANCE_KEYS}
+    provenance.update(gpu=gpu_name, created=now_iso(), searched=prov_src.get("created"),
+                      commit=prov_src.get("commit") or git_commit())
+    out: dict[str, Any] = {}
+    for s in studies:
+        attrs = s.user_attrs
+        name = str(attrs["template"])
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        entry = _entry(study, attrs)
+        sprov = attrs.get("provenance", {})
+        tmpl = out.setdefault(name, {"source_hash": sprov.get("source_hash"),
+                                     "default_config": attrs.get("default_config"), "entries": []})
+        if attrs.get("template_spec") and attrs["template_spec"] != name:
+            tmpl["spec"] = attrs["template_spec"]
+        if sprov.get("source_hash") != tmpl["source_hash"]:
+            note(f"warning: template {name!r} changed between searches (source hashes {tmpl['source_hash']} and "
+                 f"{sprov.get('source_hash')}); the library records the first")
+        if entry is None:
+            note(f"warning: {s.study_name}: no config passed the check; no entry (run time uses the default)")
+            continue
+        tmpl["entries"].append(entry)
+    _check_current_sources(out, note)
+    return {"schema": SCHEMA, "provenance": provenance, "templates": out}
+
+
+def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], None]) -> None:
+    from .templates import resolve_template
+
+    for name, tmpl in templates.items():
+        try:
+            current = resolve_template(tmpl.get("spec", name)).source_hash()
+        except Exception:  # noqa: BLE001 - a template that cannot be imported here is not checked
+            continue
+        if tmpl.get("source_hash") and current != tmpl["source_hash"]:
+            note(f"warning: template {name!r} has changed since it was searched (source hash now {current}, "
+                 f"searched {tmpl['source_hash']}); strict dispatch will refuse these entries")
+
+
+def export_library(storage_url: str, out: str | Path, templates: Sequence[str] | None = None,
+                   gpu: str | None = None, prefix: str | None = None,
+                   note: Callable[[str], None] = print) -> dict[str, Any]:
+    lib = build_library(storage_url, templates, gpu, prefix, note)
+    atomic_write_json(out, lib)
+    return lib

@@ -1,0 +1,414 @@
+"""The search driver: one Optuna study per (template, GPU, shape), trials run in worker processes.
+
+Trial flow (ask/tell): pick a config (the default first; then the sampler's suggestion, or for
+``grid``/``exhaustive`` the next unclaimed valid config) -> a config violating the constraints is
+PRUNED (``invalid_config``, not counted) -> a config measured before reuses that result
+(``cached``) -> on a GPU, compile workers run it once (warm Triton cache) -> the benchmarking
+worker checks it on fresh inputs against the float64 reference and times it -> the trial is
+told COMPLETE (time in ms) or FAIL (status and reason). When the study has its trials, the best
+few configs and the default are re-timed interleaved and the winner is written to the study.
+A rerun of the same command resumes: trials already done count toward ``trials``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+from .progress import Reporter
+from .space import SearchSpace, canonical, load_space
+from .study import SAMPLERS, claim_config, count, make_sampler, measured_result, pinning_sampler, study_name, trials_of
+from .templates import resolve_template
+from .timing import Timing, TimingOptions, floor_ms, pick_winner
+from .worker import Worker, WorkerPool, start_all
+
+
+
+@dataclass
+class SearchOptions:
+    trials: int = 20
+    timeout_s: float | None = None  # per study: no new trials after this many seconds
+    sampler: str = "tpe"
+    storage: str = "sqlite:///momtune.db"
+    study_prefix: str | None = None
+    workers: int | None = None  # compile workers on a GPU (default min(cores, 8))
+    seed: int = 0
+    space_dir: str | None = None
+    trial_timeout_s: float | None = None  # default 120 s on a GPU, 300 s in the interpreter
+    retime: int = 3
+    rounds: int | None = None  # interleaved re-timing rounds (default 5 GPU, 2 interpreter)
+    heartbeat_s: int = 10
+
+
+@dataclass
+class StudyResult:
+    study: str
+    template: str
+    shape: dict[str, int]
+    dtype: str
+    interpreter: bool
+    trials: int
+    by_status: dict[str, int]
+    winner: dict[str, Any] | None
+    winner_ms: float | None
+    default_ms: float | None
+    floor_ms: float | None
+    stopped: str = ""
+
+
+def prepare_environment() -> bool:
+    """Use the Triton interpreter when there is no CUDA GPU; True when interpreting.
+
+    Set before any kernel module is imported (Triton picks the interpreter when a kernel is
+    defined); worker processes inherit it.
+    """
+    if os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+        import torch
+
+        if torch.cuda.is_available():
+            return False
+        os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+@dataclass
+class _Ctx:
+    """One study being searched."""
+
+    study: Any
+    sampler: Any
+    spec: str
+    space: SearchSpace
+    shape: dict[str, int]
+    dtype: str
+    valid: list[dict[str, Any]]
+    exhaustive: bool
+    deadline: float
+    rng: random.Random
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: set[int] = field(default_factory=set)
+    invalid_streak: int = 0
+    stopped: str = ""
+    best_ms: float | None = None
+
+
+class Engine:
+    """Worker processes and storage shared by the studies of one ``momtune search``."""
+
+    def __init__(self, options: SearchOptions, reporter: Reporter | None = None) -> None:
+        self.o = options
+        self.reporter = reporter or Reporter()
+        self.interpreter = prepare_environment()
+        self.benchers: list[Worker] = []
+        self.pool: WorkerPool | None = None
+        self.storage: Any = None
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> None:
+        import optuna
+
+        from .study import open_storage
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        if self.o.sampler not in SAMPLERS:
+            make_sampler(self.o.sampler, 0, 1)  # raises with the accepted names
+        self.storage = open_storage(self.o.storage, heartbeat_s=self.o.heartbeat_s)
+        env = {"TRITON_INTERPRET": "1"} if self.interpreter else {}
+        if self.interpreter:
+            self.benchers = [Worker("cpu", env, "momtune-bench")]
+        else:
+            import torch
+
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            self.benchers = [Worker("cuda", {**env, "CUDA_VISIBLE_DEVICES": i}, f"momtune-bench-gpu{i}") for i in ids]
+            n = self.o.workers or min(os.cpu_count() or 1, 8)
+            self.pool = WorkerPool([Worker("cuda", {**env, "CUDA_VISIBLE_DEVICES": ids[k % len(ids)]},
+                                           f"momtune-compile{k}") for k in range(max(1, n))])
+        start_all(self.benchers + (self.pool.workers if self.pool else []))
+        self.info = self.benchers[0].info
+
+    def close(self) -> None:
+        for w in self.benchers:
+            w.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    @property
+    def trial_timeout(self) -> float:
+        return self.o.trial_timeout_s or (300.0 if self.interpreter else 120.0)
+
+    def timing(self) -> TimingOptions:
+        if self.interpreter:
+            return TimingOptions(interpreter=True, runs=3, rounds=self.o.rounds or 2)
+        return TimingOptions(interpreter=False, rounds=self.o.rounds or 5)
+
+    # ------------------------------------------------------------------------------------------
+    def run_study(self, spec: str, space: SearchSpace, shape: dict[str, int], dtype: str,
+                  shape_set: str) -> StudyResult:
+        import optuna
+        import torch
+
+        from .provenance import gpu_slug
+
+        t = resolve_template(spec)
+        gpu = str(self.info.get("gpu", "unknown"))
+        name = study_name(t.name, gpu_slug(gpu), shape, t.shape_keys, dtype, self.o.study_prefix)
+        sampler = pinning_sampler(make_sampler(self.o.sampler, self.o.seed, self.o.trials))
+        study = optuna.create_study(study_name=name, storage=self.storage, load_if_exists=True,
+                                    direction="minimize", sampler=sampler)
+        valid = space.enumerate(shape)
+        default = space.default_config()
+        valid = [default] + [c for c in valid if c != default] if default in valid else valid
+        flops, nbytes = t.cost(shape, getattr(torch, dtype))
+        attrs = {"template": t.name, "template_spec": spec, "shape": dict(shape), "shape_key": name.rsplit(":", 1)[-1], "dtype": dtype,
+                 "shape_set": shape_set, "gpu": gpu, "interpreter": self.interpreter, "sampler": self.o.sampler,
+                 "space_size": len(valid), "provenance": {**self.info, "source_hash": t.source_hash()},
+                 "default_config": default, "floor_ms": floor_ms(flops, nbytes),
+                 "floor_peak": {"flops_per_s": 685e12, "bytes_per_s": 3.0e12, "gpu": "H100 SXM"}}
+        for k, v in attrs.items():
+            study.set_user_attr(k, v)
+        deadline = time.monotonic() + self.o.timeout_s if self.o.timeout_s else math.inf
+        ctx = _Ctx(study, sampler, spec, space, dict(shape), dtype, valid, self.o.sampler in ("grid", "exhaustive"),
+                   deadline, random.Random(f"{self.o.seed}:{name}:{os.getpid()}"))
+        optuna.storages.fail_stale_trials(study)
+        c = count(trials_of(study))
+        self.reporter.study_started(name, self.o.trials, len(valid), self.interpreter, c.done)
+        beat = threading.Event()
+        hb = threading.Thread(target=self._heartbeat, args=(ctx, beat), daemon=True)
+        hb.start()
+        try:
+            drivers = [threading.Thread(target=self._drive, args=(ctx, w)) for w in self.benchers]
+            for d in drivers:
+                d.start()
+            for d in drivers:
+                d.join()
+        finally:
+            beat.set()
+            hb.join()
+        result = self._finish(ctx, name, t.name)
+        self.reporter.study_finished(result)
+        return result
+
+    def _heartbeat(self, ctx: _Ctx, stop: threading.Event) -> None:
+        while not stop.wait(self.o.heartbeat_s / 2):
+            with ctx.lock:
+                ids = list(ctx.in_flight)
+            for tid in ids:
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception:  # noqa: BLE001 - a missed beat is retried next time
+                    pass
+
+    def _drive(self, ctx: _Ctx, bencher: Worker) -> None:
+        import optuna
+
+        last_stale = time.monotonic()
+        batch = 1 if self.pool is None else len(self.pool.workers)
+        while True:
+            if time.monotonic() - last_stale > self.o.heartbeat_s:
+                optuna.storages.fail_stale_trials(ctx.study)
+                last_stale = time.monotonic()
+            trials = trials_of(ctx.study)
+            c = count(trials)
+            claimed = {str(t.user_attrs["claim"]) for t in trials
+                       if "claim" in t.user_attrs and (t.state.name == "RUNNING" or _done(t))}
+            valid_keys = {canonical(v) for v in ctx.valid}
+            if ctx.stopped:
+                return
+            if c.done >= self.o.trials:
+                ctx.stopped = ctx.stopped or "trials reached"
+                return
+            if valid_keys <= c.measured:
+                ctx.stopped = "every valid config measured"
+                return
+            if time.monotonic() > ctx.deadline:
+                ctx.stopped = "timeout"
+                return
+            if ctx.invalid_streak > max(200, 20 * self.o.trials):
+                ctx.stopped = "the sampler keeps suggesting invalid configs"
+                return
+            room = self.o.trials - c.done - c.running
+            if room <= 0 or (ctx.exhaustive and valid_keys <= claimed):
+                time.sleep(min(1.0, self.o.heartbeat_s / 4))  # others are finishing the last trials
+                continue
+            self._run_batch(ctx, bencher, min(batch, room))
+
+    def _ask(self, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
+        """A new trial and its config (None: nothing left to claim; told already)."""
+        trial = ctx.study.ask()
+        with ctx.lock:
+            ctx.in_flight.add(trial._trial_id)
+        self.storage.record_heartbeat(trial._trial_id)
+        if ctx.exhaustive:
+            config = claim_config(ctx.study, trial, ctx.valid, ctx.rng, ctx.lock)
+            if config is None:
+                self._tell(ctx, trial, None, {"status": "invalid_config",
+                                              "reason": "no unclaimed valid config left (claimed concurrently)"})
+                return trial, None
+            ctx.sampler.pin(trial.number, config)
+        elif ctx.valid and canonical(ctx.valid[0]) not in {
+                str(t.user_attrs.get("claim")) for t in trials_of(ctx.study) if t.number != trial.number
+                and (t.state.name == "RUNNING" or _done(t))}:
+            default = claim_config(ctx.study, trial, ctx.valid[:1], ctx.rng, ctx.lock, rounds=1)
+            if default is not None:
+                ctx.sampler.pin(trial.number, default)
+        config = {p.name: trial.suggest_categorical(p.name, list(p.choices)) for p in ctx.space.parameters.values()}
+        trial.set_user_attr("claim", canonical(config))
+        ok, why = ctx.space.is_valid(config, ctx.shape)
+        if not ok:
+            ctx.invalid_streak += 1
+            self._tell(ctx, trial, config, {"status": "invalid_config", "reason": why})
+            return trial, None
+        ctx.invalid_streak = 0
+        return trial, config
+
+    def _run_batch(self, ctx: _Ctx, bencher: Worker, n: int) -> None:
+        todo: list[tuple[Any, dict[str, Any]]] = []
+        for _ in range(n):
+            trial, config = self._ask(ctx)
+            if config is None:
+                continue
+            prior = measured_result(trials_of(ctx.study), canonical(config))
+            if prior is not None:
+                reply = {k: prior.user_attrs[k] for k in ("status", "reason", "time_ms", "max_abs_err",
+                                                            "max_rel_err") if k in prior.user_attrs}
+                self._tell(ctx, trial, config, reply, cached=True)
+                continue
+            todo.append((trial, config))
+        base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
+        compiled: list[dict[str, Any] | None] = [None] * len(todo)
+        if self.pool is not None and todo:
+            replies = self.pool.map([{**base, "op": "compile", "config": cfg, "seed": 0} for _, cfg in todo],
+                                    self.trial_timeout)
+            compiled = [r if r.get("status") in ("compile_error", "out_of_resources", "timeout") else None
+                        for r in replies]
+        for (trial, config), early in zip(todo, compiled):
+            seed = (self.o.seed * 1_000_003 + trial.number * 7919 + 17) % (2**31 - 1)
+            reply = early or bencher.call({**base, "op": "trial", "config": config, "seed": seed,
+                                           "timing": self.timing().__dict__}, self.trial_timeout)
+            reply["seed"] = seed
+            self._tell(ctx, trial, config, reply)
+
+    def _tell(self, ctx: _Ctx, trial: Any, config: dict[str, Any] | None, reply: Mapping[str, Any],
+              cached: bool = False) -> None:
+        from optuna.trial import TrialState
+
+        status = str(reply.get("status", "error"))
+        attrs: dict[str, Any] = {"status": status, "reason": str(reply.get("reason", "")), "cached": cached,
+                                 "worker": f"{os.uname().nodename}:{os.getpid()}"}
+        if config is not None:
+            attrs["config"] = config
+        for k in ("time_ms", "max_abs_err", "max_rel_err", "spread", "seed"):
+            v = reply.get(k)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                attrs[k] = v
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if status == "ok" and "time_ms" in attrs:
+            ctx.study.tell(trial, attrs["time_ms"])
+            with ctx.lock:
+                ctx.best_ms = attrs["time_ms"] if ctx.best_ms is None else min(ctx.best_ms, attrs["time_ms"])
+        elif status == "invalid_config":
+            ctx.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            ctx.study.tell(trial, state=TrialState.FAIL)
+        with ctx.lock:
+            ctx.in_flight.discard(trial._trial_id)
+        if status != "invalid_config":
+            c = count(trials_of(ctx.study))
+            best = ctx.study.best_value if c.ok else None
+            self.reporter.trial_done(ctx.study.study_name, trial.number, config or {}, status, attrs.get("time_ms"),
+                                     attrs["reason"], cached, c.done, self.o.trials, best, c.by_status)
+
+    # ------------------------------------------------------------------------------------------
+    def _finish(self, ctx: _Ctx, name: str, template: str) -> StudyResult:
+        trials = trials_of(ctx.study)
+        c = count(trials)
+        attrs = ctx.study.user_attrs
+        res = StudyResult(name, template, ctx.shape, ctx.dtype, self.interpreter, c.done, c.by_status, None, None,
+                          attrs.get("default_time_ms"), attrs.get("floor_ms"), ctx.stopped)
+        best: dict[str, float] = {}
+        configs: dict[str, dict[str, Any]] = {}
+        for t in trials:
+            if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok":
+                key = canonical(t.user_attrs["config"])
+                best[key] = min(best.get(key, math.inf), float(t.value))
+                configs[key] = t.user_attrs["config"]
+        if not best:
+            return res
+        old = attrs.get("winner")
+        if old and old.get("trials") == c.done and attrs.get("default_time_ms") is not None:
+            res.winner, res.winner_ms = old["config"], old["time_ms"]
+            return res
+        top = sorted(best, key=lambda k: (best[k], k))[: max(1, self.o.retime)]
+        dkey = canonical(ctx.space.default_config())
+        cands = top + ([dkey] if dkey in best and dkey not in top else [])
+        timed = cands + ([dkey] if dkey not in cands else [])
+        reply = self.benchers[0].call({"op": "retime", "template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype,
+                                       "configs": [configs.get(k) or ctx.space.default_config() for k in timed],
+                                       "seed": self.o.seed, "timing": self.timing().__dict__},
+                                      self.trial_timeout * (1 + len(timed)))
+        if reply.get("status") == "ok":
+            times = {k: Timing(*x) for k, x in zip(timed, reply["times"])}
+            retimed = True
+        else:
+            self.reporter.note(f"  re-timing failed ({reply.get('status')}: {reply.get('reason')}); "
+                               "using the trials' times")
+            times = {k: Timing(best.get(k, math.inf), 0.0, 1) for k in timed}
+            retimed = False
+        i = pick_winner([(configs[k], times[k]) for k in cands])
+        win = cands[i]
+        default_ms = times[dkey].median_ms if math.isfinite(times[dkey].median_ms) else None
+        winner = {"config": configs[win], "time_ms": times[win].median_ms, "spread": times[win].spread,
+                  "retimed": retimed, "trials": c.done,
+                  "candidates": [{"config": configs[k], "time_ms": times[k].median_ms} for k in cands]}
+        ctx.study.set_user_attr("winner", winner)
+        ctx.study.set_user_attr("default_time_ms", default_ms)
+        res.winner, res.winner_ms, res.default_ms = configs[win], times[win].median_ms, default_ms
+        return res
+
+
+def _done(t: Any) -> bool:
+    from .study import is_done
+
+    return is_done(t)
+
+
+def search(templates: Sequence[str], shape_set: str, options: SearchOptions,
+           reporter: Reporter | None = None) -> list[StudyResult]:
+    """Search every shape of ``shape_set`` for each template spec; returns one result per study."""
+    if options.trials < 1:
+        raise InputError(f"--trials: must be >= 1, got {options.trials}")
+    engine = Engine(options, reporter)
+    plans = []
+    for spec in templates:  # resolve and validate everything before starting workers
+        t = resolve_template(spec)
+        space = load_space(t.name, options.space_dir, template=t)
+        if shape_set not in space.shape_sets:
+            raise InputError(f"--shapes: template {t.name!r} has no shape set {shape_set!r}; "
+                             f"its sets: {', '.join(space.shape_sets)}")
+        plans.append((spec, space))
+    if engine.interpreter and shape_set != "tiny":
+        engine.reporter.note(f"[yellow]no GPU: running shape set {shape_set!r} in the Triton interpreter "
+                             "(slow; use --shapes tiny)[/]")
+    results: list[StudyResult] = []
+    engine.start()
+    try:
+        for spec, space in plans:
+            dtype, shapes = space.shape_sets[shape_set]
+            for shape in shapes:
+                results.append(engine.run_study(spec, space, shape, dtype, shape_set))
+    finally:
+        engine.close()
+        engine.reporter.close()
+    return results

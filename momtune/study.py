@@ -1,0 +1,199 @@
+"""Optuna storage and study bookkeeping shared by search, export and report.
+
+Study names: ``[{prefix}/]{template}:{gpu_slug}:{shape_key}`` (docs/DATA_FORMATS.md).
+Counting: a trial is *done* when it is COMPLETE, or FAIL with a ``status`` attr (a recorded
+failure). FAIL without ``status`` is a trial lost with its process (failed by Optuna's heartbeat
+check): it does not count and its config may run again. PRUNED trials (invalid configs) do not
+count. Several processes may work on one study: each trial first *claims* its config (user
+attr ``claim``) and gives way when another live trial claims the same one, so exhaustive
+searches never run a config twice.
+"""
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, StorageError
+from .space import canonical
+
+DONE_STATES = ("COMPLETE", "FAIL")
+SAMPLERS = ("tpe", "random", "grid", "exhaustive")
+
+
+def shape_key(shape: Mapping[str, int], keys: Sequence[str], dtype: str) -> str:
+    return "-".join([f"{k}{shape[k]}" for k in keys] + [dtype])
+
+
+def study_name(template: str, gpu_slug: str, shape: Mapping[str, int], keys: Sequence[str], dtype: str,
+               prefix: str | None = None) -> str:
+    name = f"{template}:{gpu_slug}:{shape_key(shape, keys, dtype)}"
+    return f"{prefix}/{name}" if prefix else name
+
+
+def absolute_url(url: str) -> str:
+    """Make a relative SQLite path absolute (``sqlite:///momtune.db`` -> ``sqlite:////cwd/momtune.db``)."""
+    m = re.match(r"^(sqlite(?:\+\w+)?:///)(.+)$", url)
+    if m and not m.group(2).startswith("/") and m.group(2) != ":memory:":
+        return m.group(1) + str(Path(m.group(2)).resolve())
+    return url
+
+
+def open_storage(url: str, heartbeat_s: int | None = None) -> Any:
+    """An Optuna RDBStorage for any SQLAlchemy URL (SQLite, PostgreSQL, MySQL ...)."""
+    import optuna
+
+    url = absolute_url(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}
+    else:
+        kwargs["pool_pre_ping"] = True
+    last: Exception | None = None
+    for attempt in range(3):  # several processes creating the tables of a fresh database may collide
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                              grace_period=None if heartbeat_s is None else 3 * heartbeat_s)
+        except Exception as exc:  # noqa: BLE001 - driver missing, bad URL, server down
+            last = exc
+            if "psycopg" in str(exc) or "No module named" in str(exc):
+                break
+            time.sleep(0.5 + attempt)
+    text = str(last).splitlines()[0] if last is not None and str(last) else ""
+    hint = " (PostgreSQL needs `pip install psycopg2-binary`)" if "psycopg" in text else ""
+    raise StorageError(f"storage {url!r} cannot be opened: {type(last).__name__}: {text}{hint}") from None
+
+
+def study_names(storage: Any) -> list[str]:
+    import optuna
+
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def is_done(t: Any) -> bool:
+    return t.state.name == "COMPLETE" or (t.state.name == "FAIL" and "status" in t.user_attrs)
+
+
+def trials_of(study: Any) -> list[Any]:
+    return list(study._storage.get_all_trials(study._study_id, deepcopy=False))
+
+
+@dataclass
+class Counts:
+    done: int
+    running: int
+    ok: int
+    by_status: dict[str, int]
+    measured: set[str]  # canonical configs with a done trial
+
+
+def count(trials: Iterable[Any]) -> Counts:
+    c = Counts(0, 0, 0, {}, set())
+    for t in trials:
+        if t.state.name == "RUNNING":
+            c.running += 1
+        elif is_done(t):
+            c.done += 1
+            status = str(t.user_attrs.get("status", "ok"))
+            c.by_status[status] = c.by_status.get(status, 0) + 1
+            c.ok += status == "ok"
+            if "config" in t.user_attrs:
+                c.measured.add(canonical(t.user_attrs["config"]))
+    return c
+
+
+def measured_result(trials: Iterable[Any], key: str) -> Any | None:
+    """An earlier done trial (not itself cached, if possible) of the config ``key``."""
+    found = None
+    for t in trials:
+        if is_done(t) and "config" in t.user_attrs and canonical(t.user_attrs["config"]) == key:
+            if not t.user_attrs.get("cached"):
+                return t
+            found = found or t
+    return found
+
+
+def _claimed(trials: Iterable[Any], exclude: int) -> set[str]:
+    out = set()
+    for t in trials:
+        if t.number == exclude:
+            continue
+        live = t.state.name == "RUNNING" or is_done(t)
+        if live and "claim" in t.user_attrs:
+            out.add(str(t.user_attrs["claim"]))
+    return out
+
+
+def claim_config(study: Any, trial: Any, candidates: Sequence[Mapping[str, Any]], rng: random.Random,
+                 lock: threading.Lock, rounds: int = 50) -> dict[str, Any] | None:
+    """Claim the first candidate no other live trial claims; None when all are taken.
+
+    Each round writes the claim, then re-reads: a trial that sees another claim of the same config
+    gives way (picks another). Of two trials racing, at least one sees the other's claim, so no
+    config is ever run twice; both may give way, which only costs another round.
+    """
+    for attempt in range(rounds):
+        with lock:
+            taken = _claimed(trials_of(study), trial.number)
+            free = [c for c in candidates if canonical(c) not in taken]
+            if not free:
+                return None
+            pick = dict(free[0] if attempt == 0 else rng.choice(free[: max(1, min(len(free), 4))]))
+            trial.set_user_attr("claim", canonical(pick))
+            if canonical(pick) not in _claimed(trials_of(study), trial.number):
+                return pick
+        threading.Event().wait(rng.uniform(0.01, 0.05))
+    return None
+
+
+def make_sampler(name: str, seed: int, trials: int) -> Any:
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)))
+    if name in ("random", "grid", "exhaustive"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise InputError(f"--sampler: {name!r} is not accepted; use one of {', '.join(SAMPLERS)} "
+                     "(CMA-ES does not handle categorical parameters)")
+
+
+def pinning_sampler(base: Any) -> Any:
+    import optuna
+
+    class PinnedSampler(optuna.samplers.BaseSampler):
+        """Delegates to ``base`` except for trials whose config the driver pinned."""
+
+        def __init__(self) -> None:
+            self.base, self.pins, self.lock = base, {}, threading.Lock()
+
+        def pin(self, number: int, config: Mapping[str, Any]) -> None:
+            with self.lock:
+                self.pins[number] = dict(config)
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+            return self.base.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, space: Any) -> Any:
+            return {} if trial.number in self.pins else self.base.sample_relative(study, trial, space)
+
+        def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+            pin = self.pins.get(trial.number)
+            if pin is not None and name in pin:
+                return pin[name]
+            return self.base.sample_independent(study, trial, name, dist)
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            self.base.before_trial(study, trial)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            self.base.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:
+            self.base.reseed_rng()
+
+    return PinnedSampler()

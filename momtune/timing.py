@@ -1,0 +1,102 @@
+"""Timing: one candidate, interleaved re-timing of the best few, deterministic winners.
+
+On CUDA, ``triton.testing.do_bench`` times the candidate (``return_mode="all"``; we take the
+median of its runs, exactly what ``return_mode="median"`` returns, and keep the spread). do_bench
+flushes the L2 cache before every run by writing a 256 MB buffer, so numbers are cold-cache
+times. In the Triton interpreter (no GPU) a candidate is timed with ``time.perf_counter`` over a
+few calls (median): those timings measure the interpreter, not a GPU, and are marked so.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .space import canonical
+
+FLOP_PEAK = 685e12  # H100 SXM dense bf16 FLOP/s (floor_ms)
+BYTES_PEAK = 3.0e12  # H100 SXM HBM3 B/s
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    interpreter: bool
+    warmup_ms: float = 25.0  # do_bench warmup (CUDA)
+    rep_ms: float = 100.0  # do_bench repetition budget (CUDA)
+    runs: int = 3  # perf_counter runs (interpreter)
+    rounds: int = 5  # interleaved re-timing rounds
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    spread: float  # relative: (q3 - q1) / median of the runs, or (max - min) / median for few runs
+    runs: int
+
+
+def _summary(times: Sequence[float]) -> Timing:
+    xs = sorted(float(t) for t in times)
+    med = statistics.median(xs)
+    if len(xs) >= 4:
+        q = statistics.quantiles(xs, n=4)
+        lo, hi = q[0], q[2]
+    else:
+        lo, hi = xs[0], xs[-1]
+    return Timing(med, (hi - lo) / med if med > 0 else 0.0, len(xs))
+
+
+def measure(fn: Callable[[], Any], opts: TimingOptions) -> Timing:
+    """Time ``fn`` (already run once and checked by the caller)."""
+    if opts.interpreter:
+        times = []
+        for _ in range(max(1, opts.runs)):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return _summary(times)
+    import triton.testing
+
+    times = triton.testing.do_bench(fn, warmup=opts.warmup_ms, rep=opts.rep_ms, return_mode="all")
+    return _summary(times)
+
+
+def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,
+                       timer: Callable[[Callable[[], Any]], Timing] | None = None) -> list[Timing]:
+    """Time every fn once per round in turn (ABCABC...); per fn, the median and spread of its round medians.
+
+    A fn that raises is timed as inf from then on.
+    """
+    timer = timer or (lambda f: measure(f, opts))
+    per: list[list[float]] = [[] for _ in fns]
+    dead = [False] * len(fns)
+    for _ in range(max(1, opts.rounds)):
+        for i, fn in enumerate(fns):
+            if dead[i]:
+                continue
+            try:
+                per[i].append(timer(fn).median_ms)
+            except Exception:  # noqa: BLE001 - a candidate that fails now is out
+                dead[i] = True
+    return [_summary(p) if p and not dead[i] else Timing(float("inf"), 0.0, 0) for i, p in enumerate(per)]
+
+
+def pick_winner(candidates: Sequence[tuple[Mapping[str, Any], Timing]], rel_tol: float = 0.01) -> int:
+    """Index of the winner: the fastest, except that candidates within noise of the fastest
+    (``max(rel_tol, spread of the fastest)``) tie, and a tie goes to the smallest canonical JSON
+    string of the config — so every machine picks the same winner from equal timings."""
+    if not candidates:
+        raise ValueError("pick_winner: no candidates")
+    best = min(range(len(candidates)), key=lambda i: candidates[i][1].median_ms)
+    best_t = candidates[best][1]
+    if best_t.median_ms == float("inf"):
+        return best
+    tol = max(rel_tol, best_t.spread)
+    tied = [i for i, (_, t) in enumerate(candidates) if t.median_ms <= best_t.median_ms * (1.0 + tol)]
+    return min(tied, key=lambda i: canonical(candidates[i][0]))
+
+
+def floor_ms(flops: float, nbytes: float) -> float:
+    """The roofline floor on an H100: max(flops / 685 TFLOP/s, bytes / 3.0 TB/s), in ms."""
+    return max(flops / FLOP_PEAK, nbytes / BYTES_PEAK) * 1e3

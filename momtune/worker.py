@@ -1,0 +1,248 @@
+"""Worker processes: candidates compile, run, get checked and timed away from the search driver.
+
+A :class:`Worker` is a long-lived process (``spawn`` context: CUDA and fork do not mix) that
+answers requests over a pipe. The driver waits at most ``timeout`` seconds per request; a
+worker that hangs is killed and restarted (the request is a ``timeout``), one that dies (an
+illegal memory access kills the CUDA context; so does ``os._exit``) is restarted and the request
+is an ``illegal_memory``. One benchmarking worker runs per GPU; on a GPU, a pool of compile
+workers first runs each candidate once so that Triton's on-disk cache is warm and the
+benchmarking worker only loads kernels from it.
+
+Requests (dicts): ``op`` = "trial" (check + time), "compile" (run once), "retime"
+(interleaved re-timing of several configs), with ``template`` (spec), ``shape``, ``dtype``,
+``config``/``configs``, ``seed``, ``timing`` (TimingOptions fields).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .errors import KernelError
+
+Reply = dict[str, Any]
+STARTUP_TIMEOUT_S = 300.0
+
+
+class Worker:
+    """One worker process; :meth:`call` never raises for a candidate's failure."""
+
+    def __init__(self, device: str = "cpu", env: dict[str, str] | None = None, name: str = "worker") -> None:
+        self.device = device
+        self.env = dict(env or {})
+        self.name = name
+        self.info: dict[str, Any] = {}
+        self.restarts = 0
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def start(self) -> dict[str, Any]:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_main, args=(child, self.device, self.env), name=self.name, daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(STARTUP_TIMEOUT_S):
+            self.kill()
+            raise KernelError(f"{self.name}: worker process did not start within {STARTUP_TIMEOUT_S:.0f} s")
+        try:
+            kind, info = parent.recv()
+        except EOFError:
+            code = self._proc.exitcode
+            self.kill()
+            raise KernelError(f"{self.name}: worker process died while starting (exit code {code})") from None
+        self.info = info
+        return info
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(timeout=10)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(timeout=5)
+            except (OSError, BrokenPipeError):
+                pass
+        self.kill()
+
+    def call(self, request: dict[str, Any], timeout: float) -> Reply:
+        if not self.alive():
+            if self._proc is not None:
+                self.restarts += 1
+            self.kill()
+            self.start()
+        try:
+            self._conn.send(request)
+            ready = self._conn.poll(timeout)
+        except (OSError, BrokenPipeError):
+            ready = True
+        if not ready:
+            self.kill()
+            self.restarts += 1
+            return {"status": "timeout", "reason": f"no result within the {timeout:g} s trial timeout (worker killed)"}
+        try:
+            reply: Reply = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=5)
+            code = self._proc.exitcode
+            self.kill()
+            self.restarts += 1
+            return {"status": "illegal_memory",
+                    "reason": f"worker process died (exit code {code}): illegal memory access or crash"}
+        if reply.get("restart"):
+            self.kill()  # e.g. a CUDA error: the context is unusable, start afresh next time
+            self.restarts += 1
+        return reply
+
+
+class WorkerPool:
+    """A few workers used in parallel by threads (compile warm-up)."""
+
+    def __init__(self, workers: Sequence[Worker]) -> None:
+        self.workers = list(workers)
+        self._free: queue.Queue[Worker] = queue.Queue()
+        for w in self.workers:
+            self._free.put(w)
+
+    def map(self, requests: Sequence[dict[str, Any]], timeout: float) -> list[Reply]:
+        if not requests:
+            return []
+
+        def one(req: dict[str, Any]) -> Reply:
+            w = self._free.get()
+            try:
+                return w.call(req, timeout)
+            finally:
+                self._free.put(w)
+
+        with ThreadPoolExecutor(max_workers=len(self.workers)) as ex:
+            return list(ex.map(one, requests))
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+
+
+def start_all(workers: Sequence[Worker]) -> None:
+    """Start workers in parallel (each takes seconds to import torch and Triton)."""
+    errors: list[BaseException] = []
+
+    def go(w: Worker) -> None:
+        try:
+            w.start()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# inside the worker process
+
+
+def _main(conn: Any, device: str, env: dict[str, str]) -> None:
+    os.environ.update(env)  # before torch/triton import: TRITON_INTERPRET is read when kernels are defined
+    from .provenance import collect
+
+    conn.send(("ready", collect(0 if device.startswith("cuda") else None)))
+    specs: dict[tuple[Any, ...], dict[str, tuple[tuple[int, ...], Any]]] = {}
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            return
+        if req is None:
+            return
+        try:
+            reply = _handle(req, device, specs)
+        except BaseException as exc:  # noqa: BLE001 - every failure is an outcome
+            from .validate import classify, is_fatal_for_process
+
+            status, reason = classify(exc)
+            reply = {"status": status, "reason": reason, "restart": is_fatal_for_process(status, reason)}
+        conn.send(reply)
+
+
+def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
+    import torch
+
+    from .templates import resolve_template
+    from .timing import Timing, TimingOptions, measure, retime_interleaved
+    from .validate import compare, poison_like
+
+    t = resolve_template(req["template"])
+    dtype = getattr(torch, req["dtype"])
+    shape = req["shape"]
+    sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    inputs = t.make_inputs(shape, dtype, device, int(req.get("seed", 0)))
+    op = req["op"]
+    if op == "compile":
+        t.launch(inputs, req["config"])
+        sync()
+        return {"status": "ok", "reason": ""}
+    opts = TimingOptions(**req["timing"])
+    key = (req["template"], tuple(sorted(shape.items())), req["dtype"])
+
+    def buffers(config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if key not in specs:  # learn the output shapes/dtypes once per shape (first run also compiles)
+            first = t.launch(inputs, config)
+            sync()
+            specs[key] = {k: (tuple(v.shape), v.dtype) for k, v in first.items()}
+        return poison_like({k: torch.empty(s, dtype=d, device=device) for k, (s, d) in specs[key].items()})
+
+    if op == "retime":
+        fns = []
+        for config in req["configs"]:
+            out = buffers(config)
+
+            def fn(config: dict[str, Any] = config, out: dict[str, torch.Tensor] = out) -> Any:
+                return t.launch(inputs, config, out=out)
+
+            fns.append(fn)
+
+        def timed(f: Callable[[], Any]) -> Timing:
+            res = measure(f, opts)
+            sync()
+            return res
+
+        return {"status": "ok", "times": [[x.median_ms, x.spread, x.runs] for x in retime_interleaved(fns, opts, timed)]}
+    if op != "trial":
+        raise ValueError(f"unknown worker op {op!r}")
+    config = req["config"]
+    ref = t.reference(inputs)
+    out = buffers(config)
+    t0 = time.perf_counter()
+    res = t.launch(inputs, config, out=out)
+    sync()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    atol, rtol = t.tolerance(dtype)
+    check = compare(res if res is not None else out, ref, atol, rtol)
+    reply: Reply = {"max_abs_err": check.max_abs_err, "max_rel_err": check.max_rel_err, "first_run_ms": first_ms}
+    if not check.ok:
+        return {**reply, "status": "wrong_answer", "reason": check.reason}
+    timing = measure(lambda: t.launch(inputs, config, out=out), opts)
+    sync()
+    return {**reply, "status": "ok", "reason": "", "time_ms": timing.median_ms, "spread": timing.spread,
+            "runs": timing.runs}

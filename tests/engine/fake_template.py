@@ -1,0 +1,82 @@
+"""Fake templates for the engine tests: a Triton y = a*x + b kernel with a BLOCK parameter.
+
+``FAKE`` is a plain template. ``FAULTY`` adds a ``FAULT`` parameter whose values inject each kind
+of failure the engine must record and survive: a compilation error, out of resources, a hang, a
+crash of the process (what an illegal memory access does), a wrong answer, an unwritten element
+(left NaN), and any other exception.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import time
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from momtune.kernels.template import Template
+
+
+@triton.jit
+def _axpb(x_ptr, y_ptr, a, b, n, BLOCK: tl.constexpr, SKIP_LAST: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n - SKIP_LAST
+    x = tl.load(x_ptr + offs, mask=m)
+    tl.store(y_ptr + offs, a * x + b, mask=m)
+
+
+def make_inputs(shape: Any, dtype: torch.dtype, device: Any, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape["N"], shape["C"], generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    a = float(torch.rand((), generator=g)) + 0.5
+    return {"x": x, "a": a, "b": -0.25}
+
+
+def reference(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"y": inputs["a"] * inputs["x"].double() + inputs["b"]}
+
+
+def launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    fault = config.get("FAULT", "none")
+    if fault == "compile_error":
+        raise triton.compiler.errors.CompilationError("def k(): pass", ast.parse("x").body[0], "invalid tile shape")
+    if fault == "out_of_resources":
+        raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+    if fault == "hang":
+        time.sleep(3600)
+    if fault == "crash":
+        os._exit(3)
+    if fault == "error":
+        raise RuntimeError("something else went wrong\nsecond line")
+    x = inputs["x"]
+    y = out["y"] if out is not None else torch.empty_like(x)
+    n = x.numel()
+    block = config["BLOCK"]
+    _axpb[(triton.cdiv(n, block),)](x, y, inputs["a"], inputs["b"], n, BLOCK=block,
+                                    SKIP_LAST=1 if fault == "unwritten" else 0, num_warps=config["num_warps"])
+    if fault == "wrong":
+        y.add_(1.0)
+    return {"y": y}
+
+
+def cost(shape: Any, dtype: torch.dtype) -> tuple[float, float]:
+    n = shape["N"] * shape["C"]
+    return 2.0 * n, 2.0 * n * torch.empty((), dtype=dtype).element_size()
+
+
+FAKE = Template(name="fake", shape_keys=("N", "C"), make_inputs=make_inputs, launch=launch, reference=reference,
+                default_config={"BLOCK": 32, "num_warps": 1}, cost=cost, sources=(__file__,))
+FAULTY = Template(name="faulty", shape_keys=("N", "C"), make_inputs=make_inputs, launch=launch, reference=reference,
+                  default_config={"BLOCK": 32, "num_warps": 1, "FAULT": "none"}, cost=cost, sources=(__file__,))
+
+
+def slow_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    time.sleep(0.15)
+    return launch(inputs, config, out=out)
+
+
+SLOW = Template(name="slow", shape_keys=("N", "C"), make_inputs=make_inputs, launch=slow_launch, reference=reference,
+                default_config={"BLOCK": 32, "num_warps": 1}, cost=cost, sources=(__file__,))

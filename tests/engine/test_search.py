@@ -1,0 +1,145 @@
+"""The search loop on fake templates in the interpreter: every failure kind recorded, invalid
+configs pruned, repeated suggestions reused, winners re-timed, resume after kill -9."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+
+from momtune.search import SearchOptions, search
+from momtune.space import canonical, load_space
+from momtune.study import count, trials_of
+
+from .conftest import FAKE, FAULTY, ROOT, SLOW, SPACES, cli_env, momtune_cmd
+
+EXPECTED = {"none": "ok", "compile_error": "compile_error", "out_of_resources": "out_of_resources", "hang": "timeout",
+            "crash": "illegal_memory", "wrong": "wrong_answer", "unwritten": "wrong_answer", "error": "error"}
+
+
+def load(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_every_failure_kind_is_recorded_and_search_reaches_winner(storage: str) -> None:
+    opts = SearchOptions(trials=20, sampler="grid", storage=storage, space_dir=SPACES, trial_timeout_s=4,
+                         heartbeat_s=2, retime=2, rounds=1)
+    [res] = search([FAULTY], "tiny", opts)
+    assert res.study == "faulty:interpreter:N7-C9-float32" and res.interpreter
+    assert res.stopped == "every valid config measured" and res.trials == 9
+    study = load(storage, res.study)
+    seen: dict[str, set[str]] = {}
+    for t in study.trials:
+        fault, status = t.user_attrs["config"]["FAULT"], t.user_attrs["status"]
+        seen.setdefault(fault, set()).add(status)
+        assert t.user_attrs["cached"] is False
+        if status == "ok":
+            assert t.state.name == "COMPLETE" and t.value == t.user_attrs["time_ms"] > 0
+            assert t.user_attrs["max_abs_err"] < 1e-5
+        else:
+            assert t.state.name == "FAIL" and t.user_attrs["reason"] and "\n" not in t.user_attrs["reason"]
+    assert seen == {k: {v} for k, v in EXPECTED.items()}
+    by_fault = {t.user_attrs["config"]["FAULT"]: t.user_attrs["reason"] for t in study.trials
+                if t.user_attrs["config"]["BLOCK"] == 32}
+    assert "invalid tile shape" in by_fault["compile_error"]
+    assert "NaN" in by_fault["unwritten"] and "4 s" in by_fault["hang"] and "exit code 3" in by_fault["crash"]
+    assert res.by_status == {"ok": 2, "compile_error": 1, "out_of_resources": 1, "timeout": 1, "illegal_memory": 1,
+                             "wrong_answer": 2, "error": 1}
+    assert res.winner is not None and res.winner["FAULT"] == "none"
+    attrs = study.user_attrs
+    assert attrs["winner"]["config"] == res.winner and attrs["winner"]["retimed"] is True
+    assert attrs["template"] == "faulty" and attrs["shape"] == {"N": 7, "C": 9} and attrs["dtype"] == "float32"
+    assert attrs["shape_key"] == "N7-C9-float32" and attrs["shape_set"] == "tiny" and attrs["gpu"] == "interpreter"
+    assert attrs["interpreter"] is True and attrs["sampler"] == "grid" and attrs["space_size"] == 9
+    assert attrs["default_config"] == {"BLOCK": 32, "num_warps": 1, "FAULT": "none"}
+    assert attrs["default_time_ms"] > 0 and attrs["floor_ms"] > 0
+    assert attrs["provenance"]["triton"] and attrs["provenance"]["source_hash"]
+
+
+def test_invalid_configs_are_pruned_and_do_not_count(storage: str) -> None:
+    opts = SearchOptions(trials=4, sampler="random", seed=3, storage=storage, space_dir=SPACES, retime=1, rounds=1)
+    [res] = search([FAKE], "tiny", opts)
+    study = load(storage, res.study)
+    space = load_space("fake", SPACES)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned, "seed 3 is expected to suggest invalid configs"
+    for t in pruned:
+        assert t.user_attrs["status"] == "invalid_config" and "BLOCK" in t.user_attrs["reason"]
+        assert not space.is_valid(t.params, {"N": 7, "C": 9})[0]
+    assert count(trials_of(study)).done == 4 == res.trials
+    assert study.trials[0].params == space.default_config()  # the default runs first
+
+
+def test_repeated_suggestion_reuses_measured_result(storage: str) -> None:
+    opts = SearchOptions(trials=1, storage=storage, space_dir=SPACES, retime=1, rounds=1)
+    [res] = search([FAKE], "tiny", opts)
+    study = load(storage, res.study)
+    first = study.trials[0]
+    study.enqueue_trial(first.params)  # the sampler suggests the same config again
+    opts.trials = 2
+    search([FAKE], "tiny", opts)
+    study = load(storage, res.study)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2 and done[1].params == first.params
+    assert done[1].user_attrs["cached"] is True and done[1].value == first.value
+    assert done[1].user_attrs["time_ms"] == first.user_attrs["time_ms"]
+    assert "seed" not in done[1].user_attrs  # not run again
+
+
+def test_resume_after_kill_keeps_done_trials_and_reaches_target(tmp_path: os.PathLike[str]) -> None:
+    url = f"sqlite:///{tmp_path}/resume.db"
+    args = ["search", "--template", SLOW, "--shapes", "tiny", "--trials", "6", "--sampler", "grid", "--storage", url,
+            "--space-dir", SPACES, "--heartbeat", "1", "--retime", "1", "--rounds", "1"]
+    proc = subprocess.Popen(momtune_cmd(*args), cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    name = "slow:interpreter:N7-C9-float32"
+    deadline = time.monotonic() + 120
+    before: list[optuna.trial.FrozenTrial] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                before = [t for t in load(url, name).trials if t.state.name == "COMPLETE"]
+            except Exception:  # noqa: BLE001 - study not created yet
+                continue
+            if len(before) >= 2:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker, mid-trial
+        proc.wait()
+    assert 2 <= len(before) < 6, "the search should be killed after 2 trials"
+    assert not load(url, name).user_attrs.get("winner")
+    rerun = subprocess.run(momtune_cmd(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "done already" in rerun.stdout
+    study = load(url, name)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 6
+    configs = [canonical(t.params) for t in done]
+    assert len(set(configs)) == 6  # nothing ran twice
+    after = {t.number: t for t in done}
+    for t in before:  # kept as they were, not run again
+        assert after[t.number].datetime_complete == t.datetime_complete and after[t.number].value == t.value
+    lost = [t for t in study.trials if t.state.name == "FAIL"]
+    assert all("status" not in t.user_attrs for t in lost)  # only a trial killed mid-run, failed by heartbeat
+    assert not any(t.state.name == "RUNNING" for t in study.trials)
+    assert study.user_attrs["winner"]["trials"] == 6 and not math.isnan(study.user_attrs["winner"]["time_ms"])
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "nope"])
+def test_unknown_sampler_rejected(storage: str, sampler: str) -> None:
+    from momtune.errors import InputError
+
+    with pytest.raises(InputError, match="tpe, random, grid, exhaustive"):
+        search([FAKE], "tiny", SearchOptions(trials=1, sampler=sampler, storage=storage, space_dir=SPACES))
+
+
+def test_unknown_shape_set_lists_sets(storage: str) -> None:
+    from momtune.errors import InputError
+
+    with pytest.raises(InputError, match="no shape set 'huge'.*tiny, two"):
+        search([FAKE], "huge", SearchOptions(trials=1, storage=storage, space_dir=SPACES))

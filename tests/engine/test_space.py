@@ -1,0 +1,150 @@
+"""Search-space loading: the API, and every validation error naming its file and key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from momtune.errors import SearchSpaceError
+from momtune.space import canonical, load_space, parse_space, space_names
+
+from .conftest import SPACES
+from .fake_template import FAKE
+
+GOOD = """
+[template]
+name = "fake"
+description = "test"
+
+[parameters.BLOCK]
+choices = [16, 32, 64]
+default = 32
+
+[parameters.num_warps]
+choices = [1, 2, 4]
+default = 1
+
+[[constraints]]
+expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"
+why = "tile too large"
+
+[shapes.tiny]
+dtype = "float32"
+shapes = [ { N = 7, C = 3 }, { N = 1, C = 1 } ]
+
+[shapes.big]
+dtype = "bfloat16"
+shapes = [ { N = 4096, C = 64 } ]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "fake") -> Path:
+    (tmp_path / f"{name}.toml").write_text(text)
+    return tmp_path
+
+
+def test_load_good_space_api(tmp_path: Path) -> None:
+    space = load_space("fake", write(tmp_path, GOOD), template=FAKE)
+    assert list(space.parameters) == ["BLOCK", "num_warps"]
+    assert space.parameters["BLOCK"].choices == (16, 32, 64)
+    assert space.default_config() == {"BLOCK": 32, "num_warps": 1}
+    dtype, shapes = space.shape_sets["tiny"]
+    assert dtype == "float32" and shapes == [{"N": 7, "C": 3}, {"N": 1, "C": 1}]
+    assert space.shape_sets["big"].dtype == "bfloat16"
+    # N*C = 21: BLOCK <= 21 -> 16 only; num_warps*16 <= 16 -> 1
+    assert space.enumerate({"N": 7, "C": 3}) == [{"BLOCK": 16, "num_warps": 1}]
+    assert space.size({"N": 4096, "C": 64}) == 1 + 2 + 3
+    ok, why = space.is_valid({"BLOCK": 64, "num_warps": 1}, {"N": 7, "C": 3})
+    assert not ok and "tile too large" in why and "BLOCK <= max" in why
+    assert space.is_valid({"BLOCK": 64, "num_warps": 4}, {"N": 4096, "C": 64}) == (True, "")
+    ok, why = space.is_valid({"BLOCK": 48, "num_warps": 1}, {"N": 7, "C": 3})
+    assert not ok and "BLOCK=48 is not one of" in why
+    assert canonical({"b": 1, "a": 2}) == '{"a":2,"b":1}'
+
+
+def test_load_from_test_dir_and_names() -> None:
+    assert {"fake", "faulty", "slow"} <= set(space_names(SPACES))
+    assert load_space("faulty", SPACES).size({"N": 7, "C": 9}) == 9
+
+
+def test_package_spaces_load() -> None:
+    names = space_names()
+    if not names:
+        pytest.skip("no search spaces in momtune.search_spaces yet")
+    for name in names:
+        space = load_space(name)
+        assert "tiny" in space.shape_sets
+        for shape in space.shape_sets["tiny"].shapes:
+            assert space.is_valid(space.default_config(), shape)[0] or space.size(shape) > 0
+
+
+BAD = [
+    ("unknown-top-level", ("[shapes.tiny]", "[extra]\nx = 1\n\n[shapes.tiny]"), "extra", "unknown key"),
+    ("unknown-parameter-field", ("default = 32\n", "default = 32\nstep = 2\n"), "parameters.BLOCK.step", "unknown key"),
+    ("unknown-constraint-field", ('why = "tile too large"', 'why = "x"\nhint = "y"'), "constraints[0].hint", "unknown key"),
+    ("unknown-template-field", ('description = "test"', 'description = "test"\nauthor = "me"'), "template.author",
+     "unknown key"),
+    ("empty-choices", ("choices = [16, 32, 64]", "choices = []"), "parameters.BLOCK.choices", "non-empty"),
+    ("default-not-in-choices", ("default = 32\n", "default = 48\n"), "parameters.BLOCK.default", "not one of"),
+    ("default-wrong-type", ("default = 32\n", 'default = "32"\n'), "parameters.BLOCK.default", "not one of"),
+    ("mixed-types", ("choices = [16, 32, 64]", 'choices = [16, "32", 64.0]'), "parameters.BLOCK.choices", "mixed types"),
+    ("repeated-choice", ("choices = [16, 32, 64]", "choices = [16, 32, 32]"), "parameters.BLOCK.choices", "repeated"),
+    ("constraint-syntax", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"', 'expr = "BLOCK <= <= 3"'),
+     "constraints[0].expr", "does not parse"),
+    ("constraint-attribute", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                              'expr = "BLOCK.bit_length() < 9"'), "constraints[0].expr", "not allowed"),
+    ("constraint-other-call", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                               "expr = \"__import__('os') or BLOCK > 0\""), "constraints[0].expr", "only min"),
+    ("constraint-subscript", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                              'expr = "[BLOCK][0] > 0"'), "constraints[0].expr", "not allowed"),
+    ("constraint-lambda", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                           'expr = "(lambda: 1)() > 0"'), "constraints[0].expr", "not allowed"),
+    ("constraint-unknown-name", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                                 'expr = "BLOCK <= BV"'), "constraints[0].expr", "unknown names ['BV']"),
+    ("constraint-excludes-all-params", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                                        'expr = "BLOCK > 64"'), "constraints[0].expr", "excludes every config"),
+    ("constraint-excludes-all-for-shape", ('expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"',
+                                           'expr = "BLOCK <= N"'), "shapes.tiny.shapes[0]", "no config is valid"),
+    ("unknown-shape-key", ("{ N = 1, C = 1 }", "{ N = 1, C = 1, H = 2 }"), "shapes.tiny.shapes[1].H",
+     "unknown shape key"),
+    ("missing-shape-key", ("{ N = 1, C = 1 }", "{ N = 1 }"), "shapes.tiny.shapes[1]", "missing shape keys ['C']"),
+    ("missing-tiny", ("[shapes.tiny]", "[shapes.small]"), "shapes.tiny", "missing"),
+    ("bad-dtype", ('dtype = "float32"', 'dtype = "fp32"'), "shapes.tiny.dtype", "not accepted"),
+    ("name-mismatch", ('name = "fake"', 'name = "other"'), "template.name", "does not match"),
+    ("not-toml", ("[template]", "[template"), "", "not valid TOML"),
+    ("negative-size", ("{ N = 1, C = 1 }", "{ N = -1, C = 1 }"), "shapes.tiny.shapes[1].N", "non-negative"),
+]
+
+
+@pytest.mark.parametrize("old_new,key,msg", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_invalid_space_names_file_and_key(tmp_path: Path, old_new: tuple[str, str], key: str, msg: str) -> None:
+    old, new = old_new
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(SearchSpaceError) as err:
+        load_space("fake", path, template=FAKE)
+    text = str(err.value)
+    assert str(path / "fake.toml") in text
+    assert key in text and msg in text, text
+
+
+def test_missing_file_lists_known(tmp_path: Path) -> None:
+    write(tmp_path, GOOD)
+    with pytest.raises(SearchSpaceError, match=r"nope\.toml.*known: \['fake'\]"):
+        load_space("nope", tmp_path)
+
+
+def test_shape_keys_from_sets_without_template() -> None:
+    space = parse_space(GOOD, "inline.toml", name="fake")
+    assert space.shape_keys == ("N", "C")
+    with pytest.raises(SearchSpaceError, match="inline.toml: constraints\\[0\\].expr"):
+        parse_space(GOOD.replace("max(16, N * C)", "max(16, Q)"), "inline.toml", name="fake")
+
+
+def test_check_config_of_template_applies(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    tmpl = replace(FAKE, check_config=lambda shape, cfg: "too many warps" if cfg["num_warps"] > 1 else "")
+    space = load_space("fake", write(tmp_path, GOOD), template=tmpl)
+    assert space.is_valid({"BLOCK": 64, "num_warps": 2}, {"N": 4096, "C": 64}) == (False, "too many warps")
+    assert space.size({"N": 4096, "C": 64}) == 3

@@ -1,0 +1,61 @@
+"""Timing: interleaved re-timing order, and deterministic winners on ties."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from momtune.timing import Timing, TimingOptions, floor_ms, measure, pick_winner, retime_interleaved
+
+
+def test_retime_is_interleaved_abcabc() -> None:
+    calls: list[str] = []
+    fns = [lambda n=n: calls.append(n) for n in "ABC"]
+    times = retime_interleaved(fns, TimingOptions(interpreter=True, runs=1, rounds=3))
+    assert "".join(calls) == "ABCABCABC"
+    assert all(t.runs == 3 and math.isfinite(t.median_ms) for t in times)
+
+
+def test_retime_failing_candidate_is_inf() -> None:
+    def boom() -> None:
+        raise RuntimeError("x")
+
+    times = retime_interleaved([lambda: None, boom], TimingOptions(interpreter=True, runs=1, rounds=2))
+    assert math.isfinite(times[0].median_ms) and times[1].median_ms == math.inf
+
+
+def test_measure_interpreter_median() -> None:
+    t = measure(lambda: time.sleep(0.002), TimingOptions(interpreter=True, runs=3))
+    assert t.runs == 3 and 1.5 < t.median_ms < 50
+
+
+A, B, C = {"BLOCK": 64, "w": 4}, {"BLOCK": 32, "w": 4}, {"BLOCK": 128, "w": 1}
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)], ids=["ABC", "CBA", "BCA"])
+def test_tie_goes_to_smallest_canonical_config_in_any_order(order: tuple[int, ...]) -> None:
+    cands = [(A, Timing(1.000, 0.0, 5)), (B, Timing(1.005, 0.0, 5)), (C, Timing(1.5, 0.0, 5))]
+    ordered = [cands[i] for i in order]
+    # A and B tie (within 1%); '{"BLOCK":128...' < '{"BLOCK":32...' < '{"BLOCK":64...' but C is not tied
+    assert ordered[pick_winner(ordered)][0] == B
+
+
+def test_clear_winner_and_spread_widens_ties() -> None:
+    cands = [(A, Timing(1.0, 0.0, 5)), (B, Timing(1.05, 0.0, 5))]
+    assert cands[pick_winner(cands)][0] == A
+    noisy = [(A, Timing(1.0, 0.10, 5)), (B, Timing(1.05, 0.0, 5))]
+    assert noisy[pick_winner(noisy)][0] == B  # within the fastest's 10% spread: canonical order decides
+
+
+def test_real_interleaved_timings_of_equal_candidates_pick_same_winner() -> None:
+    fns = [lambda: time.sleep(0.004) for _ in range(3)]
+    cfgs = [C, A, B]
+    for _ in range(2):  # equal work: within noise (50% here), the canonical order decides every time
+        times = retime_interleaved(fns, TimingOptions(interpreter=True, runs=3, rounds=3))
+        assert cfgs[pick_winner(list(zip(cfgs, times)), rel_tol=0.5)] == C
+
+
+def test_floor_ms() -> None:
+    assert floor_ms(685e12, 0) == pytest.approx(1000.0)
+    assert floor_ms(0, 3.0e9) == pytest.approx(1.0)
