@@ -1,0 +1,91 @@
+"""The search / export / verify subcommands end to end on the fake templates (interpreter)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from momtune.cli import main
+from momtune.library import load_library
+
+from .conftest import FAKE, FAULTY, SPACES
+from .fake_template import FAKE as FAKE_OBJ
+
+
+def test_search_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    out = tmp_path / "out" / "library.json"
+    assert main(["search", "--template", FAKE, "--shapes", "tiny", "--trials", "3", "--storage", url,
+                 "--space-dir", SPACES, "--retime", "2", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "interpreter timings" in text and "fake:interpreter:N7-C9-float32" in text and "winner" in text
+    assert main(["export", "--storage", url, "--out", str(out)]) == 0
+    assert "1 entries of 1 templates for GPU 'interpreter'" in capsys.readouterr().out
+    lib = load_library(out)
+    assert lib.entries("fake")[0]["trials"] == 3
+    assert main(["verify", str(out), "--policy", "strict"]) == 0
+    text = capsys.readouterr().out
+    assert "all 1 tuned configs pass their check" in text and "N7 C9" in text
+
+
+def _library(tmp_path: Path, config: dict, gpu: str = "interpreter") -> Path:
+    import triton
+
+    from momtune.library import SCHEMA, atomic_write_json
+
+    from .fake_template import FAULTY as FAULTY_OBJ
+
+    path = tmp_path / "lib.json"
+    atomic_write_json(path, {"schema": SCHEMA, "provenance": {"gpu": gpu, "capability": None,
+                                                             "triton": triton.__version__},
+                             "templates": {"faulty": {"source_hash": FAULTY_OBJ.source_hash(), "spec": FAULTY,
+                                                      "default_config": dict(FAULTY_OBJ.default_config),
+                                                      "entries": [{"shape": {"N": 5, "C": 4}, "dtype": "float32",
+                                                                   "config": config, "time_ms": 1.0}]}}})
+    return path
+
+
+def test_verify_fails_on_wrong_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "wrong"})
+    assert main(["verify", str(path)]) == 1
+    text = capsys.readouterr().out
+    assert "wrong_answer" in text and "1 of 1 tuned configs failed" in text
+
+
+@pytest.mark.parametrize("policy,rc", [("strict", 2), ("warn", 0)])
+def test_verify_provenance_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str, rc: int) -> None:
+    path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "none"}, gpu="NVIDIA H100 80GB HBM3")
+    assert main(["verify", str(path), "--policy", policy]) == rc
+    captured = capsys.readouterr()
+    assert "provenance mismatch: gpu: library 'NVIDIA H100 80GB HBM3', this machine 'interpreter'" in captured.out
+    if policy == "strict":
+        assert "policy strict" in captured.err
+
+
+def test_search_exits_1_when_no_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(SPACES) / "faulty.toml").read_text()
+    text = text.replace('choices = ["none", "compile_error", "out_of_resources", "hang", "crash", "wrong", '
+                        '"unwritten", "error"]\ndefault = "none"', 'choices = ["wrong", "error"]\ndefault = "wrong"')
+    (tmp_path / "faulty.toml").write_text(text.replace('FAULT == \'none\' or ', ''))
+    rc = main(["search", "--template", FAULTY, "--shapes", "tiny", "--trials", "5", "--storage",
+               f"sqlite:///{tmp_path}/f.db", "--space-dir", str(tmp_path), "--sampler", "grid"])
+    assert rc == 1
+    assert "no config passed the check" in capsys.readouterr().out
+
+
+def test_template_all_expands_to_registered_with_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    from momtune import templates
+    from momtune.commands.search import template_specs
+
+    monkeypatch.setattr(templates, "registered_names", lambda: ["fake", "ghost", "slow"])
+    monkeypatch.setitem(templates._CACHE, "fake", FAKE_OBJ)
+    monkeypatch.setitem(templates._CACHE, "slow", FAKE_OBJ)
+    notes: list[str] = []
+    assert template_specs(["all", "fake"], SPACES, notes.append) == ["fake", "slow"]
+    assert notes == ["skipping template 'ghost': no search space ghost.toml"]
+
+
+def test_export_missing_storage_is_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["export", "--storage", f"sqlite:///{tmp_path}/empty.db", "--out", str(tmp_path / "l.json")])
+    assert rc == 2 and "no momtune studies" in capsys.readouterr().err
+    assert not (tmp_path / "l.json").exists()

@@ -1,0 +1,144 @@
+"""Export from studies, load, atomic writes, and the several-GPU rule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from momtune.errors import LibraryError, StorageError
+from momtune.library import SCHEMA, atomic_write_json, build_library, export_library, load_library
+from momtune.search import SearchOptions, search
+
+from .conftest import FAKE, SPACES
+from .fake_template import FAKE as FAKE_OBJ
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('lib')}/s.db"
+    results = search([FAKE], "two", SearchOptions(trials=3, storage=url, space_dir=SPACES, retime=2, rounds=1))
+    return url, results
+
+
+def test_export_load_round_trip(searched: tuple[str, list], tmp_path: Path) -> None:
+    url, results = searched
+    notes: list[str] = []
+    out = tmp_path / "lib" / "library.json"
+    lib = export_library(url, out, note=notes.append)
+    assert notes == []
+    loaded = load_library(out)
+    assert json.loads(out.read_text())["schema"] == SCHEMA
+    assert loaded.provenance == lib["provenance"]
+    prov = loaded.provenance
+    assert prov["gpu"] == "interpreter" and prov["triton"] and prov["torch"] and prov["momtune"] and prov["created"]
+    assert set(prov) >= {"gpu", "capability", "sm_count", "driver", "cuda", "torch", "triton", "momtune", "created",
+                         "commit"}
+    tmpl = loaded.templates["fake"]
+    assert tmpl["source_hash"] == FAKE_OBJ.source_hash()
+    assert tmpl["default_config"] == {"BLOCK": 32, "num_warps": 1}
+    assert tmpl["spec"] == FAKE
+    entries = {(tuple(e["shape"].items()), e["dtype"]): e for e in loaded.entries("fake")}
+    assert len(entries) == len(results) == 2
+    for r in results:
+        e = entries[(tuple(r.shape.items()), "float32")]
+        assert e["config"] == r.winner and e["time_ms"] == pytest.approx(r.winner_ms)
+        assert e["default_time_ms"] == pytest.approx(r.default_ms) and e["trials"] == r.trials
+        assert e["study"] == r.study and e["max_abs_err"] < 1e-5 and e["max_rel_err"] < 1e-5
+        assert e["retimed"] is True
+
+
+def test_export_template_filter_and_missing(searched: tuple[str, list]) -> None:
+    url, _ = searched
+    assert build_library(url, templates=["fake"], note=lambda m: None)["templates"].keys() == {"fake"}
+    with pytest.raises(StorageError, match="no momtune studies of templates recurrence"):
+        build_library(url, templates=["recurrence"], note=lambda m: None)
+    with pytest.raises(StorageError, match="with prefix 'tpe'"):
+        build_library(url, prefix="tpe", note=lambda m: None)
+
+
+def _fake_study(url: str, gpu: str, n: int, time_ms: float, prefix: str = "") -> None:
+    shape = {"N": n, "C": 3}
+    name = f"{prefix}fake:{gpu.lower().replace(' ', '-')}:N{n}-C3-float32"
+    study = optuna.create_study(study_name=name, storage=url, direction="minimize")
+    for k, v in {"template": "fake", "shape": shape, "shape_key": f"N{n}-C3-float32", "dtype": "float32",
+                 "gpu": gpu, "provenance": {"gpu": gpu, "triton": "3.6.0", "created": "2026-01-01T00:00:00",
+                                            "source_hash": "abc"},
+                 "default_config": {"BLOCK": 32}, "default_time_ms": 2 * time_ms}.items():
+        study.set_user_attr(k, v)
+    dist = {"BLOCK": CategoricalDistribution([16, 32])}
+    for block, t in ((16, time_ms), (32, 2 * time_ms)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"BLOCK": block}, distributions=dist, value=t,
+            user_attrs={"status": "ok", "config": {"BLOCK": block}, "time_ms": t, "max_abs_err": 1e-6,
+                        "max_rel_err": 1e-7}))
+    study.add_trial(optuna.trial.create_trial(
+        params={"BLOCK": 16}, distributions=dist, state=optuna.trial.TrialState.FAIL,
+        user_attrs={"status": "timeout", "config": {"BLOCK": 16}}))
+
+
+def test_several_gpus_warns_and_gpu_option_selects(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/gpus.db"
+    _fake_study(url, "NVIDIA H100 80GB HBM3", 64, 0.5)
+    _fake_study(url, "NVIDIA H100 80GB HBM3", 128, 0.7)
+    _fake_study(url, "NVIDIA H200", 64, 0.4)
+    _fake_study(url, "NVIDIA H200", 64, 0.1, prefix="exp/")  # prefixed: only with --study exp
+    notes: list[str] = []
+    lib = build_library(url, note=notes.append)
+    assert lib["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"  # most studies (this machine has neither)
+    assert len(notes) == 1 and "several GPUs" in notes[0] and "NVIDIA H200" in notes[0] and "--gpu" in notes[0]
+    entries = lib["templates"]["fake"]["entries"]
+    assert sorted(e["shape"]["N"] for e in entries) == [64, 128]
+    e64 = next(e for e in entries if e["shape"]["N"] == 64)
+    # no re-timed winner recorded: the best trial; trials counts recorded failures too
+    assert e64["config"] == {"BLOCK": 16} and e64["time_ms"] == 0.5 and e64["retimed"] is False
+    assert e64["trials"] == 3 and e64["default_time_ms"] == 1.0
+    notes.clear()
+    lib = build_library(url, gpu="NVIDIA H200", note=notes.append)
+    assert [e["time_ms"] for e in lib["templates"]["fake"]["entries"]] == [0.4] and "several GPUs" in notes[0]
+    assert build_library(url, prefix="exp", note=notes.append)["templates"]["fake"]["entries"][0]["time_ms"] == 0.1
+    with pytest.raises(StorageError, match="GPUs in the storage"):
+        build_library(url, gpu="NVIDIA A100", note=notes.append)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "library.json"
+    atomic_write_json(path, {"schema": SCHEMA, "v": 1})
+    old = path.read_text()
+
+    def broken_dump(obj, f, **kw):  # type: ignore[no-untyped-def]
+        f.write('{"schema": "momtune.lib')  # a partial write, then the process is interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {"schema": SCHEMA, "v": 2})
+    assert path.read_text() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["library.json"]  # no temp file left
+
+
+def test_atomic_write_non_finite_becomes_null(tmp_path: Path) -> None:
+    atomic_write_json(tmp_path / "x.json", {"a": float("inf"), "b": [float("nan"), 1.5]})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5]}
+
+
+BROKEN = [
+    ("missing-file", None, "file not found"),
+    ("not-json", "{not json", "not readable JSON"),
+    ("wrong-schema", json.dumps({"schema": "momtune.library/0", "provenance": {}, "templates": {}}), "schema"),
+    ("not-object", "[]", "schema"),
+    ("bad-entry", json.dumps({"schema": SCHEMA, "provenance": {}, "templates": {"fake": {"entries": [{"shape": 1}]}}}),
+     "templates.fake.entries[0]"),
+]
+
+
+@pytest.mark.parametrize("text,msg", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+def test_load_broken_library_names_file(tmp_path: Path, text: str | None, msg: str) -> None:
+    path = tmp_path / "lib.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(LibraryError) as err:
+        load_library(path)
+    assert str(path) in str(err.value) and msg in str(err.value)
