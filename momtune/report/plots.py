@@ -1,0 +1,168 @@
+"""The report's figures (matplotlib, Agg, PNG). Each function writes one PNG and returns nothing;
+matplotlib is imported inside the functions so importing this module costs nothing."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .collect import Study
+from .fmt import num
+
+IMPL_COLORS = {"momtune": "#2563eb", "momtune-default": "#93c5fd", "fla": "#f97316", "reference": "#6b7280"}
+SAMPLER_COLORS = {"tpe": "#2563eb", "random": "#c026d3", "cmaes": "#059669", "gp": "#0891b2",
+                  "grid": "#92400e", "qmc": "#ca8a04", "exhaustive": "#111827"}
+_EXTRA = ("#0d9488", "#dc2626", "#7c3aed", "#65a30d", "#db2777", "#0369a1")
+DPI = 120
+STYLE = {
+    "font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 8,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+    "grid.linewidth": 0.6, "axes.edgecolor": "#9ca3af", "axes.titleweight": "bold",
+    "figure.facecolor": "white", "savefig.facecolor": "white", "font.family": "DejaVu Sans",
+}
+
+
+def time_unit(values_ms: Sequence[float | None]) -> tuple[str, float]:
+    """A unit for a set of times in ms: (name, factor to multiply ms by), chosen by the median."""
+    vals = sorted(v for v in values_ms if v is not None and v > 0 and math.isfinite(v))
+    if not vals:
+        return "ms", 1.0
+    mid = vals[len(vals) // 2]
+    if mid < 1.0:
+        return "µs", 1e3
+    if mid >= 1e3:
+        return "s", 1e-3
+    return "ms", 1.0
+
+
+def sampler_color(name: str, index: int) -> str:
+    return SAMPLER_COLORS.get(name, _EXTRA[index % len(_EXTRA)])
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, format="png", dpi=DPI)
+
+
+def convergence(path: Path, title: str, panels: Sequence[tuple[str, Sequence[Study]]]) -> None:
+    """One panel per shape: best-so-far time against trial number, a line per sampler, the
+    exhaustive optimum (dashed) and the default config (dotted) as horizontal lines."""
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    with matplotlib.rc_context(STYLE):
+        n = len(panels)
+        cols = min(3, n)
+        rows = math.ceil(n / cols)
+        fig = _figure(max(7.0, 4.3 * cols), 2.9 * rows + 0.6)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        all_times = [t.time_ms for _, ss in panels for s in ss for t in s.ok_trials]
+        unit, f = time_unit(all_times)
+        handles: dict[str, Any] = {}
+        for i, (label, studies) in enumerate(panels):
+            ax = axes[i // cols][i % cols]
+            searched = [s for s in studies if not s.exhaustive] or list(studies)
+            dup = len({s.sampler for s in searched}) < len(searched)
+            for j, s in enumerate(sorted(searched, key=lambda s: s.label)):
+                xs, ys, best = [], [], math.inf
+                for t in sorted(s.trials, key=lambda t: t.number):
+                    if t.time_ms is not None and t.state == "COMPLETE":
+                        best = min(best, t.time_ms)
+                    xs.append(t.number + 1)
+                    ys.append(best * f if math.isfinite(best) else math.nan)
+                color = _EXTRA[j % len(_EXTRA)] if dup else sampler_color(s.sampler, j)
+                (line,) = ax.step(xs, ys, where="post", lw=1.8, color=color, label=f"{s.label} (best so far)")
+                handles.setdefault(line.get_label(), line)
+            for s in studies:
+                if s.exhaustive and s.best_ms is not None:
+                    h = ax.axhline(s.best_ms * f, color=SAMPLER_COLORS["exhaustive"], ls="--", lw=1.2,
+                                   label="exhaustive optimum")
+                    handles.setdefault(h.get_label(), h)
+            defaults = sorted(s.default_time_ms for s in studies if s.default_time_ms is not None)
+            if defaults:  # each study re-times the default; their median
+                h = ax.axhline(defaults[len(defaults) // 2] * f, color="#9ca3af", ls=":", lw=1.4, label="default config")
+                handles.setdefault(h.get_label(), h)
+            ax.set_title(label, fontsize=8.5)
+            ax.set_xlabel("trial number")
+            ax.set_ylabel(f"best time so far ({unit})")
+            ax.set_xlim(left=0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for k in range(n, rows * cols):
+            axes[k // cols][k % cols].set_visible(False)
+        fig.suptitle(title, fontsize=11, fontweight="bold")
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncols=min(4, len(handles)), frameon=False)
+        _save(fig, path)
+
+
+def importance(path: Path, title: str, per_study: Sequence[tuple[str, Mapping[str, float]]]) -> None:
+    """Horizontal bars: mean importance per parameter over the studies; dots: single studies."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        params = sorted({p for _, v in per_study for p in v})
+        means = {p: sum(v.get(p, 0.0) for _, v in per_study) / len(per_study) for p in params}
+        order = sorted(params, key=lambda p: means[p])
+        fig = _figure(7.5, 1.2 + 0.38 * len(order))
+        ax = fig.subplots()
+        ys = range(len(order))
+        ax.barh(list(ys), [means[p] for p in order], color=IMPL_COLORS["momtune"], alpha=0.85, height=0.6,
+                label=f"mean over {len(per_study)} stud{'y' if len(per_study) == 1 else 'ies'}")
+        if len(per_study) > 1:
+            for _, vals in per_study:
+                ax.scatter([vals.get(p, 0.0) for p in order], list(ys), s=14, color="#111827", zorder=3,
+                           alpha=0.7, label="one study")
+        for y, p in zip(ys, order):
+            ax.text(means[p] + 0.01, y, f"{means[p]:.2f}", va="center", fontsize=8)
+        ax.set_yticks(list(ys), order)
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("importance (share of explained variance, sums to 1)")
+        ax.grid(axis="y", visible=False)
+        h, lab = ax.get_legend_handles_labels()
+        uniq = dict(zip(lab, h))
+        fig.legend(list(uniq.values()), list(uniq), loc="outside lower center", ncols=2, frameon=False)
+        ax.set_title(title)
+        _save(fig, path)
+
+
+def grouped_bars(path: Path, title: str, labels: Sequence[str], series: Mapping[str, Sequence[float | None]],
+                 names: Mapping[str, str], xlabel: str = "time") -> None:
+    """Horizontal grouped bars, one group per label and one bar per implementation (consistent
+    colors); log scale when the times span more than 20x. Missing bars are simply absent."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        impls = [i for i in series if any(v is not None for v in series[i])]
+        vals = [v for i in impls for v in series[i] if v is not None]
+        unit, f = time_unit(vals)
+        k = max(1, len(impls))
+        group = 0.8
+        bar = group / k
+        fig = _figure(8.5, 1.3 + len(labels) * (0.22 * k + 0.25))
+        ax = fig.subplots()
+        for j, impl in enumerate(impls):
+            ys = [g - group / 2 + bar * (j + 0.5) for g in range(len(labels))]
+            xs = [(v * f if v is not None else 0.0) for v in series[impl]]
+            ax.barh(ys, xs, height=bar * 0.92, color=IMPL_COLORS.get(impl, _EXTRA[j % len(_EXTRA)]),
+                    label=names.get(impl, impl))
+            for y, v in zip(ys, series[impl]):
+                if v is not None:
+                    ax.text(v * f * 1.02, y, f" {num(v * f)}", va="center", fontsize=7, color="#374151")
+        ax.set_yticks(list(range(len(labels))), list(labels))
+        ax.invert_yaxis()
+        if vals and max(vals) / max(min(vals), 1e-12) > 20:
+            ax.set_xscale("log")
+            ax.set_xlim(min(vals) * f / 1.5, max(vals) * f * 2.5)
+        elif vals:
+            ax.set_xlim(0, max(vals) * f * 1.15)
+        ax.set_xlabel(f"{xlabel} ({unit}, lower is better)")
+        ax.grid(axis="y", visible=False)
+        fig.legend(loc="outside lower center", ncols=max(1, len(impls)), frameon=False)
+        ax.set_title(title)
+        _save(fig, path)
