@@ -1,0 +1,54 @@
+"""momtune report: Markdown + self-contained HTML report (with PNGs) from stored studies, a
+tuned library and bench files; nothing is re-run and no GPU is needed."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="build a Markdown + HTML report from stored studies, a library and bench files",
+        description="Rebuild a report (report.md, report.html with embedded figures, *.png) from Optuna "
+                    "studies, a tuned library and bench files alone: kernel times vs default / fla / "
+                    "reference, search convergence, parameter importance, dispatch quality, failures and "
+                    "end-to-end numbers. Missing inputs are listed in the report with the command that "
+                    "produces them.",
+    )
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage URL with the studies of `momtune search` (default: MOMTUNE_STORAGE, "
+                        "sqlite:///momtune.db)")
+    p.add_argument("--library", metavar="FILE", help="tuned library JSON from `momtune export`")
+    p.add_argument("--bench", metavar="FILE", nargs="+", action="extend", default=[],
+                   help="bench JSON files from `momtune bench --out FILE` (repeatable)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (replaced file by file, atomically)")
+    p.add_argument("--title", metavar="T", help="report title (default: names the GPU and dtype)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from momtune.report import build_report
+    from momtune.report.sections import summary_rows
+    from momtune.settings import load
+
+    storage = args.storage or load().storage
+    report = build_report(args.out, storage=storage, library=args.library, benches=args.bench,
+                          title=args.title, storage_required=args.storage is not None)
+    a = report.analysis
+    console = Console()
+    if a.interpreter:
+        console.print("[bold yellow]⚠ interpreter timings — not GPU performance[/]")
+    table = Table(title=report.title)
+    for col, just in (("template", "left"), ("shape", "left"), ("tuned", "right"), ("default", "right"),
+                      ("speed-up", "right"), ("fla", "right"), ("vs fla", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in summary_rows(a):
+        table.add_row(*row)
+    console.print(table)
+    for m in a.missing:
+        console.print(f"[yellow]missing[/] {m.what}: {m.effect} — {m.how}")
+    console.print(f"wrote {', '.join(str(f) for f in report.files)}")
+    return 0
