@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import threading
 import time
 import warnings
@@ -24,9 +25,11 @@ from typing import Any
 from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
-from .study import SAMPLERS, claim_config, count, make_sampler, measured_result, pinning_sampler, study_name, trials_of
+from .study import (SAMPLERS, claim_config, count, is_done, make_sampler, measured_result, pinning_sampler,
+                    study_name, trials_of)
 from .templates import resolve_template
-from .timing import Timing, TimingOptions, floor_ms, pick_winner
+from .timing import Timing, TimingOptions, floor_ms
+from .winner import choose_winner
 from .worker import Worker, WorkerPool, start_all
 
 
@@ -76,6 +79,33 @@ def prepare_environment() -> bool:
             return False
         os.environ["TRITON_INTERPRET"] = "1"
     return True
+
+
+class _Shield:
+    """Defer Ctrl-C / SIGTERM (in the main thread) until a storage update is complete."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "_Shield":
+        self.pending: int | None = None
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.old = {s: signal.signal(s, self._defer) for s in self.SIGNALS}
+        return self
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self.pending = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            for s, h in self.old.items():
+                signal.signal(s, h)
+            if self.pending is not None:
+                handler = self.old[self.pending]
+                if callable(handler):
+                    handler(self.pending, None)
+                elif handler == signal.SIG_DFL:
+                    raise KeyboardInterrupt
 
 
 @dataclass
@@ -147,9 +177,10 @@ class Engine:
     def trial_timeout(self) -> float:
         return self.o.trial_timeout_s or (300.0 if self.interpreter else 120.0)
 
-    def timing(self) -> TimingOptions:
+    def timing(self, retime: bool = False) -> TimingOptions:
+        """Interpreter runs are slow: 2 timed calls per trial, 1 per candidate and round when re-timing."""
         if self.interpreter:
-            return TimingOptions(interpreter=True, runs=3, rounds=self.o.rounds or 2)
+            return TimingOptions(interpreter=True, runs=1 if retime else 2, rounds=self.o.rounds or 3)
         return TimingOptions(interpreter=False, rounds=self.o.rounds or 5)
 
     # ------------------------------------------------------------------------------------------
@@ -187,17 +218,37 @@ class Engine:
         hb = threading.Thread(target=self._heartbeat, args=(ctx, beat), daemon=True)
         hb.start()
         try:
-            drivers = [threading.Thread(target=self._drive, args=(ctx, w)) for w in self.benchers]
-            for d in drivers:
-                d.start()
-            for d in drivers:
-                d.join()
+            if len(self.benchers) == 1:
+                self._drive(ctx, self.benchers[0])
+            else:  # one driver per GPU, all on this study
+                drivers = [threading.Thread(target=self._drive, args=(ctx, w), daemon=True) for w in self.benchers]
+                for d in drivers:
+                    d.start()
+                for d in drivers:
+                    while d.is_alive():  # join with a timeout: Ctrl-C stays deliverable
+                        d.join(0.5)
+        except BaseException:
+            self._abandon(ctx)
+            raise
         finally:
             beat.set()
             hb.join()
         result = self._finish(ctx, name, t.name)
         self.reporter.study_finished(result)
         return result
+
+    def _abandon(self, ctx: _Ctx) -> None:
+        """Interrupted: trials in flight become lost (FAIL without status), so a rerun redoes them at once."""
+        from optuna.trial import TrialState
+
+        ctx.stopped = "interrupted"
+        with ctx.lock:
+            ids, ctx.in_flight = list(ctx.in_flight), set()
+        for tid in ids:
+            try:
+                self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - already finished, or the storage is gone: the heartbeat covers it
+                pass
 
     def _heartbeat(self, ctx: _Ctx, stop: threading.Event) -> None:
         while not stop.wait(self.o.heartbeat_s / 2):
@@ -221,7 +272,7 @@ class Engine:
             trials = trials_of(ctx.study)
             c = count(trials)
             claimed = {str(t.user_attrs["claim"]) for t in trials
-                       if "claim" in t.user_attrs and (t.state.name == "RUNNING" or _done(t))}
+                       if "claim" in t.user_attrs and (t.state.name == "RUNNING" or is_done(t))}
             valid_keys = {canonical(v) for v in ctx.valid}
             if ctx.stopped:
                 return
@@ -245,10 +296,11 @@ class Engine:
 
     def _ask(self, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
         """A new trial and its config (None: nothing left to claim; told already)."""
-        trial = ctx.study.ask()
-        with ctx.lock:
-            ctx.in_flight.add(trial._trial_id)
-        self.storage.record_heartbeat(trial._trial_id)
+        with _Shield():  # a trial is never created without being tracked (Ctrl-C waits for this)
+            trial = ctx.study.ask()
+            with ctx.lock:
+                ctx.in_flight.add(trial._trial_id)
+            self.storage.record_heartbeat(trial._trial_id)
         if ctx.exhaustive:
             config = claim_config(ctx.study, trial, ctx.valid, ctx.rng, ctx.lock)
             if config is None:
@@ -258,7 +310,7 @@ class Engine:
             ctx.sampler.pin(trial.number, config)
         elif ctx.valid and canonical(ctx.valid[0]) not in {
                 str(t.user_attrs.get("claim")) for t in trials_of(ctx.study) if t.number != trial.number
-                and (t.state.name == "RUNNING" or _done(t))}:
+                and (t.state.name == "RUNNING" or is_done(t))}:
             default = claim_config(ctx.study, trial, ctx.valid[:1], ctx.rng, ctx.lock, rounds=1)
             if default is not None:
                 ctx.sampler.pin(trial.number, default)
@@ -303,6 +355,8 @@ class Engine:
               cached: bool = False) -> None:
         from optuna.trial import TrialState
 
+        if ctx.stopped == "interrupted":  # the reply of a killed worker: not a result
+            return
         status = str(reply.get("status", "error"))
         attrs: dict[str, Any] = {"status": status, "reason": str(reply.get("reason", "")), "cached": cached,
                                  "worker": f"{os.uname().nodename}:{os.getpid()}"}
@@ -312,18 +366,17 @@ class Engine:
             v = reply.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 attrs[k] = v
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
-        if status == "ok" and "time_ms" in attrs:
-            ctx.study.tell(trial, attrs["time_ms"])
+        with _Shield():  # attrs and state are written together, or the trial stays in flight
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if status == "ok" and "time_ms" in attrs:
+                ctx.study.tell(trial, attrs["time_ms"])
+            elif status == "invalid_config":
+                ctx.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                ctx.study.tell(trial, state=TrialState.FAIL)
             with ctx.lock:
-                ctx.best_ms = attrs["time_ms"] if ctx.best_ms is None else min(ctx.best_ms, attrs["time_ms"])
-        elif status == "invalid_config":
-            ctx.study.tell(trial, state=TrialState.PRUNED)
-        else:
-            ctx.study.tell(trial, state=TrialState.FAIL)
-        with ctx.lock:
-            ctx.in_flight.discard(trial._trial_id)
+                ctx.in_flight.discard(trial._trial_id)
         if status != "invalid_config":
             c = count(trials_of(ctx.study))
             best = ctx.study.best_value if c.ok else None
@@ -337,51 +390,30 @@ class Engine:
         attrs = ctx.study.user_attrs
         res = StudyResult(name, template, ctx.shape, ctx.dtype, self.interpreter, c.done, c.by_status, None, None,
                           attrs.get("default_time_ms"), attrs.get("floor_ms"), ctx.stopped)
-        best: dict[str, float] = {}
-        configs: dict[str, dict[str, Any]] = {}
-        for t in trials:
-            if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok":
-                key = canonical(t.user_attrs["config"])
-                best[key] = min(best.get(key, math.inf), float(t.value))
-                configs[key] = t.user_attrs["config"]
-        if not best:
+        if not c.ok:
             return res
         old = attrs.get("winner")
         if old and old.get("trials") == c.done and attrs.get("default_time_ms") is not None:
             res.winner, res.winner_ms = old["config"], old["time_ms"]
             return res
-        top = sorted(best, key=lambda k: (best[k], k))[: max(1, self.o.retime)]
-        dkey = canonical(ctx.space.default_config())
-        cands = top + ([dkey] if dkey in best and dkey not in top else [])
-        timed = cands + ([dkey] if dkey not in cands else [])
-        reply = self.benchers[0].call({"op": "retime", "template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype,
-                                       "configs": [configs.get(k) or ctx.space.default_config() for k in timed],
-                                       "seed": self.o.seed, "timing": self.timing().__dict__},
-                                      self.trial_timeout * (1 + len(timed)))
-        if reply.get("status") == "ok":
-            times = {k: Timing(*x) for k, x in zip(timed, reply["times"])}
-            retimed = True
-        else:
+
+        def retime(configs: Sequence[Mapping[str, Any]]) -> list[Timing] | None:
+            reply = self.benchers[0].call({"op": "retime", "template": ctx.spec, "shape": ctx.shape,
+                                           "dtype": ctx.dtype, "configs": list(configs), "seed": self.o.seed,
+                                           "timing": self.timing(retime=True).__dict__},
+                                          self.trial_timeout * (1 + len(configs)))
+            if reply.get("status") == "ok":
+                return [Timing(*x) for x in reply["times"]]
             self.reporter.note(f"  re-timing failed ({reply.get('status')}: {reply.get('reason')}); "
                                "using the trials' times")
-            times = {k: Timing(best.get(k, math.inf), 0.0, 1) for k in timed}
-            retimed = False
-        i = pick_winner([(configs[k], times[k]) for k in cands])
-        win = cands[i]
-        default_ms = times[dkey].median_ms if math.isfinite(times[dkey].median_ms) else None
-        winner = {"config": configs[win], "time_ms": times[win].median_ms, "spread": times[win].spread,
-                  "retimed": retimed, "trials": c.done,
-                  "candidates": [{"config": configs[k], "time_ms": times[k].median_ms} for k in cands]}
-        ctx.study.set_user_attr("winner", winner)
-        ctx.study.set_user_attr("default_time_ms", default_ms)
-        res.winner, res.winner_ms, res.default_ms = configs[win], times[win].median_ms, default_ms
+            return None
+
+        winner, default_ms = choose_winner(trials, ctx.space.default_config(), self.o.retime, c.done, retime)
+        if winner is not None:
+            ctx.study.set_user_attr("winner", winner)
+            ctx.study.set_user_attr("default_time_ms", default_ms)
+            res.winner, res.winner_ms, res.default_ms = winner["config"], winner["time_ms"], default_ms
         return res
-
-
-def _done(t: Any) -> bool:
-    from .study import is_done
-
-    return is_done(t)
 
 
 def search(templates: Sequence[str], shape_set: str, options: SearchOptions,

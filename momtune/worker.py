@@ -162,7 +162,19 @@ def start_all(workers: Sequence[Worker]) -> None:
 # inside the worker process
 
 
+def _watch_parent(parent: int) -> None:
+    """Exit when the driver is gone (killed with -9), even while a kernel hangs."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _main(conn: Any, device: str, env: dict[str, str]) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the workers
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     os.environ.update(env)  # before torch/triton import: TRITON_INTERPRET is read when kernels are defined
     from .provenance import collect
 

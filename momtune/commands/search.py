@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trial-timeout", type=float, default=None, metavar="S",
                    help="kill a trial after S seconds (120 on a GPU, 300 in the interpreter)")
     p.add_argument("--retime", type=int, default=3, metavar="K", help="re-time the best K configs interleaved (3)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved re-timing rounds (5 GPU, 2 interpreter)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved re-timing rounds (5 GPU, 3 interpreter)")
     p.add_argument("--heartbeat", type=int, default=10, metavar="S",
                    help="trial heartbeat; a trial silent for 3*S seconds (its process died) is failed and redone (10)")
     p.set_defaults(func=run)
@@ -62,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from momtune.progress import RichReporter
     from momtune.search import SearchOptions, prepare_environment, search
 
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # kill: in-flight trials are released like on Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminate)
     prepare_environment()  # before any kernel module is imported
     reporter = RichReporter()
     specs = template_specs(args.template, args.space_dir, reporter.note)

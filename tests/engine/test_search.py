@@ -90,7 +90,8 @@ def test_repeated_suggestion_reuses_measured_result(storage: str) -> None:
     assert "seed" not in done[1].user_attrs  # not run again
 
 
-def test_resume_after_kill_keeps_done_trials_and_reaches_target(tmp_path: os.PathLike[str]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_kill_keeps_done_trials_and_reaches_target(tmp_path: os.PathLike[str], sig: int) -> None:
     url = f"sqlite:///{tmp_path}/resume.db"
     args = ["search", "--template", SLOW, "--shapes", "tiny", "--trials", "6", "--sampler", "grid", "--storage", url,
             "--space-dir", SPACES, "--heartbeat", "1", "--retime", "1", "--rounds", "1"]
@@ -109,9 +110,15 @@ def test_resume_after_kill_keeps_done_trials_and_reaches_target(tmp_path: os.Pat
             if len(before) >= 2:
                 break
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker, mid-trial
-        proc.wait()
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker, mid-trial
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
     assert 2 <= len(before) < 6, "the search should be killed after 2 trials"
+    if sig == signal.SIGINT:  # interrupted cleanly: the trial in flight is released, none left RUNNING
+        assert rc == 130
+        assert not any(t.state.name == "RUNNING" for t in load(url, name).trials)
     assert not load(url, name).user_attrs.get("winner")
     rerun = subprocess.run(momtune_cmd(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

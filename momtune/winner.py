@@ -1,0 +1,50 @@
+"""Naming a study's winner: the best few configs and the default, re-timed interleaved.
+
+The top ``k`` distinct configs by their trial times (plus the default config when it passed its
+check) are the candidates; the default is re-timed with them for ``default_time_ms``. The winner
+is :func:`momtune.timing.pick_winner` over the re-timed medians (ties within noise go to the
+smallest canonical config), so every machine picks the same winner from equal timings.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from .space import canonical
+from .timing import Timing, pick_winner
+
+Retimer = Callable[[Sequence[Mapping[str, Any]]], "list[Timing] | None"]
+
+
+def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: int, done: int,
+                  retime: Retimer) -> tuple[dict[str, Any] | None, float | None]:
+    """(winner attr, default_time_ms) from a study's trials; (None, None) if no config passed.
+
+    ``retime(configs)`` re-times configs interleaved (None if that failed: the trials' own times
+    are used and the winner is marked ``retimed: false``).
+    """
+    best: dict[str, float] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok":
+            key = canonical(t.user_attrs["config"])
+            best[key] = min(best.get(key, math.inf), float(t.value))
+            configs[key] = dict(t.user_attrs["config"])
+    if not best:
+        return None, None
+    top = sorted(best, key=lambda key: (best[key], key))[: max(1, k)]
+    dkey = canonical(default_config)
+    configs.setdefault(dkey, dict(default_config))
+    cands = top + ([dkey] if dkey in best and dkey not in top else [])
+    timed = cands + ([dkey] if dkey not in cands else [])
+    measured = retime([configs[key] for key in timed])
+    retimed = measured is not None
+    times = dict(zip(timed, measured)) if measured is not None else {
+        key: Timing(best.get(key, math.inf), 0.0, 1) for key in timed}
+    win = cands[pick_winner([(configs[key], times[key]) for key in cands])]
+    default_ms = times[dkey].median_ms if math.isfinite(times[dkey].median_ms) else None
+    winner = {"config": configs[win], "time_ms": times[win].median_ms, "spread": times[win].spread,
+              "retimed": retimed, "trials": done,
+              "candidates": [{"config": configs[key], "time_ms": times[key].median_ms} for key in cands]}
+    return winner, default_ms
