@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import threading
 import time
 import warnings
@@ -25,7 +24,7 @@ from typing import Any
 from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
-from .study import (SAMPLERS, claim_config, count, is_done, make_sampler, measured_result, pinning_sampler,
+from .study import (SAMPLERS, Shield, claim_config, count, is_done, make_sampler, measured_result, pinning_sampler,
                     study_name, trials_of)
 from .templates import resolve_template
 from .timing import Timing, TimingOptions, floor_ms
@@ -79,33 +78,6 @@ def prepare_environment() -> bool:
             return False
         os.environ["TRITON_INTERPRET"] = "1"
     return True
-
-
-class _Shield:
-    """Defer Ctrl-C / SIGTERM (in the main thread) until a storage update is complete."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> "_Shield":
-        self.pending: int | None = None
-        self.active = threading.current_thread() is threading.main_thread()
-        if self.active:
-            self.old = {s: signal.signal(s, self._defer) for s in self.SIGNALS}
-        return self
-
-    def _defer(self, signum: int, frame: Any) -> None:
-        self.pending = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            for s, h in self.old.items():
-                signal.signal(s, h)
-            if self.pending is not None:
-                handler = self.old[self.pending]
-                if callable(handler):
-                    handler(self.pending, None)
-                elif handler == signal.SIG_DFL:
-                    raise KeyboardInterrupt
 
 
 @dataclass
@@ -296,7 +268,7 @@ class Engine:
 
     def _ask(self, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
         """A new trial and its config (None: nothing left to claim; told already)."""
-        with _Shield():  # a trial is never created without being tracked (Ctrl-C waits for this)
+        with Shield():  # a trial is never created without being tracked (Ctrl-C waits for this)
             trial = ctx.study.ask()
             with ctx.lock:
                 ctx.in_flight.add(trial._trial_id)
@@ -366,7 +338,7 @@ class Engine:
             v = reply.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 attrs[k] = v
-        with _Shield():  # attrs and state are written together, or the trial stays in flight
+        with Shield():  # attrs and state are written together, or the trial stays in flight
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
             if status == "ok" and "time_ms" in attrs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -197,3 +198,30 @@ def pinning_sampler(base: Any) -> Any:
             self.base.reseed_rng()
 
     return PinnedSampler()
+
+
+class Shield:
+    """Defer Ctrl-C / SIGTERM (in the main thread) until a storage update is complete."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "Shield":
+        self.pending: int | None = None
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.old = {s: signal.signal(s, self._defer) for s in self.SIGNALS}
+        return self
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self.pending = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            for s, h in self.old.items():
+                signal.signal(s, h)
+            if self.pending is not None:
+                handler = self.old[self.pending]
+                if callable(handler):
+                    handler(self.pending, None)
+                elif handler == signal.SIG_DFL:
+                    raise KeyboardInterrupt

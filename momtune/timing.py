@@ -82,17 +82,20 @@ def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,
     return [_summary(p) if p and not dead[i] else Timing(float("inf"), 0.0, 0) for i, p in enumerate(per)]
 
 
-def pick_winner(candidates: Sequence[tuple[Mapping[str, Any], Timing]], rel_tol: float = 0.01) -> int:
+def pick_winner(candidates: Sequence[tuple[Mapping[str, Any], Timing]], rel_tol: float = 0.01,
+                max_tol: float = 0.05) -> int:
     """Index of the winner: the fastest, except that candidates within noise of the fastest
-    (``max(rel_tol, spread of the fastest)``) tie, and a tie goes to the smallest canonical JSON
-    string of the config — so every machine picks the same winner from equal timings."""
+    (``max(rel_tol, spread of the fastest)``, the spread counting up to ``max_tol``) tie, and a tie
+    goes to the smallest canonical JSON string of the config — so every machine picks the same
+    winner from equal timings. Noisier measurements than ``max_tol`` do not make a tie: there the
+    faster median is the better guess."""
     if not candidates:
         raise ValueError("pick_winner: no candidates")
     best = min(range(len(candidates)), key=lambda i: candidates[i][1].median_ms)
     best_t = candidates[best][1]
     if best_t.median_ms == float("inf"):
         return best
-    tol = max(rel_tol, best_t.spread)
+    tol = max(rel_tol, min(best_t.spread, max_tol))
     tied = [i for i, (_, t) in enumerate(candidates) if t.median_ms <= best_t.median_ms * (1.0 + tol)]
     return min(tied, key=lambda i: canonical(candidates[i][0]))
 

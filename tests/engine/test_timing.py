@@ -44,8 +44,10 @@ def test_tie_goes_to_smallest_canonical_config_in_any_order(order: tuple[int, ..
 def test_clear_winner_and_spread_widens_ties() -> None:
     cands = [(A, Timing(1.0, 0.0, 5)), (B, Timing(1.05, 0.0, 5))]
     assert cands[pick_winner(cands)][0] == A
-    noisy = [(A, Timing(1.0, 0.10, 5)), (B, Timing(1.05, 0.0, 5))]
-    assert noisy[pick_winner(noisy)][0] == B  # within the fastest's 10% spread: canonical order decides
+    noisy = [(A, Timing(1.0, 0.04, 5)), (B, Timing(1.03, 0.0, 5))]
+    assert noisy[pick_winner(noisy)][0] == B  # within the fastest's 4% spread: canonical order decides
+    very_noisy = [(A, Timing(1.0, 0.30, 5)), (B, Timing(1.2, 0.0, 5))]
+    assert very_noisy[pick_winner(very_noisy)][0] == A  # spread counts up to 5%: beyond, the faster median wins
 
 
 def test_real_interleaved_timings_of_equal_candidates_pick_same_winner() -> None:
