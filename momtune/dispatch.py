@@ -25,7 +25,7 @@ from .settings import POLICIES
 
 # shape keys that measure problem size (a nearest bucket may differ in these); every other key
 # (H, K, V, E, topk, shared, D, ...) must match exactly. A template may declare ``size_keys``.
-SIZE_KEYS = frozenset({"N", "B", "T", "S", "Np", "L", "M_rows", "tokens", "batch", "seqlen"})
+SIZE_KEYS = frozenset({"N", "B", "T", "S", "L", "Np"})
 
 
 def dtype_name(dtype: Any) -> str:

@@ -33,6 +33,9 @@ from .worker import Worker, WorkerPool, start_all
 
 
 
+INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
+
+
 @dataclass
 class SearchOptions:
     trials: int = 20
@@ -286,6 +289,11 @@ class Engine:
             default = claim_config(ctx.study, trial, ctx.valid[:1], ctx.rng, ctx.lock, rounds=1)
             if default is not None:
                 ctx.sampler.pin(trial.number, default)
+        elif ctx.invalid_streak >= INVALID_FALLBACK:  # the sampler keeps missing the constraints
+            measured = count(trials_of(ctx.study)).measured
+            free = [c for c in ctx.valid if canonical(c) not in measured]
+            if free:
+                ctx.sampler.pin(trial.number, ctx.rng.choice(free))
         config = {p.name: trial.suggest_categorical(p.name, list(p.choices)) for p in ctx.space.parameters.values()}
         trial.set_user_attr("claim", canonical(config))
         ok, why = ctx.space.is_valid(config, ctx.shape)

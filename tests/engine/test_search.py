@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -72,6 +73,44 @@ def test_invalid_configs_are_pruned_and_do_not_count(storage: str) -> None:
         assert not space.is_valid(t.params, {"N": 7, "C": 9})[0]
     assert count(trials_of(study)).done == 4 == res.trials
     assert study.trials[0].params == space.default_config()  # the default runs first
+
+
+SPARSE = """
+[template]
+name = "fake"
+
+[parameters.BLOCK]
+choices = [16, 32, 64, 128]
+default = 32
+
+[parameters.num_warps]
+choices = [1, 2, 4, 8, 16, 32]
+default = 1
+
+[parameters.X]
+choices = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+default = 0
+
+[[constraints]]
+expr = "X == 0 and (num_warps == 1 or BLOCK == 128)"
+why = "9 of 240 configs are valid"
+
+[shapes.tiny]
+dtype = "float32"
+shapes = [ { N = 7, C = 9 } ]
+"""
+
+
+def test_sparse_space_still_progresses(storage: str, tmp_path: os.PathLike[str]) -> None:
+    (Path(tmp_path) / "fake.toml").write_text(SPARSE)
+    opts = SearchOptions(trials=5, sampler="random", seed=1, storage=storage, space_dir=str(tmp_path), retime=1,
+                         rounds=1)
+    [res] = search([FAKE], "tiny", opts)
+    assert res.trials == 5 and res.stopped == "trials reached" and res.by_status == {"ok": 5}
+    study = load(storage, res.study)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert len(pruned) >= 20  # random suggestions miss; after 20 misses in a row a valid config is drawn
+    assert len(pruned) < 20 * 5
 
 
 def test_repeated_suggestion_reuses_measured_result(storage: str) -> None:
