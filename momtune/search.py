@@ -24,12 +24,12 @@ from typing import Any
 from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
-from .study import (SAMPLERS, Shield, claim_config, count, is_done, make_sampler, measured_result, pinning_sampler,
-                    study_name, trials_of)
+from .study import (SAMPLERS, InFlight, Shield, claim_config, count, is_done, make_sampler, measured_result,
+                    pinning_sampler, study_name, trials_of)
 from .templates import resolve_template
 from .timing import Timing, TimingOptions, floor_ms
 from .winner import choose_winner
-from .worker import Worker, WorkerPool, start_all
+from .worker import Worker, WorkerPool, prepare_environment, start_all
 
 
 
@@ -43,7 +43,7 @@ class SearchOptions:
     sampler: str = "tpe"
     storage: str = "sqlite:///momtune.db"
     study_prefix: str | None = None
-    workers: int | None = None  # compile workers on a GPU (default min(cores, 8))
+    workers: int | None = None  # compile workers on a GPU (default min(cores, 8)); interpreter: none unless given
     seed: int = 0
     space_dir: str | None = None
     trial_timeout_s: float | None = None  # default 120 s on a GPU, 300 s in the interpreter
@@ -68,21 +68,6 @@ class StudyResult:
     stopped: str = ""
 
 
-def prepare_environment() -> bool:
-    """Use the Triton interpreter when there is no CUDA GPU; True when interpreting.
-
-    Set before any kernel module is imported (Triton picks the interpreter when a kernel is
-    defined); worker processes inherit it.
-    """
-    if os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
-        import torch
-
-        if torch.cuda.is_available():
-            return False
-        os.environ["TRITON_INTERPRET"] = "1"
-    return True
-
-
 @dataclass
 class _Ctx:
     """One study being searched."""
@@ -97,11 +82,10 @@ class _Ctx:
     exhaustive: bool
     deadline: float
     rng: random.Random
+    in_flight: InFlight
     lock: threading.Lock = field(default_factory=threading.Lock)
-    in_flight: set[int] = field(default_factory=set)
     invalid_streak: int = 0
     stopped: str = ""
-    best_ms: float | None = None
 
 
 class Engine:
@@ -128,8 +112,10 @@ class Engine:
             make_sampler(self.o.sampler, 0, 1)  # raises with the accepted names
         self.storage = open_storage(self.o.storage, heartbeat_s=self.o.heartbeat_s)
         env = {"TRITON_INTERPRET": "1"} if self.interpreter else {}
-        if self.interpreter:
+        if self.interpreter:  # nothing to compile; explicit --workers still pre-run candidates (tests the pipeline)
             self.benchers = [Worker("cpu", env, "momtune-bench")]
+            if self.o.workers:
+                self.pool = WorkerPool([Worker("cpu", env, f"momtune-compile{k}") for k in range(self.o.workers)])
         else:
             import torch
 
@@ -176,8 +162,8 @@ class Engine:
         default = space.default_config()
         valid = [default] + [c for c in valid if c != default] if default in valid else valid
         flops, nbytes = t.cost(shape, getattr(torch, dtype))
-        attrs = {"template": t.name, "template_spec": spec, "shape": dict(shape), "shape_key": name.rsplit(":", 1)[-1], "dtype": dtype,
-                 "shape_set": shape_set, "gpu": gpu, "interpreter": self.interpreter, "sampler": self.o.sampler,
+        attrs = {"template": t.name, "template_spec": spec, "shape": dict(shape),
+                 "shape_key": name.rsplit(":", 1)[-1], "dtype": dtype, "shape_set": shape_set, "gpu": gpu, "interpreter": self.interpreter, "sampler": self.o.sampler,
                  "space_size": len(valid), "provenance": {**self.info, "source_hash": t.source_hash()},
                  "default_config": default, "floor_ms": floor_ms(flops, nbytes),
                  "floor_peak": {"flops_per_s": 685e12, "bytes_per_s": 3.0e12, "gpu": "H100 SXM"}}
@@ -185,55 +171,42 @@ class Engine:
             study.set_user_attr(k, v)
         deadline = time.monotonic() + self.o.timeout_s if self.o.timeout_s else math.inf
         ctx = _Ctx(study, sampler, spec, space, dict(shape), dtype, valid, self.o.sampler in ("grid", "exhaustive"),
-                   deadline, random.Random(f"{self.o.seed}:{name}:{os.getpid()}"))
+                   deadline, random.Random(f"{self.o.seed}:{name}:{os.getpid()}"),
+                   InFlight(self.storage, self.o.heartbeat_s))
         optuna.storages.fail_stale_trials(study)
         c = count(trials_of(study))
         self.reporter.study_started(name, self.o.trials, len(valid), self.interpreter, c.done)
-        beat = threading.Event()
-        hb = threading.Thread(target=self._heartbeat, args=(ctx, beat), daemon=True)
-        hb.start()
+        ctx.in_flight.start()
         try:
             if len(self.benchers) == 1:
                 self._drive(ctx, self.benchers[0])
             else:  # one driver per GPU, all on this study
-                drivers = [threading.Thread(target=self._drive, args=(ctx, w), daemon=True) for w in self.benchers]
+                errors: list[BaseException] = []
+
+                def drive(w: Worker) -> None:
+                    try:
+                        self._drive(ctx, w)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                        errors.append(exc)
+                        ctx.stopped = ctx.stopped or f"error: {exc}"
+
+                drivers = [threading.Thread(target=drive, args=(w,), daemon=True) for w in self.benchers]
                 for d in drivers:
                     d.start()
                 for d in drivers:
                     while d.is_alive():  # join with a timeout: Ctrl-C stays deliverable
                         d.join(0.5)
+                if errors:
+                    raise errors[0]
         except BaseException:
-            self._abandon(ctx)
+            ctx.stopped = "interrupted"
+            ctx.in_flight.release()
             raise
         finally:
-            beat.set()
-            hb.join()
+            ctx.in_flight.stop()
         result = self._finish(ctx, name, t.name)
         self.reporter.study_finished(result)
         return result
-
-    def _abandon(self, ctx: _Ctx) -> None:
-        """Interrupted: trials in flight become lost (FAIL without status), so a rerun redoes them at once."""
-        from optuna.trial import TrialState
-
-        ctx.stopped = "interrupted"
-        with ctx.lock:
-            ids, ctx.in_flight = list(ctx.in_flight), set()
-        for tid in ids:
-            try:
-                self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
-            except Exception:  # noqa: BLE001 - already finished, or the storage is gone: the heartbeat covers it
-                pass
-
-    def _heartbeat(self, ctx: _Ctx, stop: threading.Event) -> None:
-        while not stop.wait(self.o.heartbeat_s / 2):
-            with ctx.lock:
-                ids = list(ctx.in_flight)
-            for tid in ids:
-                try:
-                    self.storage.record_heartbeat(tid)
-                except Exception:  # noqa: BLE001 - a missed beat is retried next time
-                    pass
 
     def _drive(self, ctx: _Ctx, bencher: Worker) -> None:
         import optuna
@@ -267,15 +240,14 @@ class Engine:
             if room <= 0 or (ctx.exhaustive and valid_keys <= claimed):
                 time.sleep(min(1.0, self.o.heartbeat_s / 4))  # others are finishing the last trials
                 continue
-            self._run_batch(ctx, bencher, min(batch, room))
+            free = len(valid_keys - claimed) if ctx.exhaustive else batch
+            self._run_batch(ctx, bencher, min(batch, room, free))
 
     def _ask(self, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
         """A new trial and its config (None: nothing left to claim; told already)."""
         with Shield():  # a trial is never created without being tracked (Ctrl-C waits for this)
             trial = ctx.study.ask()
-            with ctx.lock:
-                ctx.in_flight.add(trial._trial_id)
-            self.storage.record_heartbeat(trial._trial_id)
+            ctx.in_flight.add(trial._trial_id)
         if ctx.exhaustive:
             config = claim_config(ctx.study, trial, ctx.valid, ctx.rng, ctx.lock)
             if config is None:
@@ -306,17 +278,18 @@ class Engine:
 
     def _run_batch(self, ctx: _Ctx, bencher: Worker, n: int) -> None:
         todo: list[tuple[Any, dict[str, Any]]] = []
+        repeats: list[tuple[Any, dict[str, Any]]] = []  # suggested twice within this batch
         for _ in range(n):
             trial, config = self._ask(ctx)
             if config is None:
                 continue
             prior = measured_result(trials_of(ctx.study), canonical(config))
             if prior is not None:
-                reply = {k: prior.user_attrs[k] for k in ("status", "reason", "time_ms", "max_abs_err",
-                                                            "max_rel_err") if k in prior.user_attrs}
-                self._tell(ctx, trial, config, reply, cached=True)
-                continue
-            todo.append((trial, config))
+                self._tell(ctx, trial, config, _result_of(prior.user_attrs), cached=True)
+            elif any(canonical(c) == canonical(config) for _, c in todo):
+                repeats.append((trial, config))
+            else:
+                todo.append((trial, config))
         base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
         compiled: list[dict[str, Any] | None] = [None] * len(todo)
         if self.pool is not None and todo:
@@ -330,6 +303,11 @@ class Engine:
                                            "timing": self.timing().__dict__}, self.trial_timeout)
             reply["seed"] = seed
             self._tell(ctx, trial, config, reply)
+        for trial, config in repeats:
+            prior = measured_result(trials_of(ctx.study), canonical(config))
+            self._tell(ctx, trial, config, _result_of(prior.user_attrs) if prior is not None else
+                       {"status": "error", "reason": "repeated suggestion whose first run was not recorded"},
+                       cached=True)
 
     def _tell(self, ctx: _Ctx, trial: Any, config: dict[str, Any] | None, reply: Mapping[str, Any],
               cached: bool = False) -> None:
@@ -355,8 +333,7 @@ class Engine:
                 ctx.study.tell(trial, state=TrialState.PRUNED)
             else:
                 ctx.study.tell(trial, state=TrialState.FAIL)
-            with ctx.lock:
-                ctx.in_flight.discard(trial._trial_id)
+            ctx.in_flight.discard(trial._trial_id)
         if status != "invalid_config":
             c = count(trials_of(ctx.study))
             best = ctx.study.best_value if c.ok else None
@@ -394,6 +371,10 @@ class Engine:
             ctx.study.set_user_attr("default_time_ms", default_ms)
             res.winner, res.winner_ms, res.default_ms = winner["config"], winner["time_ms"], default_ms
         return res
+
+
+def _result_of(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: attrs[k] for k in ("status", "reason", "time_ms", "max_abs_err", "max_rel_err") if k in attrs}
 
 
 def search(templates: Sequence[str], shape_set: str, options: SearchOptions,

@@ -156,7 +156,9 @@ def make_sampler(name: str, seed: int, trials: int) -> Any:
     import optuna
 
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)))
+        # constant liar: trials asked together (a batch, other GPUs) are steered apart
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)),
+                                          constant_liar=True)
     if name in ("random", "grid", "exhaustive"):
         return optuna.samplers.RandomSampler(seed=seed)
     raise InputError(f"--sampler: {name!r} is not accepted; use one of {', '.join(SAMPLERS)} "
@@ -225,3 +227,55 @@ class Shield:
                     handler(self.pending, None)
                 elif handler == signal.SIG_DFL:
                     raise KeyboardInterrupt
+
+
+class InFlight:
+    """The trials this process is running: heartbeats for them (a thread), and their release on
+    interrupt (FAIL without status = lost, so a rerun redoes them at once instead of waiting out
+    the heartbeat grace period)."""
+
+    def __init__(self, storage: Any, heartbeat_s: int) -> None:
+        self.storage, self.heartbeat_s = storage, heartbeat_s
+        self.ids: set[int] = set()
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.add(trial_id)
+        self.storage.record_heartbeat(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def release(self) -> None:
+        from optuna.trial import TrialState
+
+        with self.lock:
+            ids, self.ids = list(self.ids), set()
+        for tid in ids:
+            try:
+                self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - already finished, or the storage is gone: the heartbeat covers it
+                pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s / 2):
+            with self.lock:
+                ids = list(self.ids)
+            for tid in ids:
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception:  # noqa: BLE001 - a missed beat is retried next time
+                    pass

@@ -29,6 +29,21 @@ Reply = dict[str, Any]
 STARTUP_TIMEOUT_S = 300.0
 
 
+def prepare_environment() -> bool:
+    """Use the Triton interpreter when there is no CUDA GPU; True when interpreting.
+
+    Set before any kernel module is imported (Triton picks the interpreter when a kernel is
+    defined); worker processes inherit it.
+    """
+    if os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+        import torch
+
+        if torch.cuda.is_available():
+            return False
+        os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
 class Worker:
     """One worker process; :meth:`call` never raises for a candidate's failure."""
 

@@ -27,7 +27,7 @@ def verify(path: str, policy: str, templates: list[str] | None, timeout: float |
     from momtune.errors import LibraryError
     from momtune.library import load_library
     from momtune.provenance import mismatches
-    from momtune.search import prepare_environment
+    from momtune.worker import prepare_environment
     from momtune.templates import resolve_template
     from momtune.timing import TimingOptions
     from momtune.worker import Worker

@@ -26,9 +26,10 @@ def load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def test_every_failure_kind_is_recorded_and_search_reaches_winner(storage: str) -> None:
+@pytest.mark.parametrize("workers", [None, 2], ids=["bench-only", "compile-workers2"])
+def test_every_failure_kind_is_recorded_and_search_reaches_winner(storage: str, workers: int | None) -> None:
     opts = SearchOptions(trials=20, sampler="grid", storage=storage, space_dir=SPACES, trial_timeout_s=4,
-                         heartbeat_s=2, retime=2, rounds=1)
+                         heartbeat_s=2, retime=2, rounds=1, workers=workers)
     [res] = search([FAULTY], "tiny", opts)
     assert res.study == "faulty:interpreter:N7-C9-float32" and res.interpreter
     assert res.stopped == "every valid config measured" and res.trials == 9
