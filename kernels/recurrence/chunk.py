@@ -1,0 +1,450 @@
+"""Chunked varlen recurrence of MoM (gated delta rule / gated linear attention) in Triton.
+
+Layout (packed varlen, see ``momtune.reference.recurrence``)::
+
+    q, k [N, H, K]   v [N, H, V]   g [N, H] log decay   beta [N, H]   cu_seqlens int32 [S + 1]
+    initial_state / final_state [S, H, K, V] fp32        o [N, H, V] in the input dtype
+
+Per chunk of BT rows of one segment and head (G = cumsum of g inside the chunk, q and k
+L2-normalised, q scaled)::
+
+    A   = strictly_lower(beta_i k_i.k_j exp(G_i - G_j))        T = (I + A)^-1  (UT transform)
+    W   = T (beta exp(G) k)        U = T (beta v)                vnew = U - W S
+    o   = (q exp(G)) S + lower(q_i.k_j exp(G_i - G_j)) vnew
+    S  <- exp(G_last) S + (k exp(G_last - G))^T vnew
+    (gated_linear: vnew = v, no A/T/W/U)
+
+Two kernels, one set of helpers:
+
+- ``_recurrence_kernel`` — grid (V/BV * H * S,): each program owns a [K, BV] block of one
+  segment's state in registers and walks the segment's chunks in order (runtime loop bound read
+  from cu_seqlens). With ``PREPASS`` off it computes everything above on chip (the fused single
+  pass; vnew = T (beta (v - (exp(G) k) S)) so W is never formed). With ``PREPASS`` on it reads
+  -W, U, the masked q.k matrix and per-row factors from memory and only does the four
+  state-dependent matmuls (W S, q S, Aqk vnew, k^T vnew).
+- ``_prepass_kernel`` — chunk-parallel: grid (N // BT + S, H) chunk slots; slot p belongs to the
+  segment s with base(s) = cu[s] // BT + s <= p < base(s + 1) (binary search over cu_seqlens in
+  the kernel), so the grid never depends on data. Writes -W [N, H, K], U [N, H, V], Aqk
+  [N, H, BT] (input dtype, or fp32 with ``WU_FP32``), exp(G_last) [N, H] and either the per-row
+  scale factors of q and k ([N, H] fp32) or, with ``PRE_QK``, the scaled q and k themselves.
+
+``SOLVE`` picks how T is computed: "product" (I - A)(I + A^2)(I + A^4)... (exact: A is
+nilpotent, 2 log2(BT) - 2 tensor-core matmuls) or "forward" (row-by-row forward substitution).
+
+Triton 3.6 on the H100 (checked there): T stays fp32 in the W/U matmuls (casting it to bf16 there
+gave wrong results for some BV/K), k^T is loaded transposed rather than ``tl.trans``-ed in front
+of the state update (that faulted for some warps/stages), and the fused pass needs BT*K <= 8192.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from momtune.errors import ConfigError, InputError, KernelError
+
+RULES = ("gated_delta", "gated_linear")
+SOLVE_METHODS = ("product", "forward")
+DEFAULT_CONFIG: dict[str, Any] = {
+    "BT": 64, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 2,
+    "PREPASS": True, "PRE_QK": False, "PRE_WARPS": 4, "SOLVE": "product", "WU_FP32": False,
+}
+_CHOICES: dict[str, tuple] = {
+    "BT": (16, 32, 64, 128), "BV": (16, 32, 64, 128, 256), "BK": (16, 32, 64, 128, 256),
+    "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4), "PREPASS": (True, False), "PRE_QK": (True, False),
+    "PRE_WARPS": (1, 2, 4, 8, 16), "SOLVE": SOLVE_METHODS, "WU_FP32": (True, False),
+}
+MAX_K = 256
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular fp32 [BT, BT] tile A."""
+    r = tl.arange(0, BT)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    if SOLVE == "product":
+        # (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^(BT/2)): A^BT = 0 (nilpotent)
+        T = eye - A
+        P = A
+        for _ in tl.static_range(BT.bit_length() - 2):
+            P = tl.dot(P, P)
+            T = T + tl.dot(T, P)
+    else:
+        # forward substitution: row i of T is e_i - sum_{j<i} A_ij T_j
+        T = eye
+        for i in range(1, BT):
+            sel = r[:, None] == i
+            a_i = tl.sum(tl.where(sel, A, 0.0), 0)  # A[i, :]
+            t_i = tl.sum(a_i[:, None] * T, 0)
+            T = tl.where(sel, T - t_i[None, :], T)
+    return T
+
+
+@triton.jit
+def _chunk_mats(kk, qk, rk, rq, G, b, scale, BT: tl.constexpr, IS_DELTA: tl.constexpr,
+                SOLVE: tl.constexpr):
+    """From the raw Gram tiles kk = k k^T, qk = q k^T and the row norms: (T, Aqk)."""
+    r = tl.arange(0, BT)
+    lower = r[:, None] >= r[None, :]
+    diff = tl.where(lower, G[:, None] - G[None, :], 0.0)
+    decay = tl.where(lower, tl.exp(diff), 0.0)
+    Aqk = qk * ((rq * scale)[:, None] * rk[None, :]) * decay
+    if IS_DELTA:
+        strict = r[:, None] > r[None, :]
+        A = tl.where(strict, kk * ((b * rk)[:, None] * rk[None, :]) * decay, 0.0)
+        T = _solve_unit_lower(A, BT, SOLVE)
+    else:
+        T = decay  # unused
+    return T, Aqk
+
+
+@triton.jit
+def _cumsum_last(g, BT: tl.constexpr):
+    G = tl.cumsum(g, 0)
+    G_last = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, G, 0.0), 0)
+    return G, G_last
+
+
+@triton.jit
+def _rnorm(x, L2NORM: tl.constexpr):
+    if L2NORM:
+        return tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
+    else:
+        return tl.sum(x * 0.0, 1) + 1.0
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, S,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, LOG_S: tl.constexpr,
+                    IS_DELTA: tl.constexpr, SOLVE: tl.constexpr, L2NORM: tl.constexpr,
+                    PRE_QK: tl.constexpr):
+    p = tl.program_id(0)
+    i_h = tl.program_id(1).to(tl.int64)
+    # segment of slot p: largest s with cu[s] // BT + s <= p (binary search, LOG_S steps)
+    lo = p * 0
+    hi = p * 0 + S - 1
+    for _ in range(LOG_S):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(cu + mid).to(tl.int32) // BT + mid <= p
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    base = tl.load(cu + lo).to(tl.int32) // BT + lo
+    bos = tl.load(cu + lo).to(tl.int64)
+    eos = tl.load(cu + lo + 1).to(tl.int64)
+    t0 = bos + (p - base).to(tl.int64) * BT
+    if t0 >= eos:
+        return
+    rows = t0 + tl.arange(0, BT)
+    m_t = rows < eos
+    g_t = tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    G, G_last = _cumsum_last(g_t, BT)
+    if IS_DELTA:
+        b_t = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    else:
+        b_t = g_t * 0.0
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    ssk = tl.zeros([BT], dtype=tl.float32)
+    ssq = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k[None, :] < K)
+        off = (rows * H + i_h)[:, None] * K + o_k[None, :]
+        kb = tl.load(k + off, mask=m, other=0.0)
+        qb = tl.load(q + off, mask=m, other=0.0)
+        qk = tl.dot(qb, tl.trans(kb), qk)
+        if IS_DELTA:
+            kk = tl.dot(kb, tl.trans(kb), kk)
+        kf = kb.to(tl.float32)
+        qf = qb.to(tl.float32)
+        ssk += tl.sum(kf * kf, 1)
+        ssq += tl.sum(qf * qf, 1)
+    if L2NORM:
+        rk = tl.rsqrt(ssk + 1e-6)
+        rq = tl.rsqrt(ssq + 1e-6)
+    else:
+        rk = ssk * 0.0 + 1.0
+        rq = ssq * 0.0 + 1.0
+    T, Aqk = _chunk_mats(kk, qk, rk, rq, G, b_t, scale, BT, IS_DELTA, SOLVE)
+    o_c = tl.arange(0, BT)
+    tl.store(aqk + (rows * H + i_h)[:, None] * BT + o_c[None, :], Aqk.to(aqk.dtype.element_ty),
+             mask=m_t[:, None])
+    sq = rq * scale * tl.exp(G)
+    sk = rk * tl.exp(G_last - G)
+    tl.store(dl + rows * H + i_h, tl.exp(G_last) + g_t * 0.0, mask=m_t)
+    if not PRE_QK:  # per-row factors: the sequential pass scales q and k without reductions
+        tl.store(fq + rows * H + i_h, sq, mask=m_t)
+        tl.store(fk + rows * H + i_h, sk, mask=m_t)
+    if IS_DELTA or PRE_QK:
+        sw = -b_t * tl.exp(G) * rk  # W is stored negated: vnew = U + W S
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k[None, :] < K)
+            off = (rows * H + i_h)[:, None] * K + o_k[None, :]
+            kf = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+            if IS_DELTA:
+                wb = tl.dot(T, kf * sw[:, None])
+                tl.store(w + off, wb.to(w.dtype.element_ty), mask=m)
+            if PRE_QK:
+                tl.store(kt + off, (kf * sk[:, None]).to(kt.dtype.element_ty), mask=m)
+                qf = tl.load(q + off, mask=m, other=0.0).to(tl.float32)
+                tl.store(qt + off, (qf * sq[:, None]).to(qt.dtype.element_ty), mask=m)
+    if IS_DELTA:
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            m = m_t[:, None] & (o_v[None, :] < V)
+            off = (rows * H + i_h)[:, None] * V + o_v[None, :]
+            vb = tl.load(v + off, mask=m, other=0.0).to(tl.float32) * b_t[:, None]
+            ub = tl.dot(T, vb)
+            tl.store(u + off, ub.to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, fq, fk, scale,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
+                       BT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                       IS_DELTA: tl.constexpr, PREPASS: tl.constexpr, PRE_QK: tl.constexpr,
+                       SOLVE: tl.constexpr, L2NORM: tl.constexpr, USE_INIT: tl.constexpr,
+                       STORE_FINAL: tl.constexpr):
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_sh = (pid // NV).to(tl.int64)
+    i_s = i_sh // H
+    i_h = i_sh % H
+    bos = tl.load(cu + i_s).to(tl.int64)
+    eos = tl.load(cu + i_s + 1).to(tl.int64)
+    dt = q.dtype.element_ty
+
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    o_c = tl.arange(0, BT)
+    p_state = i_sh * K * V + o_k[:, None] * V + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    if USE_INIT:
+        S = tl.load(h0 + p_state, mask=m_state, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([KP, BV], dtype=tl.float32)
+
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c in range(0, n_chunks):
+        rows = bos + c * BT + o_c
+        m_t = rows < eos
+        r_hk = (rows * H + i_h)[:, None]
+        m_qk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        # k^T tiles [KP, BT] are loaded transposed (no tl.trans in front of the state update)
+        p_kT = (rows * H + i_h)[None, :] * K + o_k[:, None]
+        m_kT = m_k[:, None] & m_t[None, :]
+        if PRE_QK:
+            # q, k already normalised and decay-scaled by the pre-pass
+            qg = tl.load(qt + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+            kdT = tl.load(kt + p_kT, mask=m_kT, other=0.0)
+            d_last = tl.load(dl + (bos + c * BT) * H + i_h)
+        elif PREPASS:
+            # per-row factors from the pre-pass: rq scale exp(G), rk exp(G_last - G), exp(G_last)
+            qb = tl.load(q + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+            kbT = tl.load(k + p_kT, mask=m_kT, other=0.0)
+            f_q = tl.load(fq + rows * H + i_h, mask=m_t, other=0.0)
+            f_k = tl.load(fk + rows * H + i_h, mask=m_t, other=0.0)
+            qg = (qb.to(tl.float32) * f_q[:, None]).to(dt)
+            kdT = (kbT.to(tl.float32) * f_k[None, :]).to(dt)
+            d_last = tl.load(dl + (bos + c * BT) * H + i_h)
+        else:
+            qb = tl.load(q + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+            kb = tl.load(k + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+            g_t = tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+            G, G_last = _cumsum_last(g_t, BT)
+            rq = _rnorm(qb.to(tl.float32), L2NORM)
+            rk = _rnorm(kb.to(tl.float32), L2NORM)
+            qg = (qb.to(tl.float32) * (rq * scale * tl.exp(G))[:, None]).to(dt)
+            kbT = tl.load(k + p_kT, mask=m_kT, other=0.0)
+            kdT = (kbT.to(tl.float32) * (rk * tl.exp(G_last - G))[None, :]).to(dt)
+            d_last = tl.exp(G_last)
+        Sq = S.to(qg.dtype)
+        if PREPASS:
+            Aqk = tl.load(aqk + r_hk * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
+            if IS_DELTA:
+                wb = tl.load(w + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+                ub = tl.load(u + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+                vnew = ub + tl.dot(wb, S.to(wb.dtype))  # W stored negated: U - W S
+            else:
+                vnew = tl.load(v + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        else:
+            if IS_DELTA:
+                b_t = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+                kk = tl.dot(kb, tl.trans(kb))
+            else:
+                b_t = g_t * 0.0
+                kk = tl.zeros([BT, BT], dtype=tl.float32)
+            qk = tl.dot(qb, tl.trans(kb))
+            T, Aqk = _chunk_mats(kk, qk, rk, rq, G, b_t, scale, BT, IS_DELTA, SOLVE)
+            vb = tl.load(v + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            if IS_DELTA:
+                kg = (kb.to(tl.float32) * (rk * tl.exp(G))[:, None]).to(dt)
+                R = b_t[:, None] * (vb - tl.dot(kg, Sq))
+                vnew = tl.dot(T, R)
+            else:
+                vnew = vb
+        vn = vnew.to(qg.dtype)
+        ob = tl.dot(qg, Sq)
+        ob = tl.dot(Aqk.to(qg.dtype), vn, ob)
+        tl.store(o + r_hk * V + o_v[None, :], ob.to(o.dtype.element_ty), mask=m_tv)
+        S = S * d_last + tl.dot(kdT, vn)
+    if STORE_FINAL:
+        tl.store(ht + p_state, S, mask=m_state)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge ``config`` over the defaults; unknown keys or values raise ConfigError."""
+    cfg = dict(DEFAULT_CONFIG)
+    for key, value in (config or {}).items():
+        if key not in _CHOICES:
+            raise ConfigError(f"recurrence config: unknown parameter {key!r}; known: {', '.join(_CHOICES)}")
+        if value not in _CHOICES[key] or isinstance(value, bool) != isinstance(_CHOICES[key][0], bool):
+            raise ConfigError(f"recurrence config: {key}={value!r} not accepted; choose one of {_CHOICES[key]}")
+        cfg[key] = value
+    return cfg
+
+
+def _check(name: str, x: Any, shape: tuple, dtypes: tuple, device: torch.device) -> torch.Tensor:
+    from momtune.checks import check_tensor
+
+    check_tensor(name, x, shape=shape, dtypes=dtypes)
+    if x.device != device:
+        raise InputError(f"{name}: on device {x.device}, expected {device} (the device of q)")
+    return x.contiguous()
+
+
+def chunk_recurrence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
+    cu_seqlens: torch.Tensor, *, rule: str = "gated_delta", scale: float | None = None,
+    initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+    use_qk_l2norm: bool = True, config: Mapping[str, Any] | None = None,
+    out: torch.Tensor | None = None, final_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked recurrence over packed varlen segments; returns (o [N,H,V], final_state [S,H,K,V] fp32).
+
+    Never reads cu_seqlens on the host (CUDA-graph capturable). ``config``: template parameters
+    (see ``search_spaces/recurrence.toml``); missing keys take the defaults.
+    """
+    from momtune.checks import check_choice, check_tensor
+
+    check_choice("rule", rule, RULES)
+    io = (torch.float16, torch.bfloat16, torch.float32)
+    fl = io + (torch.float64,)
+    check_tensor("q", q, ndim=3, dtypes=io)
+    n, h, kd = q.shape
+    dev = q.device
+    if not 1 <= kd <= MAX_K:
+        raise InputError(f"q: key size K={kd} not supported; accepted 1..{MAX_K}")
+    q = _check("q", q, (n, h, kd), io, dev)
+    k = _check("k", k, (n, h, kd), (q.dtype,), dev)
+    check_tensor("v", v, ndim=3)
+    vd = v.shape[2]
+    v = _check("v", v, (n, h, None), (q.dtype,), dev)
+    if vd < 1:
+        raise InputError("v: value size V must be >= 1")
+    g = _check("g", g, (n, h), fl, dev)
+    is_delta = rule == "gated_delta"
+    if is_delta:
+        beta = _check("beta", beta, (n, h), fl, dev)
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+    if cu_seqlens.device != dev:
+        raise InputError(f"cu_seqlens: on device {cu_seqlens.device}, expected {dev} (the device of q)")
+    if cu_seqlens.numel() < 2:
+        raise InputError(f"cu_seqlens: needs at least 2 entries (one segment), got {cu_seqlens.numel()}")
+    cu_seqlens = cu_seqlens.contiguous()
+    s = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        initial_state = _check("initial_state", initial_state, (s, h, kd, vd), fl, dev)
+    scale = kd ** -0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty(n, h, vd, dtype=q.dtype, device=dev)
+    else:
+        _check("out", out, (n, h, vd), (q.dtype,), dev)
+        if not out.is_contiguous():
+            raise InputError("out: must be contiguous")
+    if output_final_state:
+        if final_state is None:
+            final_state = torch.empty(s, h, kd, vd, dtype=torch.float32, device=dev)
+        else:
+            _check("final_state", final_state, (s, h, kd, vd), (torch.float32,), dev)
+            if not final_state.is_contiguous():
+                raise InputError("final_state: must be contiguous")
+    else:
+        final_state = None
+    if dev.type != "cuda":
+        from momtune.settings import interpreter_mode
+
+        if not interpreter_mode():
+            raise KernelError(f"chunk_recurrence: tensors on {dev}; Triton needs CUDA or TRITON_INTERPRET=1")
+    if n == 0:
+        if final_state is not None:
+            final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
+        return out, final_state
+
+    launches = plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta, scale,
+                    use_qk_l2norm, resolve_config(config))
+    for fn in launches:
+        fn()
+    return out, final_state
+
+
+def plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta, scale,
+         use_qk_l2norm, cfg) -> list:
+    """The kernel launches of one call as closures (pre-pass, if any, then the sequential pass);
+    allocates the pre-pass workspace. Inputs are checked by :func:`chunk_recurrence`."""
+    n, h, kd = q.shape
+    vd, s, dev = v.shape[2], cu_seqlens.numel() - 1, q.device
+    BT = cfg["BT"]
+    kp = max(16, triton.next_power_of_2(kd))
+    vp = max(16, triton.next_power_of_2(vd))
+    BV = min(cfg["BV"], vp)
+    BK = min(cfg["BK"], kp)
+    nv = triton.cdiv(vd, BV)
+    prepass = cfg["PREPASS"]
+    pre_qk = prepass and cfg["PRE_QK"]
+    dummy = out
+    w = u = aqk = qt = kt = dl = fq = fk = dummy
+    launches = []
+    if prepass:
+        ws = torch.float32 if cfg["WU_FP32"] else q.dtype
+        aqk = torch.empty(n, h, BT, dtype=ws, device=dev)
+        if is_delta:
+            w = torch.empty(n, h, kd, dtype=ws, device=dev)
+            u = torch.empty(n, h, vd, dtype=ws, device=dev)
+        dl = torch.empty(n, h, dtype=torch.float32, device=dev)
+        if pre_qk:
+            qt = torch.empty(n, h, kd, dtype=ws, device=dev)
+            kt = torch.empty(n, h, kd, dtype=ws, device=dev)
+        else:
+            fq = torch.empty(n, h, dtype=torch.float32, device=dev)
+            fk = torch.empty(n, h, dtype=torch.float32, device=dev)
+        launches.append(lambda: _prepass_kernel[(n // BT + s, h)](
+            q, k, v, g, beta if is_delta else g, cu_seqlens, w, u, aqk, qt, kt, dl, fq, fk, scale, s,
+            H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, LOG_S=max(1, s.bit_length()),
+            IS_DELTA=is_delta, SOLVE=cfg["SOLVE"], L2NORM=use_qk_l2norm, PRE_QK=pre_qk,
+            num_warps=cfg["PRE_WARPS"], num_stages=1,
+        ))
+    launches.append(lambda: _recurrence_kernel[(nv * h * s,)](
+        q, k, v, g, beta if is_delta else g, cu_seqlens,
+        initial_state if initial_state is not None else dummy,
+        final_state if final_state is not None else dummy, out, w, u, aqk, qt, kt, dl, fq, fk, scale,
+        H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PREPASS=prepass,
+        PRE_QK=pre_qk, SOLVE=cfg["SOLVE"], L2NORM=use_qk_l2norm,
+        USE_INIT=initial_state is not None, STORE_FINAL=final_state is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    ))
+    return launches

@@ -1,0 +1,213 @@
+"""Chunked varlen recurrence (kernels/recurrence) against the float64 token-by-token reference.
+
+CPU: TRITON_INTERPRET=1, tiny shapes, float32 / float16. GPU (@pytest.mark.gpu): the real shape
+sets in bfloat16, relative error norm ||out - ref|| / ||ref|| <= 1e-2.
+"""
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+from momtune.errors import ConfigError, InputError
+from momtune.kernels import get_template
+from momtune.kernels.recurrence.chunk import chunk_recurrence
+from momtune.reference.recurrence import recurrent_naive
+from tests.helpers import assert_close, poison
+from tests.kernels.test_routing import check_space, gpu_shapes, load_space
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3)}
+DT = {torch.float32: "fp32", torch.float16: "fp16"}
+D, L = "gated_delta", "gated_linear"
+FUSED16 = dict(BT=16, PREPASS=False, BV=16)
+PRE16 = dict(BT=16, PREPASS=True, BK=16, BV=16)
+PRE16_QK = dict(BT=16, PREPASS=True, PRE_QK=True, BK=16, BV=32, num_stages=1)
+PRE32_FWD = dict(BT=32, PREPASS=True, SOLVE="forward", WU_FP32=True)
+FUSED32_FWD = dict(BT=32, PREPASS=False, SOLVE="forward", BV=16)
+FUSED32 = dict(BT=32, PREPASS=False)
+
+# (segment lengths, H, K, V, rule, dtype, initial state, scale, config)
+CASES = [
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, FUSED16),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, PRE16),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, PRE16_QK),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, 0.3, PRE32_FWD),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, False, None, FUSED32_FWD),
+    ([45], 1, 32, 16, D, torch.float32, True, None, PRE16),       # one segment holds every token
+    ([45], 1, 32, 16, D, torch.float32, False, 0.5, FUSED32),
+    ([3, 0, 33, 1, 0, 9, 0], 1, 16, 16, D, torch.float32, True, None, dict(BT=16)),  # default otherwise
+    ([3, 0, 33, 1, 0, 9, 0], 1, 16, 16, D, torch.float32, False, None, FUSED16),
+    ([5, 35], 1, 24, 20, D, torch.float32, True, None, dict(BT=16, BK=16)),     # K, V not powers of 2
+    ([5, 35], 1, 24, 20, D, torch.float32, True, None, dict(BT=32, PREPASS=False, BV=16)),
+    ([0, 1, 50, 29], 2, 32, 32, D, torch.float32, True, None, dict(BT=32, BV=16)),  # several chunks
+    ([16, 32, 0], 1, 16, 16, D, torch.float32, True, None, PRE16),  # lengths multiple of BT
+    ([16, 32, 0], 1, 16, 16, D, torch.float32, True, None, FUSED16),
+    ([0, 1, 20, 16], 2, 16, 32, L, torch.float32, True, None, FUSED16),
+    ([0, 1, 50, 29], 2, 32, 32, L, torch.float32, False, None, FUSED32),
+    ([0, 1, 20, 16], 2, 16, 32, L, torch.float32, False, 0.3, PRE16),
+    ([0, 1, 20, 16], 2, 16, 32, L, torch.float32, True, None, PRE16_QK),
+    ([45], 1, 32, 16, L, torch.float32, True, None, dict(BT=32)),
+    ([1, 39], 2, 16, 16, D, torch.float16, True, None, FUSED16),
+    ([1, 39], 2, 16, 16, D, torch.float16, False, None, PRE16),
+    ([1, 39], 2, 16, 16, L, torch.float16, True, None, PRE16_QK),
+    ([1, 39], 2, 16, 16, D, torch.float16, True, 0.3, FUSED32),
+]
+
+
+def cfg_id(cfg: dict) -> str:
+    mode = "fused" if cfg.get("PREPASS") is False else ("preqk" if cfg.get("PRE_QK") else "pre")
+    extra = [f"BV{cfg['BV']}"] if "BV" in cfg else []
+    extra += ["fwd"] if cfg.get("SOLVE") == "forward" else []
+    extra += ["wu32"] if cfg.get("WU_FP32") else []
+    return "-".join([f"BT{cfg['BT']}", mode, *extra])
+
+
+def case_id(c: tuple) -> str:
+    lens, h, k, v, rule, dt, init, scale, cfg = c
+    parts = [f"N{sum(lens)}", f"S{len(lens)}", f"H{h}", f"K{k}", f"V{v}", DT[dt],
+             "delta" if rule == D else "linear", "h0" if init else "noh0",
+             f"scale{scale}" if scale is not None else "scaledef", cfg_id(cfg)]
+    return "-".join(parts)
+
+
+def make_case(lens, h, k, v, dt, init, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, s = sum(lens), len(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    q = torch.randn(n, h, k, generator=gen).to(dt)
+    kk = torch.randn(n, h, k, generator=gen).to(dt)
+    vv = torch.randn(n, h, v, generator=gen).to(dt)
+    g = torch.nn.functional.logsigmoid(torch.randn(n, h, generator=gen)).clamp(min=-5.0)
+    beta = torch.sigmoid(torch.randn(n, h, generator=gen)).to(dt)
+    h0 = torch.randn(s, h, k, v, generator=gen) if init else None
+    return q, kk, vv, g, beta, cu, h0
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_recurrence_matches_reference(case: tuple) -> None:
+    lens, h, k, v, rule, dt, init, scale, cfg = case
+    q, kk, vv, g, beta, cu, h0 = make_case(lens, h, k, v, dt, init, zlib.crc32(case_id(case).encode()))
+    out = poison(torch.empty(sum(lens), h, v, dtype=dt))
+    fin = poison(torch.empty(len(lens), h, k, v, dtype=torch.float32))
+    o, f = chunk_recurrence(q, kk, vv, g, beta if rule == D else None, cu, rule=rule, scale=scale,
+                            initial_state=h0, config=cfg, out=out, final_state=fin)
+    assert o is out and f is fin and o.dtype == dt
+    ref_o, ref_f = recurrent_naive(
+        q.double(), kk.double(), vv.double(), g.double(), beta.double(), cu_seqlens=cu, rule=rule,
+        scale=scale, initial_state=None if h0 is None else h0.double())
+    atol, rtol = TOL[dt]
+    assert_close("o", o, ref_o, atol, rtol)
+    assert_close("final_state", f, ref_f, atol, rtol)
+
+
+def test_recurrence_no_l2norm_no_final_state() -> None:
+    q, kk, vv, g, beta, cu, h0 = make_case([7, 30], 1, 16, 16, torch.float32, True, seed=5)
+    q, kk = q * 0.2, kk * 0.2  # keep the un-normalised delta rule stable
+    o, f = chunk_recurrence(q, kk, vv, g, beta, cu, initial_state=h0, use_qk_l2norm=False,
+                            output_final_state=False, config=dict(BT=16))
+    assert f is None
+    ref_o, _ = recurrent_naive(q.double(), kk.double(), vv.double(), g.double(), beta.double(),
+                               cu_seqlens=cu, initial_state=h0.double(), use_qk_l2norm=False)
+    assert_close("o", o, ref_o, *TOL[torch.float32])
+
+
+def test_recurrence_bad_inputs() -> None:
+    q, kk, vv, g, beta, cu, h0 = make_case([4, 6], 1, 16, 16, torch.float32, True, seed=1)
+
+    def call(**kw):
+        pos = [kw.pop(name, default) for name, default in
+               (("q", q), ("k", kk), ("v", vv), ("g", g), ("beta", beta), ("cu_seqlens", cu))]
+        return chunk_recurrence(*pos, **kw)
+
+    bad = [
+        (dict(k=kk[:, :, :8]), "k"), (dict(v=vv.half()), "v"), (dict(g=g[:, None]), "g"),
+        (dict(beta=None), "beta"), (dict(cu_seqlens=cu.float()), "cu_seqlens"),
+        (dict(cu_seqlens=cu[:1]), "cu_seqlens"), (dict(initial_state=h0[:1]), "initial_state"),
+        (dict(rule="delta"), "rule"), (dict(q=q.double()), "q"), (dict(q=q[0]), "q"),
+        (dict(out=torch.empty(3)), "out"), (dict(final_state=h0.half()), "final_state"),
+    ]
+    for kw, name in bad:
+        with pytest.raises(InputError, match=rf"^{name}\b"):
+            call(**kw)
+    big = torch.randn(10, 1, 300)
+    with pytest.raises(InputError, match=r"^q: key size"):
+        chunk_recurrence(big, big, vv, g, beta, cu)
+    with pytest.raises(ConfigError, match="BQ"):
+        call(config={"BQ": 16})
+    with pytest.raises(ConfigError, match="BT"):
+        call(config={"BT": 48})
+
+
+def test_recurrence_search_space_and_template() -> None:
+    check_space("recurrence")
+    space = load_space("recurrence")
+    assert {"fla-varlen", "mom-340m-prefill", "mom-1.3b-prefill"} <= set(space["shapes"])
+    tmpl = get_template("recurrence")
+    for kv in (16, 32, 64, 128, 256):  # the default runs every supported K, V
+        assert tmpl.check_config(dict(N=9, S=2, H=1, K=kv, V=kv), tmpl.default_config) == ""
+    assert tmpl.check_config(dict(N=9, S=2, H=1, K=256, V=256), dict(PREPASS=False, BT=64)) != ""
+    flops, nbytes = tmpl.cost(dict(N=32768, S=8, H=4, K=256, V=256), torch.bfloat16)
+    assert flops == 32768 * 4 * (2 * 64 * (3 * 256 + 2 * 256) + 6 * 256 * 256)
+    assert nbytes == 32768 * 4 * ((4 * 256 + 1) * 2 + 4) + 2 * 8 * 4 * 256 * 256 * 4
+    inp = tmpl.make_inputs(dict(N=50, S=6, H=1, K=16, V=16), torch.float32, "cpu", 3)
+    lens = (inp["cu_seqlens"][1:] - inp["cu_seqlens"][:-1]).tolist()
+    assert sum(lens) == 50 and 0 in lens and 1 in lens and inp["cu_seqlens"].dtype == torch.int32
+
+
+@pytest.mark.parametrize("shape", load_space("recurrence")["shapes"]["tiny"]["shapes"],
+                         ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()) + "-fp32-default")
+def test_recurrence_template_tiny(shape: dict) -> None:
+    tmpl = get_template("recurrence")
+    inputs = tmpl.make_inputs(shape, torch.float32, "cpu", 17)
+    ref = tmpl.reference(inputs)
+    out = {"o": poison(torch.empty_like(ref["o"], dtype=torch.float32)),
+           "final_state": poison(torch.empty_like(ref["final_state"], dtype=torch.float32))}
+    got = tmpl.launch(inputs, dict(tmpl.default_config, BT=16), out=out)
+    for key in ref:
+        assert got[key] is out[key]
+        assert_close(key, got[key], ref[key], *tmpl.tolerance(torch.float32))
+
+
+# ----------------------------------------------------------------------------- GPU (bf16)
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+GPU_CONFIGS = [{}, dict(PRE_QK=True, num_stages=1), dict(BV=32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", gpu_shapes("recurrence", ("mom-340m-prefill", "mom-1.3b-prefill", "fla-varlen")))
+def test_recurrence_gpu_bf16(shape: dict) -> None:
+    """bf16 on the real shapes: ||o - ref|| / ||ref|| <= 1e-2, same for the final state."""
+    tmpl = get_template("recurrence")
+    inputs = tmpl.make_inputs(shape, torch.bfloat16, "cuda", 23)
+    ref = tmpl.reference(inputs)
+    for cfg in GPU_CONFIGS:
+        out = {"o": poison(torch.empty_like(inputs["v"])),
+               "final_state": poison(torch.empty_like(inputs["initial_state"]))}
+        got = tmpl.launch(inputs, cfg, out=out)
+        for key in ref:
+            assert got[key] is out[key]
+            assert not torch.isnan(got[key]).any(), f"{key}: NaN (unwritten) with {cfg}"
+            assert rel_err(got[key], ref[key]) <= 1e-2, (key, cfg, rel_err(got[key], ref[key]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv", [(16, 16), (32, 32), (64, 64), (128, 128), (256, 32), (32, 256), (256, 256)],
+                         ids=lambda kv: f"N700-S5-H2-K{kv[0]}-V{kv[1]}-bf16")
+@pytest.mark.parametrize("rule", [D, L], ids=["delta", "linear"])
+def test_recurrence_gpu_default_every_size(kv: tuple, rule: str) -> None:
+    """The default config on every supported K, V (bf16, ragged segments with empty / length 1)."""
+    tmpl = get_template("recurrence")
+    inputs = tmpl.make_inputs(dict(N=700, S=5, H=2, K=kv[0], V=kv[1]), torch.bfloat16, "cuda", 29)
+    inputs["rule"] = rule
+    ref = tmpl.reference(inputs)
+    got = tmpl.launch(inputs, None)
+    for key in ref:
+        assert rel_err(got[key], ref[key]) <= 1e-2, (key, rel_err(got[key], ref[key]))
