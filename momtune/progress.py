@@ -69,7 +69,7 @@ class RichReporter(Reporter):
                    reason: str, cached: bool, done: int, target: int, best_ms: float | None,
                    failures: Mapping[str, int]) -> None:
         fails = ", ".join(f"{k} {v}" for k, v in sorted(failures.items()) if k != "ok") or "none"
-        what = fmt_ms(time_ms) if status == "ok" else f"{status}: {reason}"
+        what = fmt_ms(time_ms) if status == "ok" else f"{status}: {reason[:100]}"
         line = (f"  trial {number:>3} [{done}/{target}] {fmt_config(config)} -> {what}{' (cached)' if cached else ''}"
                 f" | best {fmt_ms(best_ms)} | failures: {fails}")
         if self._live is not None:
