@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .template import Template
 
-# template name -> module that defines ``TEMPLATES`` (a dict name -> Template)
+# template name -> module that defines ``TEMPLATE`` (a Template)
 TEMPLATE_MODULES: dict[str, str] = {
     "routing": "routing.template",
     "recurrence": "recurrence.template",
