@@ -52,6 +52,17 @@ class Template:
     # optional: a config -> problem string, empty if the config cannot run this shape
     # (used to skip configs before compiling them).
     check_config: Callable[[Shape, Config], str] | None = None
+    # optional per-dtype overrides of the default (e.g. fewer pipeline stages for fp32, whose
+    # tiles take twice the shared memory); ``default_for(dtype)`` merges them
+    dtype_defaults: Mapping[torch.dtype, Mapping[str, Any]] = field(default_factory=dict)
+
+    def default_for(self, dtype: torch.dtype | str) -> dict[str, Any]:
+        """The default config for inputs of ``dtype`` (a torch dtype or its name)."""
+        cfg = dict(self.default_config)
+        for dt, over in self.dtype_defaults.items():
+            if dt == dtype or str(dt).replace("torch.", "") == str(dtype).replace("torch.", ""):
+                cfg.update(over)
+        return cfg
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
         return self.tolerances.get(dtype, DEFAULT_TOLERANCE[torch.float32])

@@ -142,7 +142,8 @@ class Dispatcher:
                     return d, str(sorted(e["shape"].items()))
 
                 return dict(min(near, key=dist)["config"]), "nearest"
-        return dict(template.default_config), "default"
+        default_for = getattr(template, "default_for", None)
+        return (default_for(dtype) if default_for else dict(template.default_config)), "default"
 
 
 @lru_cache(maxsize=1)

@@ -57,6 +57,9 @@ _CHOICES: dict[str, tuple] = {
     "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4), "PREPASS": (True, False), "PRE_QK": (True, False),
     "PRE_WARPS": (1, 2, 4, 8, 16), "SOLVE": SOLVE_METHODS, "WU_FP32": (True, False),
 }
+#: fp32 tiles take twice the shared memory: at K = 256 the default's 2 pipeline stages need
+#: 377 KB on sm_90 (over the 227 KB limit), 1 stage needs 160 KB (compiled for sm_90 on the CPU).
+DTYPE_DEFAULTS: dict[torch.dtype, dict[str, Any]] = {torch.float32: {"num_stages": 1}}
 MAX_K = 256
 
 
@@ -306,9 +309,10 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
 
 # ----------------------------------------------------------------------------- launcher
 
-def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Merge ``config`` over the defaults; unknown keys or values raise ConfigError."""
+def resolve_config(config: Mapping[str, Any] | None, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Merge ``config`` over the defaults (of ``dtype``); unknown keys or values raise ConfigError."""
     cfg = dict(DEFAULT_CONFIG)
+    cfg.update(DTYPE_DEFAULTS.get(dtype, {}))
     for key, value in (config or {}).items():
         if key not in _CHOICES:
             raise ConfigError(f"recurrence config: unknown parameter {key!r}; known: {', '.join(_CHOICES)}")
@@ -396,7 +400,7 @@ def chunk_recurrence(
         return out, final_state
 
     launches = plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta, scale,
-                    use_qk_l2norm, resolve_config(config))
+                    use_qk_l2norm, resolve_config(config, q.dtype))
     for fn in launches:
         fn()
     return out, final_state

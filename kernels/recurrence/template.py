@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..template import DEFAULT_TOLERANCE, Config, Inputs, Outputs, Shape, Template
-from .chunk import DEFAULT_CONFIG, chunk_recurrence, resolve_config
+from .chunk import DEFAULT_CONFIG, DTYPE_DEFAULTS, chunk_recurrence, resolve_config
 
 COST_BT = 64  # chunk size the FLOP count assumes (the reference chunk of fla and of the default)
 
@@ -137,4 +137,5 @@ TEMPLATE = Template(
     sources=(str(_HERE / "chunk.py"), str(_HERE / "template.py")),
     tolerances={**DEFAULT_TOLERANCE, torch.float32: (2e-3, 2e-3), torch.bfloat16: (5e-2, 5e-2)},
     check_config=check_config,
+    dtype_defaults=DTYPE_DEFAULTS,
 )
