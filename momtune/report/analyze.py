@@ -48,17 +48,25 @@ class KernelRow:
         return ratio(self.default_ms, self.tuned_ms)
 
     @property
+    def momtune_ms(self) -> float | None:
+        """momtune's best known time: the bench's (same harness as fla), else tuned, else default."""
+        for ms in (self.bench_ms, self.tuned_ms, self.default_ms):
+            if ms is not None:
+                return ms
+        return None
+
+    @property
     def vs_fla(self) -> float | None:
         """fla / momtune, both from the bench when it timed momtune too (same harness)."""
-        return ratio(self.fla_ms, self.bench_ms if self.bench_ms is not None else self.tuned_ms)
+        return ratio(self.fla_ms, self.momtune_ms)
 
     @property
     def vs_ref(self) -> float | None:
-        return ratio(self.ref_ms, self.bench_ms if self.bench_ms is not None else self.tuned_ms)
+        return ratio(self.ref_ms, self.momtune_ms)
 
     @property
     def floor_frac(self) -> float | None:
-        return ratio(self.floor_ms, self.tuned_ms)
+        return ratio(self.floor_ms, self.tuned_ms if self.tuned_ms is not None else self.default_ms)
 
 
 @dataclass

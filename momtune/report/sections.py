@@ -156,10 +156,11 @@ def _kernels(doc: Doc, a: Analysis) -> None:
     if not a.kernels:
         doc.add(Para("No kernel results: no studies, library entries or kernel bench rows."))
         return
-    doc.add(Para("Time of one kernel call per shape. **speed-up** = default / tuned, **vs fla** = fla / tuned, "
-                 "**vs ref** = reference / tuned (above 1 means momtune is faster; where a bench file timed "
-                 "momtune too, these two use that time, from the same harness as fla's); **floor** = the "
-                 "byte/FLOP floor (max(FLOPs / peak, bytes / bandwidth)) as a fraction of the tuned time."))
+    doc.add(Para("Time of one kernel call per shape. **speed-up** = default / tuned, **vs fla** = fla / momtune, "
+                 "**vs ref** = reference / momtune (above 1 means momtune is faster; momtune = the bench's "
+                 "momtune time where a bench file timed it, from the same harness as fla's, else tuned, else "
+                 "the default); **floor** = the byte/FLOP floor (max(FLOPs / peak, bytes / bandwidth)) as a "
+                 "fraction of the tuned time (the default's where nothing was tuned)."))
     multi_gpu = len({k.sid.gpu for k in a.kernels}) > 1
     multi_dtype = len({k.sid.dtype for k in a.kernels}) > 1
     by_tpl: dict[str, list[KernelRow]] = defaultdict(list)
