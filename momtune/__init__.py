@@ -21,7 +21,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+_SUBMODULES = ("reference", "kernels")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # ``momtune.reference.X`` works without importing it first
+        return importlib.import_module(f"momtune.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'momtune' has no attribute {name!r}")
