@@ -1,13 +1,15 @@
 """GPU benchmark of the chunked recurrence against fla's chunk_gated_delta_rule (H100, bf16).
 
     python3 bench/gpu_recurrence.py            # mom-340m-prefill + fla-varlen, < 3 min
-    python3 bench/gpu_recurrence.py --quick    # fla-varlen only, fewer configs
+    python3 bench/gpu_recurrence.py --quick    # fla-varlen only, fewer configs (one STATES="memory")
     python3 bench/gpu_recurrence.py --sweep    # many configs on fla-varlen (tuning aid)
 
 For every shape: checks the default config (and fla) against the float64 reference
 (recurrent_chunked on the GPU), times momtune's default and a handful of other configs and fla
 with triton.testing.do_bench (median ms, random inputs), and prints shape, impl, ms, floor ms
-(max(flops / 685e12, bytes / 3.0e12)) and ms / floor. Writes $OUT/recurrence.json if $OUT is set.
+(max(flops / 685e12, bytes / 3.0e12)) and ms / floor, then each momtune kernel timed alone
+(pre-pass, sequential pass, output kernel of STATES="memory"). Writes $OUT/recurrence.json if $OUT
+is set.
 """
 from __future__ import annotations
 
@@ -28,12 +30,23 @@ OTHER_CONFIGS = [  # each was checked correct on the H100 (Triton 3.6) before be
     dict(BV=32),
     dict(num_warps=4),
 ]
+# STATES="memory" (v2: per-chunk states through memory, fla's split); correct in the interpreter and
+# within the H100's shared memory when compiled for sm_90 on the CPU, not yet run on the GPU.
+# Compiled (bf16, K = V = 256): state pass 144 KiB / 255 regs / 16 B spills, 104 KiB / 242 regs /
+# no spills, 120 KiB / 182 regs / no spills; output kernel 40, 16, 28 KiB.
+MEMORY_CONFIGS = [
+    dict(STATES="memory"),
+    dict(STATES="memory", PRE_QK=True, num_stages=1),
+    dict(STATES="memory", BV=32),
+]
 # tuning aid; some Triton 3.6 builds fault on odd configs, which ends the process (run with care)
 SWEEP = [
     dict(BT=bt, BV=bv, num_warps=nw, num_stages=ns, PRE_QK=pq)
     for bt in (32, 64) for bv in (32, 64) for nw in (4, 8) for ns in (1, 2) for pq in (False, True)
     if not (pq and ns == 2)
-]
+] + [dict(STATES="memory", BT=bt, BV=bv, num_warps=nw, num_stages=ns, PRE_QK=pq, H_FP32=hf)
+     for bt in (32, 64) for bv in (32, 64) for nw in (4, 8) for ns in (1, 2) for pq in (False, True)
+     for hf in (False, True)]
 
 
 def load_shapes() -> dict:
@@ -68,6 +81,22 @@ def fla_fn(inp: dict):
     return run
 
 
+def kernel_times(inp: dict, cfg: dict, do_bench) -> dict[str, float]:
+    """Median ms of each launch of one call (pre-pass, sequential pass, output kernel), timed alone
+    (each re-run reads what the launch before it wrote once)."""
+    from momtune.kernels.recurrence.chunk import kernel_specs, plan, resolve_config
+
+    q, k, v, cu, h0 = (inp[x] for x in ("q", "k", "v", "cu_seqlens", "initial_state"))
+    n, h, kd = q.shape
+    full = resolve_config(cfg, q.dtype)
+    out, fin = torch.empty_like(v), torch.empty_like(h0)
+    launches = plan(q, k, v, inp["g"], inp["beta"], cu, out, fin, h0, True, kd ** -0.5, True, full)
+    names = kernel_specs(full, n=n, s=cu.numel() - 1, h=h, kd=kd, vd=v.shape[2])
+    for fn in launches:
+        fn()
+    return {name: do_bench(fn, warmup=10, rep=50, return_mode="median") for name, fn in zip(names, launches)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fla-varlen only, default + 1 other config")
@@ -86,7 +115,8 @@ def main() -> int:
     shapes = load_shapes()
     sets = args.sets.split(",") if args.sets else (
         ["fla-varlen"] if (args.quick or args.sweep) else ["mom-340m-prefill", "fla-varlen"])
-    configs = [{}] + (SWEEP if args.sweep else OTHER_CONFIGS[:1] if args.quick else OTHER_CONFIGS)
+    configs = [{}] + (SWEEP if args.sweep else OTHER_CONFIGS[:1] + MEMORY_CONFIGS[:1] if args.quick
+                      else OTHER_CONFIGS + MEMORY_CONFIGS)
     have_fla = importlib.util.find_spec("fla") is not None
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"fla {'yes' if have_fla else 'no'}", flush=True)
@@ -102,10 +132,10 @@ def main() -> int:
             ref = tpl.reference(inp)
             print(f"\n[{set_name}] {key}: floor {floor:.3f} ms (flops {flops:.3g}, bytes {nbytes:.3g})", flush=True)
             print(hdr)
-            impls = [("fla chunk_gated_delta_rule", fla_fn(inp))] if have_fla else []
+            impls = [("fla chunk_gated_delta_rule", fla_fn(inp), None)] if have_fla else []
             impls += [(("momtune " + (",".join(f"{a}={b}" for a, b in c.items()) or "default")),
-                       (lambda c=c, inp=inp: tpl.launch(inp, c))) for c in configs]
-            for name, fn in impls:
+                       (lambda c=c, inp=inp: tpl.launch(inp, c)), c) for c in configs]
+            for name, fn, cfg in impls:
                 try:
                     out = fn()
                     torch.cuda.synchronize()
@@ -118,8 +148,16 @@ def main() -> int:
                     continue
                 print(f"{key:<26} {name:<58} {ms:8.3f} {floor:7.3f} {ms / floor:6.2f} {eo[0]:9.2e} {es[0]:9.2e}",
                       flush=True)
-                rows.append(dict(set=set_name, shape=shape, impl=name, ms=ms, floor_ms=floor, ratio=ms / floor,
-                                 rel_err_o=eo[0], maxrel_err_o=eo[1], rel_err_state=es[0], maxrel_err_state=es[1]))
+                row = dict(set=set_name, shape=shape, impl=name, ms=ms, floor_ms=floor, ratio=ms / floor,
+                           rel_err_o=eo[0], maxrel_err_o=eo[1], rel_err_state=es[0], maxrel_err_state=es[1])
+                if cfg is not None and not args.sweep:  # per-kernel split (the v2 prediction is per kernel)
+                    try:
+                        row["kernel_ms"] = kernel_times(inp, cfg, do_bench)
+                        split = ", ".join(f"{a} {b:.3f}" for a, b in row["kernel_ms"].items())
+                    except Exception as e:  # noqa: BLE001
+                        split = f"failed: {type(e).__name__}: {str(e)[:100]}"
+                    print(f"{'':<26}   per kernel ms: {split}", flush=True)
+                rows.append(row)
             del inp, ref
             torch.cuda.empty_cache()
     print(f"\nerr = ||out - ref|| / ||ref|| vs the float64 reference; total {time.time() - t_start:.0f} s")

@@ -2,15 +2,21 @@
 
 Triton ships ptxas, so a kernel can be compiled for sm_90 (the H100) on the CPU and its shared
 memory read from the compiled metadata: a config that would fail with "out of resource" on the
-GPU is caught without one. Must run without TRITON_INTERPRET (the interpreter replaces the
-kernels); :func:`shared_memory_isolated` runs it in a clean subprocess.
+GPU is caught without one. Registers and spills are not in the metadata (Triton reads them when
+it loads the binary on a GPU); :func:`recurrence_resources` gets them from ``ptxas -v`` on the
+compiled PTX. Pointer arguments are compiled as 16-byte aligned, as Triton specialises them for
+torch tensors at launch (without that hint loads are not vectorised, nor pipelined through shared
+memory, and the shared memory reads far lower than on the GPU). Must run without TRITON_INTERPRET
+(the interpreter replaces the kernels); the ``*_isolated`` functions run in a clean subprocess.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,39 +25,104 @@ H100_SHARED_LIMIT = 232448  # bytes a block may use on sm_90
 _DT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def recurrence_shared_memory(dtype: str, cfg: Mapping[str, Any], K: int = 256, V: int = 256, H: int = 4,
-                             capability: int = 90) -> int:
-    """Shared memory (bytes) of the recurrence's sequential kernel for ``cfg`` at K, V."""
+def _arg_types(dtype: str, cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Triton signature type of every recurrence kernel argument, by name (as plan() passes them)."""
+    dt = _DT[dtype]
+    ws = "fp32" if cfg["WU_FP32"] else dt
+    hd = "fp32" if cfg["H_FP32"] else dt
+    types = {n: f"*{dt}" for n in ("q", "k", "v", "beta", "o", "vw")}
+    types.update({n: f"*{ws}" for n in ("w", "u", "aqk", "qt", "kt")})
+    types.update({n: "*fp32" for n in ("g", "h0", "ht", "dl", "fq", "fk")})
+    types.update(hs=f"*{hd}", cu="*i32", scale="fp32", S="i32")
+    return types
+
+
+def _ptxas_info(ptx: str, capability: int) -> dict[str, int]:
+    """Registers and spill bytes from ``ptxas -v`` (the flags Triton compiles with); -1 if unknown."""
+    info = {"n_regs": -1, "n_spills": -1}
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        arch = sm_arch_from_capability(capability)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            res = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                  f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
+                                 capture_output=True, text=True, timeout=600)
+        log = res.stdout + res.stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        if regs:
+            info["n_regs"] = int(regs.group(1))
+        if spills:
+            info["n_spills"] = int(spills.group(1))
+    except Exception:  # noqa: BLE001 - resource numbers are advisory; shared memory is the check
+        pass
+    return info
+
+
+def recurrence_resources(dtype: str, cfg: Mapping[str, Any] | None, kernel: str = "recurrence", K: int = 256,
+                         V: int = 256, H: int = 4, S: int = 8, capability: int = 90,
+                         registers: bool = False) -> dict[str, int]:
+    """Compile one recurrence kernel of ``cfg`` (missing keys: the ``dtype`` default) for
+    sm_<capability>; returns {"shared": bytes} and, with ``registers``, "n_regs" and "n_spills"
+    (spill-store bytes). ``kernel``: "prepass", "recurrence" (the sequential pass) or "output"
+    (``STATES="memory"`` only) — see :func:`recurrence_kernel_names`."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from momtune.kernels.recurrence import chunk
+    from momtune.kernels.recurrence.chunk import kernel_specs, resolve_config
 
-    dt = _DT[dtype]
-    ws = "fp32" if cfg["WU_FP32"] else dt
-    types = {n: f"*{dt}" for n in ("q", "k", "v", "beta", "o", "qt", "kt")}
-    types.update({n: f"*{ws}" for n in ("w", "u", "aqk")})
-    types.update({n: "*fp32" for n in ("g", "h0", "ht", "dl", "fq", "fk")})
-    types.update(cu="*i32", scale="fp32")
-    kp, BV = triton.next_power_of_2(K), min(cfg["BV"], triton.next_power_of_2(V))
-    const = dict(H=H, K=K, V=V, KP=kp, BT=cfg["BT"], BV=BV, NV=triton.cdiv(V, BV), IS_DELTA=True,
-                 PREPASS=cfg["PREPASS"], PRE_QK=cfg["PREPASS"] and cfg["PRE_QK"], SOLVE=cfg["SOLVE"],
-                 L2NORM=True, USE_INIT=True, STORE_FINAL=True)
-    fn = chunk._recurrence_kernel
-    sig = {p.name: types.get(p.name, "constexpr") for p in fn.params}
-    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", capability, 32),
-                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    return int(kernel.metadata.shared)
+    cfg = resolve_config(cfg, getattr(torch, dtype))
+    specs = kernel_specs(cfg, n=64 * S, s=S, h=H, kd=K, vd=V)
+    if kernel not in specs:
+        raise KeyError(f"kernel {kernel!r} not launched by {cfg}; launched: {list(specs)}")
+    sp = specs[kernel]
+    types = _arg_types(dtype, cfg)
+    sig = {p.name: types.get(p.name, "constexpr") for p in sp.fn.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sp.fn.params) if sig[p.name].startswith("*")}
+    compiled = triton.compile(ASTSource(sp.fn, sig, sp.const, attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=sp.num_warps, num_stages=sp.num_stages))
+    out = {"shared": int(compiled.metadata.shared)}
+    if registers:
+        out.update(_ptxas_info(compiled.asm["ptx"], capability))
+    return out
+
+
+def recurrence_kernel_names(cfg: Mapping[str, Any] | None, dtype: str = "bfloat16") -> list[str]:
+    """The kernels one call with ``cfg`` launches, in order."""
+    import torch
+
+    from momtune.kernels.recurrence.chunk import kernel_specs, resolve_config
+
+    return list(kernel_specs(resolve_config(cfg, getattr(torch, dtype)), n=64, s=1, h=1, kd=16, vd=16))
+
+
+def recurrence_shared_memory(dtype: str, cfg: Mapping[str, Any], K: int = 256, V: int = 256, H: int = 4,
+                             capability: int = 90) -> int:
+    """Shared memory (bytes) of the recurrence's sequential kernel for ``cfg`` at K, V."""
+    return recurrence_resources(dtype, cfg, "recurrence", K=K, V=V, H=H, capability=capability)["shared"]
+
+
+def resources_isolated(dtype: str, cfg: Mapping[str, Any], kernels: list[str] | None = None,
+                       registers: bool = False, **shape: int) -> dict[str, dict[str, int]]:
+    """:func:`recurrence_resources` of ``kernels`` (default: every kernel ``cfg`` launches) in one
+    subprocess without TRITON_INTERPRET; {kernel: {"shared": ..., ...}}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json,sys; from momtune.resources import recurrence_resources as f, recurrence_kernel_names as n; "
+            "a=json.loads(sys.argv[1]); ks=a['kernels'] or n(a['cfg'], a['dtype']); "
+            "print(json.dumps({k: f(a['dtype'], a['cfg'], k, registers=a['registers'], **a['shape']) for k in ks}))")
+    arg = json.dumps(dict(dtype=dtype, cfg=dict(cfg), kernels=kernels, registers=registers, shape=shape))
+    res = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"compiling for sm_90 failed: {res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def shared_memory_isolated(dtype: str, cfg: Mapping[str, Any], **shape: int) -> int:
-    """:func:`recurrence_shared_memory` in a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json,sys; from momtune.resources import recurrence_shared_memory as f; "
-            "a=json.loads(sys.argv[1]); print(f(a['dtype'], a['cfg'], **a['shape']))")
-    arg = json.dumps(dict(dtype=dtype, cfg=dict(cfg), shape=shape))
-    res = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        raise RuntimeError(f"compiling for sm_90 failed: {res.stderr.strip().splitlines()[-1:]}")
-    return int(res.stdout.strip().splitlines()[-1])
+    """:func:`recurrence_shared_memory` (the sequential kernel) in a subprocess without TRITON_INTERPRET."""
+    return resources_isolated(dtype, cfg, ["recurrence"], **shape)["recurrence"]["shared"]

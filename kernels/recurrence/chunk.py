@@ -14,7 +14,7 @@ L2-normalised, q scaled)::
     S  <- exp(G_last) S + (k exp(G_last - G))^T vnew
     (gated_linear: vnew = v, no A/T/W/U)
 
-Two kernels, one set of helpers:
+Three kernels, one set of helpers (:mod:`.common`):
 
 - ``_recurrence_kernel`` — grid (V/BV * H * S,): each program owns a [K, BV] block of one
   segment's state in registers and walks the segment's chunks in order (runtime loop bound read
@@ -27,6 +27,11 @@ Two kernels, one set of helpers:
   the kernel), so the grid never depends on data. Writes -W [N, H, K], U [N, H, V], Aqk
   [N, H, BT] (input dtype, or fp32 with ``WU_FP32``), exp(G_last) [N, H] and either the per-row
   scale factors of q and k ([N, H] fp32) or, with ``PRE_QK``, the scaled q and k themselves.
+- ``STATES`` = "register" keeps the states on chip (the sequential pass also writes o). "memory"
+  is fla's split: the sequential pass (``STORE_H``) never reads q; per chunk it stores the
+  starting state S_c to a workspace [N // BT + S slots, H, K, V] (input dtype, fp32 with
+  ``H_FP32``) and vnew [N, H, V] (input dtype), then updates S; the chunk-parallel
+  ``output._output_kernel`` (grid slots * H * V/BV) computes o from S_c, Aqk and vnew.
 
 ``SOLVE`` picks how T is computed: "product" (I - A)(I + A^2)(I + A^4)... (exact: A is
 nilpotent, 2 log2(BT) - 2 tensor-core matmuls) or "forward" (row-by-row forward substitution).
@@ -38,7 +43,7 @@ of the state update (that faulted for some warps/stages), and the fused pass nee
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -46,79 +51,27 @@ import triton.language as tl
 
 from momtune.errors import ConfigError, InputError, KernelError
 
+from .common import _chunk_mats, _cumsum_last, _rnorm, _slot_segment
+from .output import _output_kernel
+
 RULES = ("gated_delta", "gated_linear")
 SOLVE_METHODS = ("product", "forward")
+STATES_MODES = ("register", "memory")
 DEFAULT_CONFIG: dict[str, Any] = {
     "BT": 64, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 2,
     "PREPASS": True, "PRE_QK": False, "PRE_WARPS": 4, "SOLVE": "product", "WU_FP32": False,
+    "STATES": "register", "H_FP32": False,
 }
 _CHOICES: dict[str, tuple] = {
     "BT": (16, 32, 64, 128), "BV": (16, 32, 64, 128, 256), "BK": (16, 32, 64, 128, 256),
     "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4), "PREPASS": (True, False), "PRE_QK": (True, False),
     "PRE_WARPS": (1, 2, 4, 8, 16), "SOLVE": SOLVE_METHODS, "WU_FP32": (True, False),
+    "STATES": STATES_MODES, "H_FP32": (True, False),
 }
 #: fp32 tiles take twice the shared memory: at K = 256 the default's 2 pipeline stages need
 #: 377 KB on sm_90 (over the 227 KB limit), 1 stage needs 160 KB (compiled for sm_90 on the CPU).
 DTYPE_DEFAULTS: dict[torch.dtype, dict[str, Any]] = {torch.float32: {"num_stages": 1}}
 MAX_K = 256
-
-
-# ----------------------------------------------------------------------------- helpers
-
-@triton.jit
-def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular fp32 [BT, BT] tile A."""
-    r = tl.arange(0, BT)
-    eye = (r[:, None] == r[None, :]).to(tl.float32)
-    if SOLVE == "product":
-        # (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^(BT/2)): A^BT = 0 (nilpotent)
-        T = eye - A
-        P = A
-        for _ in tl.static_range(BT.bit_length() - 2):
-            P = tl.dot(P, P)
-            T = T + tl.dot(T, P)
-    else:
-        # forward substitution: row i of T is e_i - sum_{j<i} A_ij T_j
-        T = eye
-        for i in range(1, BT):
-            sel = r[:, None] == i
-            a_i = tl.sum(tl.where(sel, A, 0.0), 0)  # A[i, :]
-            t_i = tl.sum(a_i[:, None] * T, 0)
-            T = tl.where(sel, T - t_i[None, :], T)
-    return T
-
-
-@triton.jit
-def _chunk_mats(kk, qk, rk, rq, G, b, scale, BT: tl.constexpr, IS_DELTA: tl.constexpr,
-                SOLVE: tl.constexpr):
-    """From the raw Gram tiles kk = k k^T, qk = q k^T and the row norms: (T, Aqk)."""
-    r = tl.arange(0, BT)
-    lower = r[:, None] >= r[None, :]
-    diff = tl.where(lower, G[:, None] - G[None, :], 0.0)
-    decay = tl.where(lower, tl.exp(diff), 0.0)
-    Aqk = qk * ((rq * scale)[:, None] * rk[None, :]) * decay
-    if IS_DELTA:
-        strict = r[:, None] > r[None, :]
-        A = tl.where(strict, kk * ((b * rk)[:, None] * rk[None, :]) * decay, 0.0)
-        T = _solve_unit_lower(A, BT, SOLVE)
-    else:
-        T = decay  # unused
-    return T, Aqk
-
-
-@triton.jit
-def _cumsum_last(g, BT: tl.constexpr):
-    G = tl.cumsum(g, 0)
-    G_last = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, G, 0.0), 0)
-    return G, G_last
-
-
-@triton.jit
-def _rnorm(x, L2NORM: tl.constexpr):
-    if L2NORM:
-        return tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
-    else:
-        return tl.sum(x * 0.0, 1) + 1.0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -131,15 +84,7 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
                     PRE_QK: tl.constexpr):
     p = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
-    # segment of slot p: largest s with cu[s] // BT + s <= p (binary search, LOG_S steps)
-    lo = p * 0
-    hi = p * 0 + S - 1
-    for _ in range(LOG_S):
-        mid = (lo + hi + 1) // 2
-        ok = tl.load(cu + mid).to(tl.int32) // BT + mid <= p
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    base = tl.load(cu + lo).to(tl.int32) // BT + lo
+    lo, base = _slot_segment(cu, p, S, BT, LOG_S)
     bos = tl.load(cu + lo).to(tl.int64)
     eos = tl.load(cu + lo + 1).to(tl.int64)
     t0 = bos + (p - base).to(tl.int64) * BT
@@ -211,12 +156,12 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
 
 
 @triton.jit
-def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, fq, fk, scale,
+def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, fq, fk, hs, vw, scale,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
                        BT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                        IS_DELTA: tl.constexpr, PREPASS: tl.constexpr, PRE_QK: tl.constexpr,
                        SOLVE: tl.constexpr, L2NORM: tl.constexpr, USE_INIT: tl.constexpr,
-                       STORE_FINAL: tl.constexpr):
+                       STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr):
     pid = tl.program_id(0)
     i_v = pid % NV
     i_sh = (pid // NV).to(tl.int64)
@@ -224,19 +169,23 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
     i_h = i_sh % H
     bos = tl.load(cu + i_s).to(tl.int64)
     eos = tl.load(cu + i_s + 1).to(tl.int64)
-    dt = q.dtype.element_ty
+    dt = k.dtype.element_ty
 
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
     o_c = tl.arange(0, BT)
-    p_state = i_sh * K * V + o_k[:, None] * V + o_v[None, :]
+    o_state = o_k[:, None] * V + o_v[None, :]
+    p_state = i_sh * K * V + o_state
     m_state = m_k[:, None] & m_v[None, :]
     if USE_INIT:
         S = tl.load(h0 + p_state, mask=m_state, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([KP, BV], dtype=tl.float32)
+    p_h = hs  # scalar pointer to S_c of chunk c: slots from cu[s] // BT + s (the pre-pass's scheme)
+    if STORE_H:
+        p_h = hs + ((bos // BT + i_s) * H + i_h) * K * V
 
     n_chunks = tl.cdiv(eos - bos, BT)
     for c in range(0, n_chunks):
@@ -248,18 +197,23 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
         # k^T tiles [KP, BT] are loaded transposed (no tl.trans in front of the state update)
         p_kT = (rows * H + i_h)[None, :] * K + o_k[:, None]
         m_kT = m_k[:, None] & m_t[None, :]
+        if STORE_H:  # S_c, the chunk's starting state, for the output kernel
+            tl.store(p_h + o_state, S.to(hs.dtype.element_ty), mask=m_state)
+            p_h += H * K * V
         if PRE_QK:
             # q, k already normalised and decay-scaled by the pre-pass
-            qg = tl.load(qt + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+            if not STORE_H:
+                qg = tl.load(qt + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
             kdT = tl.load(kt + p_kT, mask=m_kT, other=0.0)
             d_last = tl.load(dl + (bos + c * BT) * H + i_h)
         elif PREPASS:
             # per-row factors from the pre-pass: rq scale exp(G), rk exp(G_last - G), exp(G_last)
-            qb = tl.load(q + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+            if not STORE_H:
+                qb = tl.load(q + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
+                f_q = tl.load(fq + rows * H + i_h, mask=m_t, other=0.0)
+                qg = (qb.to(tl.float32) * f_q[:, None]).to(dt)
             kbT = tl.load(k + p_kT, mask=m_kT, other=0.0)
-            f_q = tl.load(fq + rows * H + i_h, mask=m_t, other=0.0)
             f_k = tl.load(fk + rows * H + i_h, mask=m_t, other=0.0)
-            qg = (qb.to(tl.float32) * f_q[:, None]).to(dt)
             kdT = (kbT.to(tl.float32) * f_k[None, :]).to(dt)
             d_last = tl.load(dl + (bos + c * BT) * H + i_h)
         else:
@@ -273,9 +227,10 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
             kbT = tl.load(k + p_kT, mask=m_kT, other=0.0)
             kdT = (kbT.to(tl.float32) * (rk * tl.exp(G_last - G))[None, :]).to(dt)
             d_last = tl.exp(G_last)
-        Sq = S.to(qg.dtype)
+        Sq = S.to(kdT.dtype)
         if PREPASS:
-            Aqk = tl.load(aqk + r_hk * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
+            if not STORE_H:
+                Aqk = tl.load(aqk + r_hk * BT + o_c[None, :], mask=m_t[:, None], other=0.0)
             if IS_DELTA:
                 wb = tl.load(w + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
                 ub = tl.load(u + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
@@ -298,10 +253,14 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
                 vnew = tl.dot(T, R)
             else:
                 vnew = vb
-        vn = vnew.to(qg.dtype)
-        ob = tl.dot(qg, Sq)
-        ob = tl.dot(Aqk.to(qg.dtype), vn, ob)
-        tl.store(o + r_hk * V + o_v[None, :], ob.to(o.dtype.element_ty), mask=m_tv)
+        vn = vnew.to(kdT.dtype)
+        if STORE_H:
+            if IS_DELTA:
+                tl.store(vw + r_hk * V + o_v[None, :], vn.to(vw.dtype.element_ty), mask=m_tv)
+        else:
+            ob = tl.dot(qg, Sq)
+            ob = tl.dot(Aqk.to(qg.dtype), vn, ob)
+            tl.store(o + r_hk * V + o_v[None, :], ob.to(o.dtype.element_ty), mask=m_tv)
         S = S * d_last + tl.dot(kdT, vn)
     if STORE_FINAL:
         tl.store(ht + p_state, S, mask=m_state)
@@ -406,49 +365,82 @@ def chunk_recurrence(
     return out, final_state
 
 
-def plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta, scale,
-         use_qk_l2norm, cfg) -> list:
-    """The kernel launches of one call as closures (pre-pass, if any, then the sequential pass);
-    allocates the pre-pass workspace. Inputs are checked by :func:`chunk_recurrence`."""
-    n, h, kd = q.shape
-    vd, s, dev = v.shape[2], cu_seqlens.numel() - 1, q.device
+class KernelSpec(NamedTuple):
+    fn: Any  # the @triton.jit kernel
+    grid: tuple[int, ...]
+    const: dict[str, Any]  # constexpr arguments
+    num_warps: int
+    num_stages: int
+
+
+def kernel_specs(cfg: Mapping[str, Any], *, n: int, s: int, h: int, kd: int, vd: int, is_delta: bool = True,
+                 l2norm: bool = True, use_init: bool = True, store_final: bool = True) -> dict[str, KernelSpec]:
+    """The kernels one call launches, in order ("prepass", "recurrence", "output"), with grids from
+    shapes only; shared by :func:`plan` and ``momtune.resources`` (compiling for sm_90 on the CPU)."""
     BT = cfg["BT"]
     kp = max(16, triton.next_power_of_2(kd))
-    vp = max(16, triton.next_power_of_2(vd))
-    BV = min(cfg["BV"], vp)
+    BV = min(cfg["BV"], max(16, triton.next_power_of_2(vd)))
     BK = min(cfg["BK"], kp)
-    nv = triton.cdiv(vd, BV)
+    nv, slots, log_s = triton.cdiv(vd, BV), n // BT + s, max(1, s.bit_length())
     prepass = cfg["PREPASS"]
     pre_qk = prepass and cfg["PRE_QK"]
-    dummy = out
-    w = u = aqk = qt = kt = dl = fq = fk = dummy
-    launches = []
+    mem = cfg["STATES"] == "memory"
+    if mem and not prepass:
+        raise ConfigError("recurrence config: STATES='memory' needs PREPASS=True (it reads W, U and q.k from it)")
+    specs = {}
     if prepass:
+        specs["prepass"] = KernelSpec(_prepass_kernel, (slots, h), dict(
+            H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, LOG_S=log_s, IS_DELTA=is_delta, SOLVE=cfg["SOLVE"],
+            L2NORM=l2norm, PRE_QK=pre_qk), cfg["PRE_WARPS"], 1)
+    specs["recurrence"] = KernelSpec(_recurrence_kernel, (nv * h * s,), dict(
+        H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PREPASS=prepass, PRE_QK=pre_qk,
+        SOLVE=cfg["SOLVE"], L2NORM=l2norm, USE_INIT=use_init, STORE_FINAL=store_final, STORE_H=mem),
+        cfg["num_warps"], cfg["num_stages"])
+    if mem:
+        specs["output"] = KernelSpec(_output_kernel, (slots * h * nv,), dict(
+            H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, NV=nv, LOG_S=log_s, IS_DELTA=is_delta, PRE_QK=pre_qk),
+            cfg["PRE_WARPS"], cfg["num_stages"])
+    return specs
+
+
+def plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta, scale,
+         use_qk_l2norm, cfg) -> list:
+    """The kernel launches of one call as closures (see :func:`kernel_specs`); allocates the
+    workspaces. Inputs are checked by :func:`chunk_recurrence`."""
+    n, h, kd = q.shape
+    vd, s, dev = v.shape[2], cu_seqlens.numel() - 1, q.device
+    specs = kernel_specs(cfg, n=n, s=s, h=h, kd=kd, vd=vd, is_delta=is_delta, l2norm=use_qk_l2norm,
+                         use_init=initial_state is not None, store_final=final_state is not None)
+    BT = cfg["BT"]
+    dummy = out
+    w = u = aqk = qt = kt = dl = fq = fk = hs = vw = dummy
+    if "prepass" in specs:
         ws = torch.float32 if cfg["WU_FP32"] else q.dtype
         aqk = torch.empty(n, h, BT, dtype=ws, device=dev)
         if is_delta:
             w = torch.empty(n, h, kd, dtype=ws, device=dev)
             u = torch.empty(n, h, vd, dtype=ws, device=dev)
         dl = torch.empty(n, h, dtype=torch.float32, device=dev)
-        if pre_qk:
+        if cfg["PRE_QK"]:
             qt = torch.empty(n, h, kd, dtype=ws, device=dev)
             kt = torch.empty(n, h, kd, dtype=ws, device=dev)
         else:
             fq = torch.empty(n, h, dtype=torch.float32, device=dev)
             fk = torch.empty(n, h, dtype=torch.float32, device=dev)
-        launches.append(lambda: _prepass_kernel[(n // BT + s, h)](
-            q, k, v, g, beta if is_delta else g, cu_seqlens, w, u, aqk, qt, kt, dl, fq, fk, scale, s,
-            H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, LOG_S=max(1, s.bit_length()),
-            IS_DELTA=is_delta, SOLVE=cfg["SOLVE"], L2NORM=use_qk_l2norm, PRE_QK=pre_qk,
-            num_warps=cfg["PRE_WARPS"], num_stages=1,
-        ))
-    launches.append(lambda: _recurrence_kernel[(nv * h * s,)](
-        q, k, v, g, beta if is_delta else g, cu_seqlens,
-        initial_state if initial_state is not None else dummy,
-        final_state if final_state is not None else dummy, out, w, u, aqk, qt, kt, dl, fq, fk, scale,
-        H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PREPASS=prepass,
-        PRE_QK=pre_qk, SOLVE=cfg["SOLVE"], L2NORM=use_qk_l2norm,
-        USE_INIT=initial_state is not None, STORE_FINAL=final_state is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    ))
-    return launches
+    mem = "output" in specs
+    if mem:  # S_c per chunk slot (N // BT + S of them) and vnew per row
+        hs = torch.empty(n // BT + s, h, kd, vd, dtype=torch.float32 if cfg["H_FP32"] else q.dtype, device=dev)
+        if is_delta:
+            vw = torch.empty(n, h, vd, dtype=q.dtype, device=dev)
+    bb = beta if is_delta else g
+    args = {
+        "prepass": (q, k, v, g, bb, cu_seqlens, w, u, aqk, qt, kt, dl, fq, fk, scale, s),
+        "recurrence": (dummy if mem else q, k, v, g, bb, cu_seqlens,  # the state pass never reads q
+                       initial_state if initial_state is not None else dummy,
+                       final_state if final_state is not None else dummy, out, w, u, aqk, qt, kt, dl, fq, fk,
+                       hs, vw, scale),
+        "output": (q, v, cu_seqlens, hs, vw, aqk, qt, fq, out, s),
+    }
+    return [lambda sp=sp, a=args[name]: sp.fn[sp.grid](*a, **sp.const, num_warps=sp.num_warps,
+                                                       num_stages=sp.num_stages)
+            for name, sp in specs.items()]

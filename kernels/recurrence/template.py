@@ -115,12 +115,20 @@ def check_config(shape: Shape, config: Config) -> str:
     kd = int(shape["K"])
     kp = max(16, 1 << (kd - 1).bit_length())
     bv = min(cfg["BV"], max(16, 1 << (int(shape["V"]) - 1).bit_length()))
+    if cfg["STATES"] == "memory" and not cfg["PREPASS"]:
+        return "STATES='memory' needs PREPASS (it reads W, U and the masked q.k from the pre-pass)"
     if not cfg["PREPASS"] and cfg["BT"] * kp > 8192:
         return f"fused pass: BT*K = {cfg['BT'] * kp} > 8192 (shared memory / faults on the H100)"
-    if cfg["PREPASS"] and cfg["PRE_QK"] and cfg["num_stages"] > 1 and kp > 128:
+    if cfg["PREPASS"] and cfg["PRE_QK"] and cfg["num_stages"] > 1 and kp > 128 and cfg["STATES"] == "register":
         return "PRE_QK with num_stages > 1 at K > 128 exceeds the H100's shared memory"
     if kp * bv > 16384:
         return f"state block [K, BV] = {kp}x{bv} fp32 does not fit the register file"
+    if cfg["STATES"] == "memory":
+        wu, pq = int(cfg["WU_FP32"]), int(cfg["PRE_QK"])
+        staged = cfg["num_stages"] * cfg["BT"] * (kd * (4 + 2 * wu + 2 * wu * pq) + kd // 2 * pq + bv * (2 + 2 * wu))
+        if staged >= 229376:
+            return (f"STATES='memory': the state pass stages ~{staged} B of W/k/U tiles "
+                    "(>= 224 KiB: over the H100's shared memory)")
     return ""
 
 
@@ -134,7 +142,7 @@ TEMPLATE = Template(
     reference=reference,
     default_config=dict(DEFAULT_CONFIG),
     cost=cost,
-    sources=(str(_HERE / "chunk.py"), str(_HERE / "template.py")),
+    sources=tuple(str(_HERE / f) for f in ("chunk.py", "common.py", "output.py", "template.py")),
     tolerances={**DEFAULT_TOLERANCE, torch.float32: (2e-3, 2e-3), torch.bfloat16: (5e-2, 5e-2)},
     check_config=check_config,
     dtype_defaults=DTYPE_DEFAULTS,

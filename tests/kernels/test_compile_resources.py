@@ -2,7 +2,9 @@
 ptxas and assert the defaults fit the hardware's shared memory.
 
 This catches a real failure seen on the H100: the recurrence default at fp32, K = V = 256 with
-2 pipeline stages needs 377 KB of shared memory (limit 227 KB).
+2 pipeline stages needs 377 KB of shared memory (limit 227 KB). Also checks the three kernels of
+STATES="memory" (pre-pass, state pass, output) and that the search space's shared-memory estimate
+for it agrees with the compiler on both sides of the limit.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 import triton
 
-from momtune.resources import H100_SHARED_LIMIT, shared_memory_isolated
+from momtune.resources import H100_SHARED_LIMIT, resources_isolated, shared_memory_isolated
 
 pytestmark = pytest.mark.skipif(
     not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
@@ -33,3 +35,30 @@ def test_resource_check_detects_an_oversized_config():
 
     shared = shared_memory_isolated("float32", dict(DEFAULT_CONFIG, num_stages=2), K=256, V=256)
     assert shared > H100_SHARED_LIMIT  # 377344 B: the out-of-resource failure seen on the H100
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_recurrence_memory_states_default_fits_h100_shared_memory(dtype):
+    """STATES="memory" at its default (the dtype's default with STATES="memory"): the pre-pass, the
+    state pass and the output kernel each fit the H100's shared memory at K = V = 256."""
+    from momtune.kernels import get_template
+
+    cfg = dict(get_template("recurrence").default_for(getattr(torch, dtype)), STATES="memory")
+    res = resources_isolated(dtype, cfg, K=256, V=256)
+    assert set(res) == {"prepass", "recurrence", "output"}
+    for kernel, r in res.items():
+        assert 0 < r["shared"] <= H100_SHARED_LIMIT, f"{kernel} of {cfg} at {dtype}, K=V=256 needs {r['shared']} B"
+
+
+def test_recurrence_memory_states_constraint_matches_compile():
+    """The search space's shared-memory estimate for STATES="memory" agrees with the compiler on
+    both sides of the limit (3 stages at BT 64, BV 64: 208.5 KiB fits; with PRE_QK 240 KiB does not)."""
+    from momtune.kernels import get_template
+
+    tmpl = get_template("recurrence")
+    shape = dict(N=4096, S=8, H=4, K=256, V=256)
+    for extra, fits in ((dict(), True), (dict(PRE_QK=True), False)):
+        cfg = dict(tmpl.default_config, STATES="memory", num_stages=3, **extra)
+        shared = resources_isolated("bfloat16", cfg, ["recurrence"], K=256, V=256)["recurrence"]["shared"]
+        assert (shared <= H100_SHARED_LIMIT) == fits, (extra, shared)
+        assert (tmpl.check_config(shape, cfg) == "") == fits, (extra, tmpl.check_config(shape, cfg))

@@ -18,6 +18,12 @@ from momtune.reference.recurrence import recurrent_naive
 from tests.helpers import assert_close, poison
 from tests.kernels.test_routing import check_space, gpu_shapes, load_space
 
+
+def load_space_obj():
+    from momtune.space import load_space as load
+
+    return load("recurrence")
+
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3)}
 DT = {torch.float32: "fp32", torch.float16: "fp16"}
 D, L = "gated_delta", "gated_linear"
@@ -27,6 +33,11 @@ PRE16_QK = dict(BT=16, PREPASS=True, PRE_QK=True, BK=16, BV=32, num_stages=1)
 PRE32_FWD = dict(BT=32, PREPASS=True, SOLVE="forward", WU_FP32=True)
 FUSED32_FWD = dict(BT=32, PREPASS=False, SOLVE="forward", BV=16)
 FUSED32 = dict(BT=32, PREPASS=False)
+# STATES="memory": state pass stores S_c per chunk slot + vnew, chunk-parallel output kernel
+MEM16 = dict(BT=16, BK=16, BV=16, STATES="memory")
+MEM16_QK = dict(BT=16, BK=16, BV=32, PRE_QK=True, STATES="memory", num_stages=1)
+MEM32_H32 = dict(BT=32, BV=16, STATES="memory", H_FP32=True)
+MEM32_FWD = dict(BT=32, STATES="memory", SOLVE="forward", WU_FP32=True, PRE_QK=True)
 
 # (segment lengths, H, K, V, rule, dtype, initial state, scale, config)
 CASES = [
@@ -53,6 +64,20 @@ CASES = [
     ([1, 39], 2, 16, 16, D, torch.float16, False, None, PRE16),
     ([1, 39], 2, 16, 16, L, torch.float16, True, None, PRE16_QK),
     ([1, 39], 2, 16, 16, D, torch.float16, True, 0.3, FUSED32),
+    # STATES="memory", the same ragged cases
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, MEM16),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, False, 0.3, MEM16_QK),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, MEM32_FWD),
+    ([45], 1, 32, 16, D, torch.float32, True, None, MEM32_H32),     # one segment holds every token
+    ([3, 0, 33, 1, 0, 9, 0], 1, 16, 16, D, torch.float32, True, None, MEM16),
+    ([5, 35], 1, 24, 20, D, torch.float32, True, None, dict(BT=16, BK=16, STATES="memory")),  # K, V not 2^n
+    ([0, 1, 50, 29], 2, 32, 32, D, torch.float32, True, None, MEM32_H32),  # several chunks
+    ([16, 32, 0], 1, 16, 16, D, torch.float32, False, None, MEM16),  # lengths multiple of BT
+    ([0, 1, 20, 16], 2, 16, 32, L, torch.float32, True, None, MEM16),
+    ([0, 1, 50, 29], 2, 32, 32, L, torch.float32, False, None, MEM32_FWD),
+    ([1, 39], 2, 16, 16, D, torch.float16, True, None, MEM16),
+    ([1, 39], 2, 16, 16, D, torch.float16, False, 0.3, MEM32_H32),
+    ([1, 39], 2, 16, 16, L, torch.float16, True, None, MEM16_QK),
 ]
 
 
@@ -61,6 +86,8 @@ def cfg_id(cfg: dict) -> str:
     extra = [f"BV{cfg['BV']}"] if "BV" in cfg else []
     extra += ["fwd"] if cfg.get("SOLVE") == "forward" else []
     extra += ["wu32"] if cfg.get("WU_FP32") else []
+    extra += ["mem"] if cfg.get("STATES") == "memory" else []
+    extra += ["h32"] if cfg.get("H_FP32") else []
     return "-".join([f"BT{cfg['BT']}", mode, *extra])
 
 
@@ -102,15 +129,38 @@ def test_recurrence_matches_reference(case: tuple) -> None:
     assert_close("final_state", f, ref_f, atol, rtol)
 
 
-def test_recurrence_no_l2norm_no_final_state() -> None:
+@pytest.mark.parametrize("states", ["register", "memory"])
+def test_recurrence_no_l2norm_no_final_state(states: str) -> None:
     q, kk, vv, g, beta, cu, h0 = make_case([7, 30], 1, 16, 16, torch.float32, True, seed=5)
     q, kk = q * 0.2, kk * 0.2  # keep the un-normalised delta rule stable
     o, f = chunk_recurrence(q, kk, vv, g, beta, cu, initial_state=h0, use_qk_l2norm=False,
-                            output_final_state=False, config=dict(BT=16))
+                            output_final_state=False, config=dict(BT=16, STATES=states))
     assert f is None
     ref_o, _ = recurrent_naive(q.double(), kk.double(), vv.double(), g.double(), beta.double(),
                                cu_seqlens=cu, initial_state=h0.double(), use_qk_l2norm=False)
     assert_close("o", o, ref_o, *TOL[torch.float32])
+
+
+def test_recurrence_memory_state_pass_never_reads_q() -> None:
+    """STATES="memory": q NaN while the state pass runs still gives the exact final state and o."""
+    from momtune.kernels.recurrence.chunk import plan, resolve_config
+
+    lens, h, k, v = [0, 1, 50, 29], 2, 16, 16
+    q, kk, vv, g, beta, cu, h0 = make_case(lens, h, k, v, torch.float32, True, seed=7)
+    out = poison(torch.empty(sum(lens), h, v))
+    fin = poison(torch.empty(len(lens), h, k, v))
+    cfg = resolve_config(dict(MEM16), torch.float32)
+    pre, state, output = plan(q, kk, vv, g, beta, cu, out, fin, h0, True, k ** -0.5, True, cfg)
+    pre()
+    q_saved = q.clone()
+    q.fill_(float("nan"))
+    state()
+    q.copy_(q_saved)
+    output()
+    ref_o, ref_f = recurrent_naive(q.double(), kk.double(), vv.double(), g.double(), beta.double(),
+                                   cu_seqlens=cu, initial_state=h0.double())
+    assert_close("final_state", fin, ref_f, *TOL[torch.float32])
+    assert_close("o", out, ref_o, *TOL[torch.float32])
 
 
 def test_recurrence_bad_inputs() -> None:
@@ -138,6 +188,10 @@ def test_recurrence_bad_inputs() -> None:
         call(config={"BQ": 16})
     with pytest.raises(ConfigError, match="BT"):
         call(config={"BT": 48})
+    with pytest.raises(ConfigError, match="STATES"):
+        call(config={"STATES": "hbm"})
+    with pytest.raises(ConfigError, match="PREPASS"):
+        call(config={"STATES": "memory", "PREPASS": False})
 
 
 def test_recurrence_search_space_and_template() -> None:
@@ -148,6 +202,17 @@ def test_recurrence_search_space_and_template() -> None:
     for kv in (16, 32, 64, 128, 256):  # the default runs every supported K, V
         assert tmpl.check_config(dict(N=9, S=2, H=1, K=kv, V=kv), tmpl.default_config) == ""
     assert tmpl.check_config(dict(N=9, S=2, H=1, K=256, V=256), dict(PREPASS=False, BT=64)) != ""
+    big = dict(N=9, S=2, H=1, K=256, V=256)
+    for kv in (16, 64, 256):  # the memory default (the default with STATES="memory") runs every K, V
+        assert tmpl.check_config(dict(N=9, S=2, H=1, K=kv, V=kv), dict(STATES="memory")) == ""
+    assert "PREPASS" in tmpl.check_config(big, dict(STATES="memory", PREPASS=False))
+    # 240 KiB of shared memory when compiled for sm_90 (tests/kernels/test_compile_resources.py)
+    assert tmpl.check_config(big, dict(STATES="memory", num_stages=3, PRE_QK=True)) != ""
+    assert tmpl.check_config(big, dict(STATES="memory", num_stages=3)) == ""  # 208.5 KiB
+    assert tmpl.check_config(big, dict(STATES="memory", WU_FP32=True)) != ""  # 240 KiB
+    ok, why = load_space_obj().is_valid(dict(tmpl.default_config, STATES="memory", H_FP32=True), big)
+    assert ok, why
+    assert not load_space_obj().is_valid(dict(tmpl.default_config, H_FP32=True), big)[0]
     flops, nbytes = tmpl.cost(dict(N=32768, S=8, H=4, K=256, V=256), torch.bfloat16)
     assert flops == 32768 * 4 * (2 * 64 * (3 * 256 + 2 * 256) + 6 * 256 * 256)
     assert nbytes == 32768 * 4 * ((4 * 256 + 1) * 2 + 4) + 2 * 8 * 4 * 256 * 256 * 4
@@ -156,15 +221,16 @@ def test_recurrence_search_space_and_template() -> None:
     assert sum(lens) == 50 and 0 in lens and 1 in lens and inp["cu_seqlens"].dtype == torch.int32
 
 
+@pytest.mark.parametrize("states", ["register", "memory"])
 @pytest.mark.parametrize("shape", load_space("recurrence")["shapes"]["tiny"]["shapes"],
                          ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()) + "-fp32-default")
-def test_recurrence_template_tiny(shape: dict) -> None:
+def test_recurrence_template_tiny(shape: dict, states: str) -> None:
     tmpl = get_template("recurrence")
     inputs = tmpl.make_inputs(shape, torch.float32, "cpu", 17)
     ref = tmpl.reference(inputs)
     out = {"o": poison(torch.empty_like(ref["o"], dtype=torch.float32)),
            "final_state": poison(torch.empty_like(ref["final_state"], dtype=torch.float32))}
-    got = tmpl.launch(inputs, dict(tmpl.default_config, BT=16), out=out)
+    got = tmpl.launch(inputs, dict(tmpl.default_config, BT=16, STATES=states), out=out)
     for key in ref:
         assert got[key] is out[key]
         assert_close(key, got[key], ref[key], *tmpl.tolerance(torch.float32))
@@ -176,7 +242,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-GPU_CONFIGS = [{}, dict(PRE_QK=True, num_stages=1), dict(BV=32)]
+GPU_CONFIGS = [{}, dict(PRE_QK=True, num_stages=1), dict(BV=32), dict(STATES="memory"),
+               dict(STATES="memory", H_FP32=True, PRE_QK=True, num_stages=1)]
 
 
 @pytest.mark.gpu

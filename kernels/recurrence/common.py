@@ -1,0 +1,80 @@
+"""Triton helpers shared by the recurrence kernels (:mod:`.chunk`, :mod:`.output`)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular fp32 [BT, BT] tile A."""
+    r = tl.arange(0, BT)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    if SOLVE == "product":
+        # (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^(BT/2)): A^BT = 0 (nilpotent)
+        T = eye - A
+        P = A
+        for _ in tl.static_range(BT.bit_length() - 2):
+            P = tl.dot(P, P)
+            T = T + tl.dot(T, P)
+    else:
+        # forward substitution: row i of T is e_i - sum_{j<i} A_ij T_j
+        T = eye
+        for i in range(1, BT):
+            sel = r[:, None] == i
+            a_i = tl.sum(tl.where(sel, A, 0.0), 0)  # A[i, :]
+            t_i = tl.sum(a_i[:, None] * T, 0)
+            T = tl.where(sel, T - t_i[None, :], T)
+    return T
+
+
+@triton.jit
+def _chunk_mats(kk, qk, rk, rq, G, b, scale, BT: tl.constexpr, IS_DELTA: tl.constexpr,
+                SOLVE: tl.constexpr):
+    """From the raw Gram tiles kk = k k^T, qk = q k^T and the row norms: (T, Aqk)."""
+    r = tl.arange(0, BT)
+    lower = r[:, None] >= r[None, :]
+    diff = tl.where(lower, G[:, None] - G[None, :], 0.0)
+    decay = tl.where(lower, tl.exp(diff), 0.0)
+    Aqk = qk * ((rq * scale)[:, None] * rk[None, :]) * decay
+    if IS_DELTA:
+        strict = r[:, None] > r[None, :]
+        A = tl.where(strict, kk * ((b * rk)[:, None] * rk[None, :]) * decay, 0.0)
+        T = _solve_unit_lower(A, BT, SOLVE)
+    else:
+        T = decay  # unused
+    return T, Aqk
+
+
+@triton.jit
+def _cumsum_last(g, BT: tl.constexpr):
+    G = tl.cumsum(g, 0)
+    G_last = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, G, 0.0), 0)
+    return G, G_last
+
+
+@triton.jit
+def _rnorm(x, L2NORM: tl.constexpr):
+    if L2NORM:
+        return tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
+    else:
+        return tl.sum(x * 0.0, 1) + 1.0
+
+
+@triton.jit
+def _slot_segment(cu, p, S, BT: tl.constexpr, LOG_S: tl.constexpr):
+    """Segment of chunk slot p and that segment's first slot: the largest s with
+    base(s) = cu[s] // BT + s <= p (binary search over cu_seqlens, LOG_S steps).
+
+    Slots base(s) .. base(s + 1) - 1 hold segment s's chunks (at least cdiv(len, BT) of them, the
+    last possibly empty), so N // BT + S slots cover any lengths: grids and workspaces sized from
+    shapes only."""
+    lo = p * 0
+    hi = p * 0 + S - 1
+    for _ in range(LOG_S):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(cu + mid).to(tl.int32) // BT + mid <= p
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    base = tl.load(cu + lo).to(tl.int32) // BT + lo
+    return lo, base
