@@ -36,7 +36,8 @@ case "${1:-}" in
     momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
     momtune verify $OUT/library-h100.json 2>&1 | tail -15
     momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
-      --out $OUT/report 2>&1 | tail -5 ;;
+      --out /tmp/report 2>&1 | tail -5
+    tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
   *) echo "usage: bash bench/gpu_session.sh tests|bench|search|sampler|report"; exit 2 ;;
 esac
 cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true
