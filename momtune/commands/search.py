@@ -72,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
     prepare_environment()  # before any kernel module is imported
     reporter = RichReporter()
     specs = template_specs(args.template, args.space_dir, reporter.note)
+    if "all" in args.template:  # 'all' means every template that has this shape set
+        from momtune.space import load_space
+
+        keep = [s for s in specs if args.shapes in load_space(s, args.space_dir).shape_sets]
+        for s in sorted(set(specs) - set(keep)):
+            reporter.note(f"skipping template {s!r}: its search space has no shape set {args.shapes!r}")
+        specs = keep
     if not specs:
         raise InputError("--template: no template to search")
     opts = SearchOptions(trials=args.trials, timeout_s=args.timeout, sampler=args.sampler,
