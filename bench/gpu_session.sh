@@ -1,43 +1,67 @@
-# The H100 runs that the open issues still need, in stages that each fit one device call
-# (< 10 min). Run from the repo root on the device, carrying .whl and .bench:
-#   bash bench/gpu_session.sh tests      # every GPU-marked test (kernels, fast model, fla parity)
-#   bash bench/gpu_session.sh bench      # momtune bench: layer prefill/decode, model decode vs fla/reference
-#   bash bench/gpu_session.sh search     # Optuna (TPE) on the mom-340m prefill and decode shape sets
-#   bash bench/gpu_session.sh sampler    # exhaustive vs TPE (<= 20% of the space) vs random, reduced space
-#   bash bench/gpu_session.sh report     # export the library, verify it, build the report
-# The study database lives in .bench/momtune-h100.db (carried back and forth) and is copied to $OUT.
+# The H100 runs the open issues need, as stages that can be chained in one device call (each
+# device call is at most 10 min; every stage caps itself with `timeout`). Run from the repo root
+# on the device, carrying .whl and .bench:
+#   bash bench/gpu_session.sh tests bench340      # GPU-marked tests; momtune bench on mom-340m   (~9 min)
+#   bash bench/gpu_session.sh search              # Optuna (TPE) on every template's GPU shape set (~8 min)
+#   bash bench/gpu_session.sh sampler finish      # exhaustive vs TPE vs random; bench on mom-1.3b,
+#                                                 # export + verify, recurrence STATES split     (~9 min)
+#   bash bench/gpu_session.sh report              # export, verify and build the report on the device
+# The study database lives in .bench/momtune-h100.db (carried back and forth) and is copied to
+# $OUT with every log and JSON file. The report itself can be rebuilt anywhere from those files:
+#   momtune report --storage sqlite:///.bench/momtune-h100.db --library .bench/library-h100.json \
+#     --bench .bench/bench-*.json --out reports/h100-DATE
 source bench/device_setup.sh
 mkdir -p .bench
 DB=sqlite:///$PWD/.bench/momtune-h100.db
 set -o pipefail
-case "${1:-}" in
-  tests)
-    timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee $OUT/gpu-tests.log | tail -15 ;;
-  bench)
-    timeout 280 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
-      --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; tail -30 $OUT/bench-340m.log
-    timeout 250 momtune bench --presets mom-1.3b --prefill 8x2048 --batches 1 32 --impls momtune fla \
-      --out $OUT/bench-1.3b.json > $OUT/bench-1.3b.log 2>&1; tail -12 $OUT/bench-1.3b.log ;;
-  search)
-    for t in recurrence:mom-340m-prefill:24:150 decode:decode:16:40 merge:mom-340m-prefill:8:30 \
-             conv:mom-340m-prefill:8:30 routing:mom-340m-prefill:8:20; do
-      IFS=: read name set trials secs <<< "$t"
-      timeout 200 momtune search --template $name --shapes $set --trials $trials --timeout $secs \
-        --storage $DB --workers 16 >> $OUT/search.log 2>&1; tail -10 $OUT/search.log
-    done ;;
-  sampler)
-    for s in grid:56 tpe:11 random:11; do
-      IFS=: read sampler trials <<< "$s"
-      timeout 180 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
-        --sampler $sampler --trials $trials --study ${sampler/grid/exhaustive} --storage $DB --workers 16 \
-        >> $OUT/sampler.log 2>&1; tail -6 $OUT/sampler.log
-    done ;;
-  report)
-    momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
-    momtune verify $OUT/library-h100.json 2>&1 | tail -15
-    momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
-      --out /tmp/report 2>&1 | tail -5
-    tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-  *) echo "usage: bash bench/gpu_session.sh tests|bench|search|sampler|report"; exit 2 ;;
-esac
-cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true
+
+search() {  # search NAME SET TRIALS SECONDS [extra args]: one TPE search, capped
+  local name=$1 set=$2 trials=$3 secs=$4; shift 4
+  timeout $((secs * 4 + 60)) momtune search --template $name --shapes $set --trials $trials --timeout $secs \
+    --storage $DB --workers 16 "$@" >> $OUT/search.log 2>&1
+  echo "search $name $set: rc $?"; grep -E "winner|stopped|error" $OUT/search.log | tail -4
+}
+
+stage() {
+  echo "=== stage $1 ($(date +%T))"
+  case "$1" in
+    tests)
+      timeout 290 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests 2>&1 \
+        | tee $OUT/gpu-tests.log | tail -30 ;;
+    bench340)
+      timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
+        --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
+    search)
+      search recurrence mom-340m-prefill 40 50
+      search decode decode 24 15
+      search merge mom-340m-prefill 12 10
+      search conv mom-340m-prefill 12 10
+      search routing mom-340m-prefill 10 8 ;;
+    sampler)  # ground truth = every config of the reduced 56-config space; TPE and random at 11 (<= 20%)
+      for s in grid:56:0 tpe:11:0 tpe:11:1 tpe:11:2 random:11:0 random:11:1 random:11:2; do
+        IFS=: read sampler trials seed <<< "$s"
+        local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
+        timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
+          --sampler $sampler --seed $seed --trials $trials --study $study --storage $DB --workers 16 \
+          >> $OUT/sampler.log 2>&1
+        echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
+      done ;;
+    finish)
+      timeout 150 momtune bench --presets mom-1.3b --prefill 8x2048 --batches 1 32 --impls momtune fla \
+        --out $OUT/bench-1.3b.json > $OUT/bench-1.3b.log 2>&1; echo "bench rc $?"; tail -16 $OUT/bench-1.3b.log
+      momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
+      timeout 120 momtune verify $OUT/library-h100.json > $OUT/verify.log 2>&1; echo "verify rc $?"; tail -25 $OUT/verify.log
+      timeout 90 python3 bench/gpu_recurrence.py --quick > $OUT/recurrence-quick.log 2>&1; tail -25 $OUT/recurrence-quick.log ;;
+    report)
+      momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
+      timeout 200 momtune verify $OUT/library-h100.json > $OUT/verify.log 2>&1; tail -25 $OUT/verify.log
+      momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
+        --out /tmp/report 2>&1 | tail -5
+      tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
+    *) echo "unknown stage $1; stages: tests bench340 search sampler finish report"; return 2 ;;
+  esac
+}
+
+[ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE..."; exit 2; }
+for s in "$@"; do stage $s; cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true; done
+echo "=== done ($(date +%T))"

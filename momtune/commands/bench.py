@@ -48,18 +48,28 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--prefill: {s!r} is not BxT (e.g. 8x2048)") from None
         shapes.append((B, T))
-    rows = []
+    prov = provenance()
+    rows: list[dict] = []
+
+    def done(new: list[dict]) -> None:
+        """Keep what is measured: the file is rewritten (atomically) after every group, so a run cut
+        short by a time limit still leaves every finished row on disk."""
+        rows.extend(new)
+        for r in new:
+            print(f"  {r['kind']} {r['name']} {r['shape']} {r['impl']}: "
+                  + (f"{r['ms']:.4f} ms" if r.get("ms") is not None else r.get("note", "")), flush=True)
+        write_json_atomic(args.out, {"schema": "momtune.bench/1", "provenance": prov, "rows": rows})
+
     for preset in args.presets:
         if "layer_prefill" in args.what:
             for B, T in shapes:
-                rows += bench.bench_layer_prefill(preset, B, T, args.impls, dtype)
+                done(bench.bench_layer_prefill(preset, B, T, args.impls, dtype))
         if "layer_decode" in args.what:
             for B in args.batches:
-                rows += bench.bench_layer_decode(preset, B, args.impls, dtype)
+                done(bench.bench_layer_decode(preset, B, args.impls, dtype))
         if "model_decode" in args.what:
             for B in args.batches:
-                rows += bench.bench_model_decode(preset, B, args.impls, dtype, layers=args.layers)
-    write_json_atomic(args.out, {"schema": "momtune.bench/1", "provenance": provenance(), "rows": rows})
+                done(bench.bench_model_decode(preset, B, args.impls, dtype, layers=args.layers))
     _print(rows)
     return 0
 
