@@ -12,7 +12,10 @@
 #     --bench .bench/bench-*.json --out reports/h100-DATE
 source bench/device_setup.sh
 mkdir -p .bench
-DB=sqlite:///$PWD/.bench/momtune-h100.db
+# The database is written under $OUT itself: a call cut off by its time limit still brings back
+# every finished trial (a copy made at the end of a stage would be lost with the machine).
+cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true
+DB=sqlite:///$OUT/momtune-h100.db
 set -o pipefail
 
 search() {  # search NAME SET TRIALS SECONDS [extra args]: one TPE search, capped
@@ -31,6 +34,19 @@ stage() {
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
+    tune)  # the shortest useful tuning pass: slow compiles (> 30 s) are recorded as timeouts
+      search recurrence mom-340m-prefill 40 35 --trial-timeout 30
+      search merge mom-340m-prefill 12 8
+      search conv mom-340m-prefill 12 8
+      search routing mom-340m-prefill 10 6
+      for s in grid:56:0:100 tpe:11:0:40 random:11:0:40; do
+        IFS=: read sampler trials seed secs <<< "$s"
+        local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
+        timeout $((secs + 40)) momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
+          --sampler $sampler --seed $seed --trials $trials --timeout $secs --trial-timeout 30 --study $study \
+          --storage $DB --workers 16 >> $OUT/sampler.log 2>&1
+        echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
+      done ;;
     search)
       search recurrence mom-340m-prefill 40 50
       search decode decode 24 15
@@ -63,5 +79,5 @@ stage() {
 }
 
 [ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE..."; exit 2; }
-for s in "$@"; do stage $s; cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true; done
+for s in "$@"; do stage $s; done
 echo "=== done ($(date +%T))"
