@@ -55,6 +55,13 @@ class Template:
     # optional per-dtype overrides of the default (e.g. fewer pipeline stages for fp32, whose
     # tiles take twice the shared memory); ``default_for(dtype)`` merges them
     dtype_defaults: Mapping[torch.dtype, Mapping[str, Any]] = field(default_factory=dict)
+    # the model runs this op inside a CUDA graph (decode): on a GPU it is timed as a graph replay,
+    # so a few microseconds of kernel are not hidden behind the host's launch overhead
+    cuda_graph: bool = False
+    # optional: what is timed, if not ``launch`` (same arguments). For decode, ``launch`` first
+    # copies the pristine cache into the output buffers so that a check sees the whole next cache;
+    # the model updates its cache in place, so the timed step must not pay for that copy.
+    timed_launch: Callable[..., Outputs] | None = None
 
     def default_for(self, dtype: torch.dtype | str) -> dict[str, Any]:
         """The default config for inputs of ``dtype`` (a torch dtype or its name)."""

@@ -164,6 +164,8 @@ class Engine:
         flops, nbytes = t.cost(shape, getattr(torch, dtype))
         attrs = {"template": t.name, "template_spec": spec, "shape": dict(shape),
                  "shape_key": name.rsplit(":", 1)[-1], "dtype": dtype, "shape_set": shape_set, "gpu": gpu, "interpreter": self.interpreter, "sampler": self.o.sampler,
+                 "timing_mode": "interpreter" if self.interpreter else
+                 ("cuda graph replay" if getattr(t, "cuda_graph", False) else "eager launches"),
                  "space_size": len(valid), "provenance": {**self.info, "source_hash": t.source_hash()},
                  "default_config": default, "floor_ms": floor_ms(flops, nbytes),
                  "floor_peak": {"flops_per_s": 685e12, "bytes_per_s": 3.0e12, "gpu": "H100 SXM"}}
@@ -277,12 +279,20 @@ class Engine:
         return trial, config
 
     def _run_batch(self, ctx: _Ctx, bencher: Worker, n: int) -> None:
+        """Ask until ``n`` configs to run (invalid suggestions are told at once and do not take a
+        slot, so a sparse space still keeps every compile worker busy), compile them in parallel
+        and benchmark each one as soon as its compile is done: one slow compile delays only itself."""
         todo: list[tuple[Any, dict[str, Any]]] = []
         repeats: list[tuple[Any, dict[str, Any]]] = []  # suggested twice within this batch
-        for _ in range(n):
+        filled = asks = 0
+        while filled < n and asks < (INVALID_FALLBACK + 1) * n and time.monotonic() <= ctx.deadline:
+            asks += 1
             trial, config = self._ask(ctx)
             if config is None:
+                if ctx.exhaustive:
+                    break  # nothing left to claim (exhaustive suggestions are valid by construction)
                 continue
+            filled += 1
             prior = measured_result(trials_of(ctx.study), canonical(config))
             if prior is not None:
                 self._tell(ctx, trial, config, _result_of(prior.user_attrs), cached=True)
@@ -291,18 +301,22 @@ class Engine:
             else:
                 todo.append((trial, config))
         base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
-        compiled: list[dict[str, Any] | None] = [None] * len(todo)
-        if self.pool is not None and todo:
-            replies = self.pool.map([{**base, "op": "compile", "config": cfg, "seed": 0} for _, cfg in todo],
-                                    self.trial_timeout)
-            compiled = [r if r.get("status") in ("compile_error", "out_of_resources", "timeout") else None
-                        for r in replies]
-        for (trial, config), early in zip(todo, compiled):
+
+        def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None) -> None:
             seed = (self.o.seed * 1_000_003 + trial.number * 7919 + 17) % (2**31 - 1)
             reply = early or bencher.call({**base, "op": "trial", "config": config, "seed": seed,
                                            "timing": self.timing().__dict__}, self.trial_timeout)
             reply["seed"] = seed
             self._tell(ctx, trial, config, reply)
+
+        if self.pool is not None and todo:
+            requests = [{**base, "op": "compile", "config": cfg, "seed": 0} for _, cfg in todo]
+            for i, reply in self.pool.imap_unordered(requests, self.trial_timeout):
+                failed = reply.get("status") in ("compile_error", "out_of_resources", "timeout")
+                bench(*todo[i], reply if failed else None)
+        else:
+            for trial, config in todo:
+                bench(trial, config, None)
         for trial, config in repeats:
             prior = measured_result(trials_of(ctx.study), canonical(config))
             self._tell(ctx, trial, config, _result_of(prior.user_attrs) if prior is not None else

@@ -5,6 +5,8 @@ median of its runs, exactly what ``return_mode="median"`` returns, and keep the 
 flushes the L2 cache before every run by writing a 256 MB buffer, so numbers are cold-cache
 times. In the Triton interpreter (no GPU) a candidate is timed with ``time.perf_counter`` over a
 few calls (median): those timings measure the interpreter, not a GPU, and are marked so.
+Templates the model runs inside a CUDA graph (``Template.cuda_graph``: decode) are timed on a GPU
+as a replay of the captured launch (:func:`graph_replay`), as the model runs them.
 """
 from __future__ import annotations
 
@@ -60,6 +62,23 @@ def measure(fn: Callable[[], Any], opts: TimingOptions) -> Timing:
 
     times = triton.testing.do_bench(fn, warmup=opts.warmup_ms, rep=opts.rep_ms, return_mode="all")
     return _summary(times)
+
+
+def graph_replay(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once in a CUDA graph; returns the replay (what a CUDA-graph caller pays:
+    the kernels, not the host's launches). ``fn`` must be capturable (no host synchronisation)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (compiles, allocator pools)
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
 
 
 def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,

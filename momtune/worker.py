@@ -20,7 +20,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from .errors import KernelError
@@ -139,15 +140,30 @@ class WorkerPool:
         if not requests:
             return []
 
-        def one(req: dict[str, Any]) -> Reply:
-            w = self._free.get()
-            try:
-                return w.call(req, timeout)
-            finally:
-                self._free.put(w)
-
         with ThreadPoolExecutor(max_workers=len(self.workers)) as ex:
-            return list(ex.map(one, requests))
+            return list(ex.map(lambda req: self._one(req, timeout), requests))
+
+    def imap_unordered(self, requests: Sequence[dict[str, Any]], timeout: float) -> Iterator[tuple[int, Reply]]:
+        """(index, reply) pairs as the requests finish, fastest first: the caller can use each
+        reply while slower ones (a compile that takes minutes) are still running."""
+        if not requests:
+            return
+        ex = ThreadPoolExecutor(max_workers=len(self.workers))
+        futures = {ex.submit(self._one, req, timeout): i for i, req in enumerate(requests)}
+        finished = False
+        try:
+            for f in as_completed(futures):
+                yield futures[f], f.result()
+            finished = True
+        finally:  # stopped early (Ctrl-C): do not wait for the rest (their workers time out or are closed)
+            ex.shutdown(wait=finished, cancel_futures=not finished)
+
+    def _one(self, req: dict[str, Any], timeout: float) -> Reply:
+        w = self._free.get()
+        try:
+            return w.call(req, timeout)
+        finally:
+            self._free.put(w)
 
     def close(self) -> None:
         for w in self.workers:
@@ -216,7 +232,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     import torch
 
     from .templates import resolve_template
-    from .timing import Timing, TimingOptions, measure, retime_interleaved
+    from .timing import Timing, TimingOptions, graph_replay, measure, retime_interleaved
     from .validate import compare, poison_like
 
     t = resolve_template(req["template"])
@@ -239,15 +255,18 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
             specs[key] = {k: (tuple(v.shape), v.dtype) for k, v in first.items()}
         return poison_like({k: torch.empty(s, dtype=d, device=device) for k, (s, d) in specs[key].items()})
 
+    graphed = bool(getattr(t, "cuda_graph", False)) and device.startswith("cuda")
+
+    def timed_fn(config: dict[str, Any], out: dict[str, torch.Tensor]) -> Callable[[], Any]:
+        launch = getattr(t, "timed_launch", None) or t.launch
+
+        def fn() -> Any:
+            return launch(inputs, config, out=out)
+
+        return graph_replay(fn) if graphed else fn
+
     if op == "retime":
-        fns = []
-        for config in req["configs"]:
-            out = buffers(config)
-
-            def fn(config: dict[str, Any] = config, out: dict[str, torch.Tensor] = out) -> Any:
-                return t.launch(inputs, config, out=out)
-
-            fns.append(fn)
+        fns = [timed_fn(config, buffers(config)) for config in req["configs"]]
 
         def timed(f: Callable[[], Any]) -> Timing:
             res = measure(f, opts)
@@ -269,7 +288,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     reply: Reply = {"max_abs_err": check.max_abs_err, "max_rel_err": check.max_rel_err, "first_run_ms": first_ms}
     if not check.ok:
         return {**reply, "status": "wrong_answer", "reason": check.reason}
-    timing = measure(lambda: t.launch(inputs, config, out=out), opts)
+    timing = measure(timed_fn(config, out), opts)
     sync()
     return {**reply, "status": "ok", "reason": "", "time_ms": timing.median_ms, "spread": timing.spread,
             "runs": timing.runs}

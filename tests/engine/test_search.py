@@ -190,3 +190,65 @@ def test_unknown_shape_set_lists_sets(storage: str) -> None:
 
     with pytest.raises(InputError, match="no shape set 'huge'.*tiny, two"):
         search([FAKE], "huge", SearchOptions(trials=1, storage=storage, space_dir=SPACES))
+
+
+HANGS = """
+[template]
+name = "faulty"
+
+[parameters.BLOCK]
+choices = [32, 64]
+default = 32
+
+[parameters.num_warps]
+choices = [1]
+default = 1
+
+[parameters.FAULT]
+choices = ["none", "hang"]
+default = "none"
+
+[shapes.tiny]
+dtype = "float32"
+shapes = [ { N = 7, C = 9 } ]
+"""
+
+
+def test_slow_compile_delays_only_itself(storage: str, tmp_path: os.PathLike[str]) -> None:
+    """One batch of 4 on 4 compile workers, two of whose compiles hang: the two good configs are
+    benchmarked and recorded while the hanging compiles are still running (seen on the H100: one
+    pathological recurrence config held up a whole batch for the full trial timeout)."""
+    (Path(tmp_path) / "faulty.toml").write_text(HANGS)
+    opts = SearchOptions(trials=4, sampler="grid", storage=storage, space_dir=str(tmp_path), trial_timeout_s=6,
+                         heartbeat_s=2, retime=1, rounds=1, workers=4)
+    [res] = search([FAULTY], "tiny", opts)
+    assert res.by_status == {"ok": 2, "timeout": 2}
+    trials = load(storage, res.study).trials
+    ok = [t for t in trials if t.user_attrs["status"] == "ok"]
+    hung = [t for t in trials if t.user_attrs["status"] == "timeout"]
+    first_hang_done = min(t.datetime_complete for t in hung)
+    assert all((t.datetime_complete - t.datetime_start).total_seconds() >= 6 for t in hung)
+    assert all(t.datetime_complete < first_hang_done for t in ok)
+
+
+def test_batch_fills_every_compile_worker(storage: str, tmp_path: os.PathLike[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """9 of 240 configs are valid: invalid suggestions are told at once and do not take a compile
+    slot, so each batch compiles as many configs as there are workers."""
+    from momtune.worker import WorkerPool
+
+    batches: list[int] = []
+    orig = WorkerPool.imap_unordered
+
+    def spy(self, requests, timeout):  # noqa: ANN001
+        batches.append(len(requests))
+        return orig(self, requests, timeout)
+
+    monkeypatch.setattr(WorkerPool, "imap_unordered", spy)
+    (Path(tmp_path) / "fake.toml").write_text(SPARSE)
+    opts = SearchOptions(trials=6, sampler="random", seed=1, storage=storage, space_dir=str(tmp_path), retime=1,
+                         rounds=1, workers=3)
+    [res] = search([FAKE], "tiny", opts)
+    assert res.trials == 6 and res.by_status == {"ok": 6}
+    cached = sum(t.user_attrs.get("cached", False) for t in load(storage, res.study).trials)
+    assert batches and batches[0] == 3 and sum(batches) + cached == 6 and len(batches) <= 3

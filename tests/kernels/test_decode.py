@@ -161,6 +161,28 @@ def test_template_launch_is_idempotent():
     assert flops > 0 and nbytes > 2 * 3 * 2 * 16 * 16 * 4 * 2
 
 
+
+def test_timed_launch_is_the_in_place_step():
+    """What the search times (no copy of the pristine cache into the outputs) gives launch's
+    read-out and the same next state in every routed and shared slot; the pristine cache is not written."""
+    shape = S(2, 2, 16, 16, 4, 2, 1)
+    inp = TEMPLATE.make_inputs(shape, torch.float32, "cpu", 4)
+    pristine = {k: inp[k].clone() for k in CACHE_KEYS}
+    ref = TEMPLATE.reference(inp)
+    atol, rtol = TEMPLATE.tolerance(torch.float32)
+    y = poison(torch.empty_like(ref["y"], dtype=inp["q_t"].dtype))
+    for key in CACHE_KEYS:
+        inp[key + "_next"].fill_(float("nan"))
+    res = TEMPLATE.timed_launch(inp, TEMPLATE.default_config, out={"y": y})
+    assert res["y"] is y and res["state"] is inp["state_next"]
+    assert_close("y", y, ref["y"], atol, rtol)
+    touched = ~torch.isnan(res["state"]).flatten(2).all(-1)  # [B, M]: slots the step wrote
+    assert touched.sum(1).tolist() == [3, 3]  # top-2 + the shared memory, per sequence
+    assert_close("state", res["state"][touched], ref["state"][touched], atol, rtol)
+    for key in CACHE_KEYS:
+        assert torch.equal(inp[key], pristine[key]), f"{key}: pristine cache was written"
+
+
 BAD = [
     ("state", lambda a, kw: a.__setitem__("state", a["state"].bfloat16())),
     ("state", lambda a, kw: a.__setitem__("state", a["state"].transpose(3, 4).contiguous().transpose(3, 4))),
