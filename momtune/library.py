@@ -160,7 +160,9 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
     storage = open_storage(storage_url)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     ours = [s for s in summaries if "template" in s.user_attrs and "shape" in s.user_attrs]
-    if prefix:
+    if prefix == "*":  # every study: per shape, the fastest winner of any of them
+        chosen = list(ours)
+    elif prefix:
         chosen = [s for s in ours if s.study_name.startswith(prefix + "/")]
     else:
         chosen = [s for s in ours if "/" not in s.study_name.split(":", 1)[0]]
@@ -202,6 +204,15 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
                  f"{sprov.get('source_hash')}); the library records the first")
         if entry is None:
             note(f"warning: {s.study_name}: no config passed the check; no entry (run time uses the default)")
+            continue
+        same = [i for i, e in enumerate(tmpl["entries"]) if e["shape"] == entry["shape"] and e["dtype"] == entry["dtype"]]
+        if same:  # several studies of one shape (--study '*'): keep the fastest, remember the others
+            old = tmpl["entries"][same[0]]
+            keep, drop = (entry, old) if (entry["time_ms"] or math.inf) < (old["time_ms"] or math.inf) else (old, entry)
+            keep["default_time_ms"] = keep.get("default_time_ms") or drop.get("default_time_ms")
+            keep["also_searched"] = sorted({*old.get("also_searched", []), *entry.get("also_searched", []),
+                                            drop["study"]})
+            tmpl["entries"][same[0]] = keep
             continue
         tmpl["entries"].append(entry)
     _check_current_sources(out, note)

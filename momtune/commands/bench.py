@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--prefill: {s!r} is not BxT (e.g. 8x2048)") from None
         shapes.append((B, T))
-    prov = provenance()
+    from momtune import settings
+
+    # which configs the momtune rows ran with: the tuned library of MOMTUNE_LIBRARY, or none
+    # (every template's default config); reports say so next to the numbers
+    prov = {**provenance(), "momtune_library": settings.load().library}
     rows: list[dict] = []
 
     def done(new: list[dict]) -> None:

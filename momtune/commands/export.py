@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default=None,
                    help="export the studies of this GPU name (default: the only one, else this machine's, else the "
                         "one with most studies, with a warning)")
-    p.add_argument("--study", default=None, metavar="PREFIX", help="export studies named PREFIX/...")
+    p.add_argument("--study", default=None, metavar="PREFIX", help="export studies named PREFIX/... ('*': every study, the fastest per shape)")
     p.set_defaults(func=run)
 
 

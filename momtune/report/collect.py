@@ -82,10 +82,15 @@ class Study:
 
     @property
     def exhaustive(self) -> bool:
-        if self.sampler == "exhaustive" or self.name.rpartition("/")[0] == "exhaustive":
-            return True
+        """Every valid config was tried: only then is its best the optimum. A study meant to be
+        exhaustive but cut short (e.g. by a time limit) is an ordinary grid study here."""
+        meant = self.sampler in ("exhaustive", "grid") or self.name.rpartition("/")[0] == "exhaustive"
+        if not meant:
+            return False
+        if not self.space_size:
+            return self.sampler == "exhaustive" or self.name.rpartition("/")[0] == "exhaustive"
         done = sum(t.state in ("COMPLETE", "FAIL", "PRUNED") for t in self.trials)
-        return self.sampler == "grid" and bool(self.space_size) and done >= (self.space_size or 0)
+        return done >= self.space_size
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,8 @@ def _end_to_end(doc: Doc, a: Analysis) -> None:
     unit, f = plots.time_unit([v for r in a.e2e for v in r.ms.values()])
     multi_dtype = len({r.dtype for r in a.e2e}) > 1
     cols = ["kind", "model", "shape"] + (["dtype"] if multi_dtype else []) + [
-        f"{IMPL_SHORT[i]} ({unit})" for i in IMPLS] + ["vs default", "vs fla", "vs ref", "tokens/s", "peak MB"]
+        f"{'momtune' if i == 'momtune' else IMPL_SHORT[i]} ({unit})" for i in IMPLS] + [
+        "vs default", "vs fla", "vs ref", "tokens/s", "peak MB"]
     body: list[list[Cell | str]] = []
     notes: list[str] = []
     for r in a.e2e:
@@ -227,9 +228,20 @@ def _end_to_end(doc: Doc, a: Analysis) -> None:
             fla = r.ms.get("fla")
             notes.append(f"{r.kind} {r.name} {shape}: momtune in a CUDA graph takes {time_text(m.graph_ms)} per call"
                          + (f" ({fla / m.graph_ms:.2f}× vs fla)." if fla else "."))
+    for b in a.inputs.benches:
+        if not any(r.kind in ("layer_prefill", "layer_decode", "model_decode") and r.impl == "momtune" for r in b.rows):
+            continue
+        if "momtune_library" not in b.provenance:
+            notes.append(f"{b.path.name}: the bench file does not record which configs momtune ran with "
+                         "(a tuned library or the template defaults).")
+        elif b.provenance["momtune_library"] is None:
+            notes.append(f"{b.path.name}: momtune ran with each template's default config (no tuned library).")
+        else:
+            notes.append(f"{b.path.name}: momtune ran with the tuned library {b.provenance['momtune_library']}.")
     doc.add(Para("Times per call (a decode row: one step; a prefill row: the whole prompt). "
-                 "**vs X** = X's time / momtune tuned time (above 1: momtune is faster); tokens/s and peak "
-                 "memory are momtune tuned's."))
+                 "**vs X** = X's time / momtune's time (above 1: momtune is faster); tokens/s and peak "
+                 "memory are momtune's. Which configs momtune ran with (tuned library or defaults) is noted "
+                 "under the table."))
     doc.add(Table(cols, ("llll" if multi_dtype else "lll") + "r" * 9, body, notes=notes))
     labels = [f"{r.kind} {r.name} " + " ".join(f"{k}={v}" for k, v in r.shape.items()) for r in a.e2e]
     series = {i: [r.ms.get(i) for r in a.e2e] for i in IMPLS}

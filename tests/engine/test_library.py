@@ -101,6 +101,11 @@ def test_several_gpus_warns_and_gpu_option_selects(tmp_path: Path) -> None:
     assert build_library(url, prefix="exp", note=notes.append)["templates"]["fake"]["entries"][0]["time_ms"] == 0.1
     with pytest.raises(StorageError, match="GPUs in the storage"):
         build_library(url, gpu="NVIDIA A100", note=notes.append)
+    # '*': every study of the GPU, the fastest per shape (the exp/ study beats the plain one)
+    lib = build_library(url, gpu="NVIDIA H200", prefix="*", note=notes.append)
+    [e] = lib["templates"]["fake"]["entries"]
+    assert e["time_ms"] == 0.1 and e["study"].startswith("exp/")
+    assert e["also_searched"] == ["fake:nvidia-h200:N64-C3-float32"] and e["default_time_ms"] == 0.2
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,3 +154,16 @@ def test_eta_squared_ranks_the_parameter_that_matters() -> None:
               for _ in range(3)]
     imp = eta_squared(points, ["a", "b"])
     assert list(imp) == ["a", "b"] and imp["a"] > 0.99 and sum(imp.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("done,expect", [(56, True), (24, False)])
+def test_exhaustive_only_when_every_config_ran(done: int, expect: bool) -> None:
+    """A study meant to be exhaustive that a time limit cut short (24 of 56 on the H100) is not
+    an optimum: the report treats it as an ordinary grid study."""
+    from momtune.report.collect import Study, Trial
+
+    trials = [Trial(i, "COMPLETE", "ok", {"X": i}, 1.0 + i) for i in range(done)]
+    trials += [Trial(done + i, "RUNNING", "", {}, None) for i in range(8 if done < 56 else 0)]
+    s = Study("exhaustive/recurrence:h100:N1", "recurrence", {"N": 1}, "bfloat16", "h100", False, "grid", 56,
+              {}, {}, None, None, None, trials)
+    assert s.exhaustive is expect
