@@ -12,6 +12,9 @@
 #     --bench .bench/bench-*.json --out reports/h100-DATE
 source bench/device_setup.sh
 mkdir -p .bench
+# resume the committed H100 studies (the cut exhaustive sweep, the 2-trial recurrence TPE studies)
+# unless a newer database was carried
+[ -f .bench/momtune-h100.db ] || cp reports/h100-2026-11-26/data/momtune-h100.db .bench/ 2>/dev/null || true
 # The database is written under $OUT itself: a call cut off by its time limit still brings back
 # every finished trial (a copy made at the end of a stage would be lost with the machine).
 cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true
