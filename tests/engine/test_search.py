@@ -251,4 +251,6 @@ def test_batch_fills_every_compile_worker(storage: str, tmp_path: os.PathLike[st
     [res] = search([FAKE], "tiny", opts)
     assert res.trials == 6 and res.by_status == {"ok": 6}
     cached = sum(t.user_attrs.get("cached", False) for t in load(storage, res.study).trials)
-    assert batches and batches[0] == 3 and sum(batches) + cached == 6 and len(batches) <= 3
+    # a batch's slots go to compiles or to repeats of measured configs (cached); before the fix a
+    # batch of 3 asks compiled about one config (6 batches of 1 here)
+    assert sum(batches) + cached == 6 and len(batches) <= 3 and max(batches) >= 2
