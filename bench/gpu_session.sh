@@ -2,12 +2,14 @@
 # device call is at most 10 min; every stage caps itself with `timeout`). Run from the repo root
 # on the device, carrying .whl and .bench:
 #   bash bench/gpu_session.sh tests bench340      # GPU-marked tests; momtune bench on mom-340m   (~9 min)
-#   bash bench/gpu_session.sh search              # Optuna (TPE) on every template's GPU shape set (~8 min)
-#   bash bench/gpu_session.sh sampler finish      # exhaustive vs TPE vs random; bench on mom-1.3b,
-#                                                 # export + verify, recurrence STATES split     (~9 min)
+#   bash bench/gpu_session.sh tune                # TPE on every template + exhaustive/TPE/random  (~9 min)
+#   bash bench/gpu_session.sh finish benchsuite   # mom-1.3b and LM bench, export + verify,
+#                                                 # recurrence STATES split, pytest-benchmark    (~9 min)
+#   bash bench/gpu_session.sh search / sampler    # longer versions of tune's two halves
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
-# The study database lives in .bench/momtune-h100.db (carried back and forth) and is copied to
-# $OUT with every log and JSON file. The report itself can be rebuilt anywhere from those files:
+# The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
+# from the committed H100 report's), next to every log and JSON file; copy it back to .bench/
+# before the next call. The report can be rebuilt anywhere from those files:
 #   momtune report --storage sqlite:///.bench/momtune-h100.db --library .bench/library-h100.json \
 #     --bench .bench/bench-*.json --out reports/h100-DATE
 source bench/device_setup.sh
@@ -34,11 +36,15 @@ stage() {
     tests)  # one pytest per folder, each capped: a run cut short still prints the others' summaries
       # (2026-11-26: one run over all of tests/ started with tests/bench, whose fla cases compile
       # and autotune fla's kernels on a cold cache for minutes, and was killed before any summary)
-      for d in kernels:120 model:90 engine:40 bench:120; do
+      for d in kernels:150 model:90 engine:30; do
         IFS=: read dir secs <<< "$d"
         timeout $secs python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short --durations=5 tests/$dir \
           >> $OUT/gpu-tests.log 2>&1; echo "tests/$dir: rc $?"; tail -4 $OUT/gpu-tests.log
       done ;;
+    benchsuite)  # the pytest-benchmark suite (fla autotunes on first use: run after `bench340`)
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/bench \
+        --benchmark-json $OUT/bench-pytest.json >> $OUT/gpu-tests.log 2>&1; echo "tests/bench: rc $?"
+      tail -6 $OUT/gpu-tests.log ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
@@ -47,6 +53,7 @@ stage() {
       search merge mom-340m-prefill 12 8
       search conv mom-340m-prefill 12 8
       search routing mom-340m-prefill 10 6
+      search decode decode 24 10
       for s in grid:56:0:100 tpe:11:0:40 random:11:0:40; do
         IFS=: read sampler trials seed secs <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
@@ -73,6 +80,11 @@ stage() {
     finish)
       timeout 150 momtune bench --presets mom-1.3b --prefill 8x2048 --batches 1 32 --impls momtune fla \
         --out $OUT/bench-1.3b.json > $OUT/bench-1.3b.log 2>&1; echo "bench rc $?"; tail -16 $OUT/bench-1.3b.log
+      # LM decode at the batches bench340 did not reach (fla's 24-layer step at B 128 is ~3 s: momtune only)
+      timeout 100 momtune bench --presets mom-340m --what model_decode --batches 8 32 --impls momtune fla \
+        --out $OUT/bench-340m-lm.json > $OUT/bench-340m-lm.log 2>&1; tail -4 $OUT/bench-340m-lm.log
+      timeout 40 momtune bench --presets mom-340m --what model_decode --batches 128 --impls momtune \
+        --out $OUT/bench-340m-lm128.json >> $OUT/bench-340m-lm.log 2>&1; tail -2 $OUT/bench-340m-lm.log
       momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
       timeout 120 momtune verify $OUT/library-h100.json > $OUT/verify.log 2>&1; echo "verify rc $?"; tail -25 $OUT/verify.log
       timeout 90 python3 bench/gpu_recurrence.py --quick > $OUT/recurrence-quick.log 2>&1; tail -25 $OUT/recurrence-quick.log ;;
