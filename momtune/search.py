@@ -215,6 +215,10 @@ class Engine:
 
         last_stale = time.monotonic()
         batch = 1 if self.pool is None else len(self.pool.workers)
+        if self.o.sampler == "tpe":
+            # TPE learns only between batches (within one, the constant liar only spreads the
+            # suggestions): 11 trials asked as one batch of 16 are a random search
+            batch = min(batch, max(2, self.o.trials // 4))
         while True:
             if time.monotonic() - last_stale > self.o.heartbeat_s:
                 optuna.storages.fail_stale_trials(ctx.study)

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL (MOMTUNE_STORAGE, default sqlite:///momtune.db; postgresql://... works)")
     p.add_argument("--study", default=None, metavar="PREFIX", help="prefix study names with PREFIX/")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="compile workers on a GPU (min(cores, 8)); in the interpreter, given N pre-runs candidates")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="compile workers on a GPU (min(cores, 8)); in the interpreter, given N pre-runs "
+                   "candidates. A batch compiles up to N candidates at once (TPE: at most a quarter "
+                   "of --trials, so that it learns between batches)")
     p.add_argument("--seed", type=int, default=0, help="sampler and input seed (0)")
     p.add_argument("--space-dir", default=None, metavar="DIR", help="read search spaces from DIR instead of the package")
     p.add_argument("--trial-timeout", type=float, default=None, metavar="S",

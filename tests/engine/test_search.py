@@ -254,3 +254,22 @@ def test_batch_fills_every_compile_worker(storage: str, tmp_path: os.PathLike[st
     # a batch's slots go to compiles or to repeats of measured configs (cached); before the fix a
     # batch of 3 asks compiled about one config (6 batches of 1 here)
     assert sum(batches) + cached == 6 and len(batches) <= 3 and max(batches) >= 2
+
+
+def test_tpe_batches_leave_room_to_learn(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 4 compile workers and 8 trials, TPE asks at most 2 configs at a time (a quarter of the
+    trials), so most of its suggestions come after results it can learn from."""
+    from momtune.worker import WorkerPool
+
+    batches: list[int] = []
+    orig = WorkerPool.imap_unordered
+
+    def spy(self, requests, timeout):  # noqa: ANN001
+        batches.append(len(requests))
+        return orig(self, requests, timeout)
+
+    monkeypatch.setattr(WorkerPool, "imap_unordered", spy)
+    opts = SearchOptions(trials=8, sampler="tpe", storage=storage, space_dir=SPACES, retime=1, rounds=1, workers=4)
+    [res] = search([FAKE], "tiny", opts)
+    assert res.trials == 8
+    assert batches and max(batches) <= 2 and len(batches) >= 4
