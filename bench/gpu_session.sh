@@ -87,7 +87,8 @@ stage() {
         --out $OUT/bench-340m-lm128.json >> $OUT/bench-340m-lm.log 2>&1; tail -2 $OUT/bench-340m-lm.log
       momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
       timeout 120 momtune verify $OUT/library-h100.json > $OUT/verify.log 2>&1; echo "verify rc $?"; tail -25 $OUT/verify.log
-      timeout 90 python3 bench/gpu_recurrence.py --quick > $OUT/recurrence-quick.log 2>&1; tail -25 $OUT/recurrence-quick.log ;;
+      timeout 90 python3 bench/gpu_recurrence.py --quick > $OUT/recurrence-quick.log 2>&1; tail -25 $OUT/recurrence-quick.log
+      timeout 90 python3 bench/gpu_profile_layer.py > $OUT/profile-layer.log 2>&1; grep -A8 -E "^(momtune|fla):" $OUT/profile-layer.log ;;
     report)
       momtune export --storage $DB --out $OUT/library-h100.json 2>&1 | tail -3
       timeout 200 momtune verify $OUT/library-h100.json > $OUT/verify.log 2>&1; tail -25 $OUT/verify.log
