@@ -3,8 +3,9 @@
 # on the device, carrying .whl and .bench:
 #   bash bench/gpu_session.sh tests bench340      # GPU-marked tests; momtune bench on mom-340m   (~9 min)
 #   bash bench/gpu_session.sh tune                # TPE on every template + exhaustive/TPE/random  (~9 min)
-#   bash bench/gpu_session.sh finish benchsuite   # mom-1.3b and LM bench, export + verify,
-#                                                 # recurrence STATES split, pytest-benchmark    (~9 min)
+#   bash bench/gpu_session.sh finish              # mom-1.3b and LM bench, export + verify,
+#                                                 # recurrence STATES split, layer profile       (~9 min)
+#   bash bench/gpu_session.sh benchsuite          # pytest-benchmark suite, if device time is left (~3 min)
 #   bash bench/gpu_session.sh search / sampler    # longer versions of tune's two halves
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
