@@ -16,7 +16,6 @@ from typing import Any
 
 from momtune.errors import ReportError
 
-LIBRARY_SCHEMA = "momtune.library/1"
 BENCH_SCHEMA = "momtune.bench/1"
 BENCH_KINDS = ("kernel", "layer_prefill", "layer_decode", "model_prefill", "model_decode")
 # Shape keys that count problem size (tokens, segments, batch); the others must match exactly
@@ -233,30 +232,25 @@ def _shape(value: Any, where: str) -> dict[str, int]:
 
 
 def load_library(path: str | Path) -> Library:
+    """A tuned library (read and checked by :func:`momtune.library.load_library`) as report rows."""
+    from momtune.errors import LibraryError
+    from momtune.library import load_library as read_library
+
     p = Path(path)
-    data = _read_json(p, "library")
-    if data.get("schema") != LIBRARY_SCHEMA:
-        raise ReportError(f"library {p}: schema is {data.get('schema')!r}, expected {LIBRARY_SCHEMA!r}")
-    templates = data.get("templates")
-    if not isinstance(templates, dict):
-        raise ReportError(f"library {p}: `templates` must be an object of template name -> entries")
+    try:
+        lib = read_library(p)
+    except LibraryError as exc:
+        raise ReportError(str(exc)) from None
     entries: list[LibraryEntry] = []
     defaults: dict[str, dict[str, Any]] = {}
-    for name, tpl in templates.items():
-        if not isinstance(tpl, dict) or not isinstance(tpl.get("entries", []), list):
-            raise ReportError(f"library {p}: templates.{name} must hold an `entries` list")
+    for name, tpl in lib.templates.items():
         defaults[name] = dict(tpl.get("default_config") or {})
-        for i, e in enumerate(tpl.get("entries", [])):
-            where = f"library {p}: templates.{name}.entries[{i}]"
-            if not isinstance(e, dict) or not isinstance(e.get("config"), dict) or not e.get("dtype"):
-                raise ReportError(f"{where}: needs `shape`, `dtype` and a `config` object")
-            entries.append(LibraryEntry(
-                template=name, shape=_shape(e.get("shape"), where), dtype=norm_dtype(e["dtype"]),
-                config=dict(e["config"]), time_ms=num_or_none(e.get("time_ms")),
-                default_time_ms=num_or_none(e.get("default_time_ms")),
-                trials=int(e["trials"]) if num_or_none(e.get("trials")) is not None else None,
-                study=str(e.get("study") or "")))
-    return Library(p, dict(data.get("provenance") or {}), defaults, entries)
+        entries += [LibraryEntry(
+            template=name, shape=dict(e["shape"]), dtype=norm_dtype(e["dtype"]), config=dict(e["config"]),
+            time_ms=num_or_none(e.get("time_ms")), default_time_ms=num_or_none(e.get("default_time_ms")),
+            trials=int(e["trials"]) if num_or_none(e.get("trials")) is not None else None,
+            study=str(e.get("study") or "")) for e in tpl["entries"]]
+    return Library(p, dict(lib.provenance), defaults, entries)
 
 
 def load_bench(path: str | Path) -> Bench:
