@@ -214,6 +214,22 @@ shapes = [ { N = 7, C = 9 } ]
 """
 
 
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of candidates each batch sent to the compile workers (in order)."""
+    from momtune.worker import WorkerPool
+
+    sizes: list[int] = []
+    orig = WorkerPool.imap_unordered
+
+    def spy(self, requests, timeout):  # noqa: ANN001
+        sizes.append(len(requests))
+        return orig(self, requests, timeout)
+
+    monkeypatch.setattr(WorkerPool, "imap_unordered", spy)
+    return sizes
+
+
 def test_slow_compile_delays_only_itself(storage: str, tmp_path: os.PathLike[str]) -> None:
     """One batch of 4 on 4 compile workers, two of whose compiles hang: the two good configs are
     benchmarked and recorded while the hanging compiles are still running (seen on the H100: one
@@ -231,20 +247,9 @@ def test_slow_compile_delays_only_itself(storage: str, tmp_path: os.PathLike[str
     assert all(t.datetime_complete < first_hang_done for t in ok)
 
 
-def test_batch_fills_every_compile_worker(storage: str, tmp_path: os.PathLike[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_fills_every_compile_worker(storage: str, tmp_path: os.PathLike[str], batches: list[int]) -> None:
     """9 of 240 configs are valid: invalid suggestions are told at once and do not take a compile
     slot, so each batch compiles as many configs as there are workers."""
-    from momtune.worker import WorkerPool
-
-    batches: list[int] = []
-    orig = WorkerPool.imap_unordered
-
-    def spy(self, requests, timeout):  # noqa: ANN001
-        batches.append(len(requests))
-        return orig(self, requests, timeout)
-
-    monkeypatch.setattr(WorkerPool, "imap_unordered", spy)
     (Path(tmp_path) / "fake.toml").write_text(SPARSE)
     opts = SearchOptions(trials=6, sampler="random", seed=1, storage=storage, space_dir=str(tmp_path), retime=1,
                          rounds=1, workers=3)
@@ -256,19 +261,9 @@ def test_batch_fills_every_compile_worker(storage: str, tmp_path: os.PathLike[st
     assert sum(batches) + cached == 6 and len(batches) <= 3 and max(batches) >= 2
 
 
-def test_tpe_batches_leave_room_to_learn(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tpe_batches_leave_room_to_learn(storage: str, batches: list[int]) -> None:
     """With 4 compile workers and 8 trials, TPE asks at most 2 configs at a time (a quarter of the
     trials), so most of its suggestions come after results it can learn from."""
-    from momtune.worker import WorkerPool
-
-    batches: list[int] = []
-    orig = WorkerPool.imap_unordered
-
-    def spy(self, requests, timeout):  # noqa: ANN001
-        batches.append(len(requests))
-        return orig(self, requests, timeout)
-
-    monkeypatch.setattr(WorkerPool, "imap_unordered", spy)
     opts = SearchOptions(trials=8, sampler="tpe", storage=storage, space_dir=SPACES, retime=1, rounds=1, workers=4)
     [res] = search([FAKE], "tiny", opts)
     assert res.trials == 8
