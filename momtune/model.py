@@ -36,6 +36,7 @@ from momtune.reference.cache import LayerCache, MoMCache
 from momtune.reference.config import MoMConfig
 
 BACKENDS = settings.BACKENDS
+ALIGN = 16  # columns: 32 bytes in bf16/fp16, 64 in fp32
 _said: set[str] = set()
 
 
@@ -43,6 +44,10 @@ def _say_once(key: str, message: str) -> None:
     if key not in _said:
         _said.add(key)
         warnings.warn(message, stacklevel=3)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -70,16 +75,43 @@ class MoMAttention(ref_layer.MoMAttention):
         self._configs: dict[tuple, dict] = {}
 
     # ---------------------------------------------------------------- weights and configs
+    def _layout(self) -> tuple[list[tuple[str, int, int]], int, int]:
+        """Column blocks of the fused projection: (name, offset, width) of q, gate, logits, then
+        k, v, b, a of one memory slot; the slot stride (0 with ``single_kv_proj``: one k/v/b/a
+        block serves every slot); the total width. Every block starts on a multiple of ALIGN
+        columns and the total is one too, so rows and block starts are 16-byte aligned in any
+        dtype: cuBLAS keeps its aligned (TMA) GEMMs and the kernels reading these strided views
+        get Triton's divisibility-by-16 specialisation of pointers and strides (vector loads)."""
+        HK, HV, H, E = self.key_dim, self.value_dim, self.num_heads, self.num_memories
+        blocks, off = [], 0
+        for name, width in (("q", HK), ("gate", HV), ("logits", E)):
+            blocks.append((name, off, width))
+            off += _align(width)
+        slot0 = off
+        for name, width in (("k", HK), ("v", HV), ("b", H), ("a", H)):
+            blocks.append((name, off - slot0, width))
+            off += _align(width)
+        slot_w = off - slot0
+        n_blocks = 1 if self.single_kv_proj else self.num_slots
+        return blocks, (0 if self.single_kv_proj else slot_w), slot0 + n_blocks * slot_w
+
     def _fused_weight(self) -> torch.Tensor:
-        """[q | g_proj | gate | per memory (k, v, b, a)] stacked along the output axis; rebuilt
-        only when a parameter changed (version counters)."""
+        """[q | gate_proj | router | per memory slot (k, v, b, a)] stacked along the output axis,
+        each block zero-padded to the aligned layout of :meth:`_layout`; rebuilt only when a
+        parameter changed (version counters)."""
         params = [self.q_proj.weight, self.g_proj.weight, self.gate.weight]
-        for m in range(self.num_slots):
+        for m in range(1 if self.single_kv_proj else self.num_slots):
             params += [lin.weight for lin in self.memory_linears(m)]
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._packed is None or self._packed[0] != key:
             with torch.no_grad():
-                self._packed = (key, torch.cat(params, dim=0).contiguous())
+                parts = []
+                for p in params:
+                    parts.append(p)
+                    pad = _align(p.shape[0]) - p.shape[0]
+                    if pad:
+                        parts.append(p.new_zeros(pad, p.shape[1]))
+                self._packed = (key, torch.cat(parts, dim=0).contiguous())
         return self._packed[1]
 
     def _config(self, template: str, shape: dict[str, int], dtype: torch.dtype) -> dict:
@@ -133,13 +165,18 @@ class MoMAttention(ref_layer.MoMAttention):
             state_dtype=compute_dtype(x.dtype), window_dtype=x.dtype, device=x.device)
 
     def _project(self, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x2 [N, D] -> strided views q [N, HK], gate [N, HV], logits [N, E], k/v/b/a [N, M, *]."""
-        HK, HV, H, E, M = self.key_dim, self.value_dim, self.num_heads, self.num_memories, self.num_slots
+        """x2 [N, D] -> strided views q [N, HK], gate [N, HV], logits [N, E], k/v/b/a [N, M, *]
+        into one aligned GEMM output (with ``single_kv_proj`` the slot axis has stride 0)."""
+        blocks, slot_stride, total = self._layout()
+        N, M = x2.shape[0], self.num_slots
         proj = F.linear(x2, self._fused_weight())
-        q, gate, logits = proj[:, :HK], proj[:, HK:HK + HV], proj[:, HK + HV:HK + HV + E]
-        per = proj[:, HK + HV + E:].view(x2.shape[0], M, HK + HV + 2 * H)
-        k, v = per[..., :HK], per[..., HK:HK + HV]
-        b, a = per[..., HK + HV:HK + HV + H], per[..., HK + HV + H:]
+        (_, oq, wq), (_, og, wg), (_, ol, wl) = blocks[:3]
+        slot0 = blocks[2][1] + _align(wl)
+        q, gate, logits = proj[:, oq:oq + wq], proj[:, og:og + wg], proj[:, ol:ol + wl]
+        per = []
+        for _, off, width in blocks[3:]:
+            per.append(proj.as_strided((N, M, width), (total, slot_stride, 1), proj.storage_offset() + slot0 + off))
+        k, v, b, a = per
         return q, gate, logits, k, v, b, a
 
     def _prefill(self, x: torch.Tensor, entry: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:

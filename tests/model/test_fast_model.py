@@ -24,17 +24,19 @@ LAYERS = [
     dict(B=2, T=13, E=4, topk=2, shared=True),
     dict(B=1, T=20, E=3, topk=1, shared=False),
     dict(B=2, T=1, E=4, topk=4, shared=True),
+    dict(B=2, T=11, E=3, topk=2, shared=True, single=True),  # one k/v/b/a projection for every memory
 ]
 
 
 def _ids(p: dict) -> str:
-    return f"B{p['B']}-T{p['T']}-E{p['E']}-top{p['topk']}-{'shared' if p['shared'] else 'noshared'}"
+    return (f"B{p['B']}-T{p['T']}-E{p['E']}-top{p['topk']}-{'shared' if p['shared'] else 'noshared'}"
+            + ("-single_kv" if p.get("single") else ""))
 
 
 def _layers(p: dict, seed: int = 0, **kw):
     torch.manual_seed(seed)
     args = dict(hidden_size=32, head_dim=16, num_heads=2, expand_v=1, num_memories=p["E"], topk=p["topk"],
-                shared_mem=p["shared"], norm_eps=1e-5, layer_idx=0)
+                shared_mem=p["shared"], single_kv_proj=p.get("single", False), norm_eps=1e-5, layer_idx=0)
     args.update(kw)
     fast = momtune.MoMAttention(**args, backend="triton").to(DEVICE)
     ref = momtune.reference.MoMAttention(**args).to(DEVICE)
@@ -61,7 +63,7 @@ def test_layer_prefill_matches_reference(p):
 
 
 @needs_kernels
-@pytest.mark.parametrize("p", LAYERS[:2], ids=_ids)
+@pytest.mark.parametrize("p", [LAYERS[0], LAYERS[1], LAYERS[3]], ids=_ids)
 def test_layer_cache_then_decode_matches_full_forward(p):
     fast, ref = _layers(p, seed=3)
     T = p["T"]
@@ -80,6 +82,30 @@ def test_layer_cache_then_decode_matches_full_forward(p):
     assert cache[0].seen_tokens == T + 3
     assert_close("cache.state", cache[0].state, ref_cache[0].state, 2e-3, 2e-3)
     assert_close("cache.conv_v", cache[0].conv_v, ref_cache[0].conv_v, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("p", [LAYERS[1], LAYERS[3]], ids=_ids)
+def test_fused_projection_views_are_aligned(p):
+    """Every view the kernels read from the fused projection starts on a 16-column boundary and
+    has 16-divisible strides (Triton specialises such pointers/strides for vector loads; cuBLAS
+    keeps its aligned GEMMs), here with widths that are not (E = 3, H = 2); with single_kv_proj the
+    slot axis has stride 0 and the GEMM computes the shared k/v/b/a block once."""
+    fast, _ = _layers(p)
+    x2 = torch.randn(p["B"] * p["T"], 32)
+    views = fast._project(x2)
+    base = views[0].storage_offset()
+    for name, t in zip(("q", "gate", "logits", "k", "v", "b", "a"), views):
+        assert (t.storage_offset() - base) % 16 == 0, name
+        assert all(s % 16 == 0 for s in t.stride()[:-1]) and t.stride(-1) == 1, (name, t.stride())
+    k = views[3]
+    assert k.shape == (p["B"] * p["T"], fast.num_slots, 32)  # H * head_dim
+    assert (k.stride(1) == 0) == bool(p.get("single"))
+    n_blocks = 1 if p.get("single") else fast.num_slots
+    # q, gate (32 each), logits (E -> 16); per block k, v (32 each), b, a (H = 2 -> 16 each)
+    assert fast._fused_weight().shape[0] == 32 + 32 + 16 + n_blocks * (32 + 32 + 16 + 16)
+    for m in range(fast.num_slots):  # each slot's views are that memory's projections of x
+        for lin, t in zip(fast.memory_linears(m), views[3:]):
+            assert_close(f"slot {m}", t[:, m], x2 @ lin.weight.T, 1e-5, 1e-5)
 
 
 @needs_kernels
