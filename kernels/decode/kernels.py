@@ -63,6 +63,7 @@ def _decode_conv_kernel(
     wq_ptr, wk_ptr, wv_ptr, alog_ptr, dtb_ptr,
     qn_ptr, kn_ptr, vc_ptr, gb_ptr,
     scale, M, J, H, K, V,
+    sq_b, sk_b, sk_m, sv_b, sv_m, sa_b, sa_m, sb_b, sb_m,
     W: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     row = tl.program_id(0)  # slot b * J + j
@@ -71,7 +72,8 @@ def _decode_conv_kernel(
     m = tl.load(idx_ptr + row).to(tl.int64)
     valid = (m >= 0) & (m < M)
     m = tl.where(valid, m, 0)
-    bm = b.to(tl.int64) * M + m
+    b64 = b.to(tl.int64)
+    bm = b64 * M + m
     HK = H * K
     HV = H * V
     ok = tl.arange(0, BK)
@@ -79,24 +81,24 @@ def _decode_conv_kernel(
     mk = ok < tl.where(valid, K, 0)  # (not `& valid`: keeps the interpreter's mask boolean)
     mv = ov < tl.where(valid, V, 0)
     # q: the token's q through memory m's own q window
-    q = _conv_silu(q_ptr + b.to(tl.int64) * HK + h * K, cq_src + bm * (W - 1) * HK + h * K,
+    q = _conv_silu(q_ptr + b64 * sq_b + h * K, cq_src + bm * (W - 1) * HK + h * K,
                    cq_dst + bm * (W - 1) * HK + h * K, wq_ptr + h * K * W, ok, mk, HK, W)
     q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
-    k = _conv_silu(k_ptr + bm * HK + h * K, ck_src + bm * (W - 1) * HK + h * K,
+    k = _conv_silu(k_ptr + b64 * sk_b + m * sk_m + h * K, ck_src + bm * (W - 1) * HK + h * K,
                    ck_dst + bm * (W - 1) * HK + h * K, wk_ptr + h * K * W, ok, mk, HK, W)
     k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
-    v = _conv_silu(v_ptr + bm * HV + h * V, cv_src + bm * (W - 1) * HV + h * V,
+    v = _conv_silu(v_ptr + b64 * sv_b + m * sv_m + h * V, cv_src + bm * (W - 1) * HV + h * V,
                    cv_dst + bm * (W - 1) * HV + h * V, wv_ptr + h * V * W, ov, mv, HV, W)
     rh = row.to(tl.int64) * H + h
     tl.store(qn_ptr + rh * K + ok, q, mask=ok < K)
     tl.store(kn_ptr + rh * K + ok, k, mask=ok < K)
     tl.store(vc_ptr + rh * V + ov, v, mask=ov < V)
     # decay and beta of (b, m, h)
-    a = tl.load(a_ptr + bm * H + h, mask=valid, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + b64 * sa_b + m * sa_m + h, mask=valid, other=0.0).to(tl.float32)
     x = a + tl.load(dtb_ptr + h).to(tl.float32)
     softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
     g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
-    beta = 1.0 / (1.0 + tl.exp(-tl.load(b_ptr + bm * H + h, mask=valid, other=0.0).to(tl.float32)))
+    beta = 1.0 / (1.0 + tl.exp(-tl.load(b_ptr + b64 * sb_b + m * sb_m + h, mask=valid, other=0.0).to(tl.float32)))
     tl.store(gb_ptr + rh * 2, tl.exp(g))
     tl.store(gb_ptr + rh * 2 + 1, beta)
 
@@ -115,7 +117,7 @@ def _gated_rms(acc, gate_ptr, nw_ptr, ov, mv, V, eps):
 def _decode_state_kernel(
     s_src, s_dst, idx_ptr, w_ptr, qn_ptr, kn_ptr, vc_ptr, gb_ptr,
     gate_ptr, nw_ptr, y_ptr,
-    eps, M, J, NJ, H, K, V,
+    eps, M, J, NJ, H, K, V, sg_b,
     JP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
     ONE_PASS: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr,
 ):
@@ -185,13 +187,13 @@ def _decode_state_kernel(
                 tl.store(s_dst + ptrs, S, mask=msk)
         acc += wt * o
     if NORM:  # JP == J and one value block: the whole head is here
-        acc = _gated_rms(acc, gate_ptr + (b.to(tl.int64) * H + h) * V, nw_ptr, ov, mv, V, eps)
+        acc = _gated_rms(acc, gate_ptr + b.to(tl.int64) * sg_b + h * V, nw_ptr, ov, mv, V, eps)
     tl.store(y_ptr + (r.to(tl.int64) * H + h) * V + ov, acc.to(y_ptr.dtype.element_ty), mask=mv)
 
 
 @triton.jit
 def _decode_combine_kernel(
-    part_ptr, gate_ptr, nw_ptr, y_ptr, eps, NJ, H, V,
+    part_ptr, gate_ptr, nw_ptr, y_ptr, eps, NJ, H, V, sg_b,
     BV: tl.constexpr, NORM: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -202,7 +204,7 @@ def _decode_combine_kernel(
     for j in range(NJ):
         acc += tl.load(part_ptr + ((b.to(tl.int64) * NJ + j) * H + h) * V + ov, mask=mv, other=0.0)
     if NORM:
-        acc = _gated_rms(acc, gate_ptr + (b.to(tl.int64) * H + h) * V, nw_ptr, ov, mv, V, eps)
+        acc = _gated_rms(acc, gate_ptr + b.to(tl.int64) * sg_b + h * V, nw_ptr, ov, mv, V, eps)
     tl.store(y_ptr + (b.to(tl.int64) * H + h) * V + ov, acc.to(y_ptr.dtype.element_ty), mask=mv)
 
 

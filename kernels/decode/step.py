@@ -113,6 +113,12 @@ def _check_inputs(q_t, k_all, v_all, a_all, b_all, idx, weights, state, conv_q, 
     return B, M, J, H, K, V, W
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous (any other strides are passed to the
+    kernels), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _check_cache(name: str, t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise InputError(f"{name}: must be contiguous (it is updated in place); got strides {tuple(t.stride())}")
@@ -183,12 +189,14 @@ def decode_step_into(
     if B == 0:
         return out
     scale = K ** -0.5 if scale is None else float(scale)
-    q_t, k_all, v_all, a_all, b_all, idx, weights = (
-        t.contiguous() for t in (q_t, k_all, v_all, a_all, b_all, idx, weights))
+    # the per-token inputs are read through their strides (the model passes strided views of its
+    # fused projection: copying them first would add a launch each to every decode step)
+    q_t, k_all, v_all, a_all, b_all = (_rows(t) for t in (q_t, k_all, v_all, a_all, b_all))
+    idx, weights = idx.contiguous(), weights.contiguous()
     q_conv_w, k_conv_w, v_conv_w, A_log, dt_bias = (
         t.contiguous() for t in (q_conv_w, k_conv_w, v_conv_w, A_log, dt_bias))
     if gate is not None:
-        gate, norm_weight = gate.contiguous(), norm_weight.contiguous()
+        gate, norm_weight = _rows(gate), norm_weight.contiguous()
 
     dev = q_t.device
     scratch = torch.empty(B * J * H * (2 * K + V + 2), dtype=torch.float32, device=dev)
@@ -200,7 +208,8 @@ def decode_step_into(
     _decode_conv_kernel[(B * J, H)](
         q_t, k_all, v_all, a_all, b_all, idx, conv_q, conv_k, conv_v, dsts[1], dsts[2], dsts[3],
         q_conv_w, k_conv_w, v_conv_w, A_log, dt_bias, qn, kn, vc, gb,
-        scale, M, J, H, K, V, W=W, BK=_pow2(K), BV=_pow2(V), num_warps=aux,
+        scale, M, J, H, K, V, q_t.stride(0), k_all.stride(0), k_all.stride(1), v_all.stride(0),
+        v_all.stride(1), a_all.stride(0), a_all.stride(1), b_all.stride(0), b_all.stride(1), W=W, BK=_pow2(K), BV=_pow2(V), num_warps=aux,
     )
 
     BV, BK, NK = cfg["BV"], cfg["BK"], cfg["NK"]
@@ -217,14 +226,14 @@ def decode_step_into(
     nw_arg = norm_weight if has_gate else out
     _decode_state_kernel[(NV, H, B * NJ)](
         state, dsts[0], idx, weights, qn, kn, vc, gb, g_arg, nw_arg, target,
-        float(eps), M, J, NJ, H, K, V,
+        float(eps), M, J, NJ, H, K, V, g_arg.stride(0),
         JP=JP, BK=BK, BV=BV, NK=NK, ONE_PASS=(NK == 1 or rule == "gated_linear"),
         DELTA=(rule == "gated_delta"), NORM=(fuse_all and has_gate),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not fuse_all:
         _decode_combine_kernel[(B, H)](
-            target, g_arg, nw_arg, out, float(eps), NJ, H, V,
+            target, g_arg, nw_arg, out, float(eps), NJ, H, V, g_arg.stride(0),
             BV=_pow2(V), NORM=has_gate, num_warps=aux,
         )
     return out

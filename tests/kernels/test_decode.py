@@ -123,6 +123,42 @@ def test_empty_slot_is_ignored():
     check_step(inp, step(inp, cache), cache, ref, before)
 
 
+@pytest.mark.parametrize("shared_slot", [False, True], ids=["per-memory", "stride0-slot"])
+def test_strided_views_of_one_projection(shared_slot):
+    """q/gate/k/v/a/b as strided views into one wide buffer (the model's fused projection, whose
+    row stride and block offsets are not those of contiguous tensors) are read in place and give
+    the reference's answer; with a stride-0 memory axis (single_kv_proj) every memory reads the
+    same k/v/a/b row."""
+    shape = S(3, 2, 16, 32, 4, 2, 1)
+    inp = build(shape, "fp32", "delta", True, seed=11)
+    B, M = 3, 5
+    if shared_slot:
+        for key in ("k_all", "v_all", "a_all", "b_all"):
+            inp[key] = inp[key][:, :1].expand_as(inp[key]).contiguous()
+    widths = {"q_t": 32, "gate": 64, "k_all": 32, "v_all": 64, "a_all": 2, "b_all": 2}
+    slot_w = sum(widths[k] + 16 for k in ("k_all", "v_all", "a_all", "b_all"))
+    total = 48 + 80 + (1 if shared_slot else M) * slot_w + 5  # padded blocks and an odd row stride
+    buf = poison(torch.empty(B, total))
+    off = 0
+    views = {}
+    for key in ("q_t", "gate"):
+        views[key] = buf[:, off:off + widths[key]]
+        off += widths[key] + 16
+    for key in ("k_all", "v_all", "a_all", "b_all"):
+        views[key] = buf.as_strided((B, M, widths[key]), (total, 0 if shared_slot else slot_w, 1), off)
+        off += widths[key] + 16
+    for key, v in views.items():
+        v.copy_(inp[key]) if not (shared_slot and v.dim() == 3) else v[:, 0].copy_(inp[key][:, 0])
+        assert not v.is_contiguous()
+        inp[key] = v
+    ref = reference_step(inp)
+    cache = {k: inp[k].clone() for k in CACHE_KEYS}
+    before = {k: v.clone() for k, v in cache.items()}
+    kept = buf.clone()
+    check_step(inp, step(inp, cache), cache, ref, before)
+    assert torch.equal(buf.nan_to_num(7.0), kept.nan_to_num(7.0))  # inputs only read
+
+
 def test_conv_width_3():
     """The kernels take the conv width from the weights (W = 3 here; the model uses 4)."""
     inp = build(S(2, 2, 16, 16, 4, 2, 1), "fp32", "delta", True, seed=9)
