@@ -189,7 +189,7 @@ class MoMAttention(ref_layer.MoMAttention):
         E, M, H, K, V, W = self.num_memories, self.num_slots, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
         J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
         q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B * T, D))
-        logits = logits.contiguous()
+        logits = logits.contiguous()  # a copy: a view would keep the whole projection alive
         r = route_and_group(logits.view(B, T, E), self.topk, shared=self.shared_mem,
                             config=self._config("routing", dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D), dt))
         Np = B * T * J
@@ -227,8 +227,9 @@ class MoMAttention(ref_layer.MoMAttention):
         B, _, D = x.shape
         E, H, K, V, W = self.num_memories, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
         J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
+        # routing reads the logits through their strides, and the decode-sized projection is small
+        # enough to stay alive with the returned logits view: no copy launch
         q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B, D))
-        logits = logits.contiguous()
         r = route_and_group(logits.view(B, 1, E), self.topk, shared=self.shared_mem,
                             config=self._config("routing", dict(B=B, T=1, E=E, topk=self.topk, shared=sh, D=D), dt))
         cfg = self._config("decode", dict(B=B, H=H, K=K, V=V, E=E, topk=self.topk, shared=sh), dt)

@@ -72,12 +72,13 @@ def test_layer_cache_then_decode_matches_full_forward(p):
         want, _, _ = ref(x)
         cache = MoMCache()
         first, _, _ = fast(x[:, :T], past_key_values=cache)
-        steps = [fast(x[:, T + i:T + i + 1], past_key_values=cache)[0] for i in range(3)]
+        steps = [fast(x[:, T + i:T + i + 1], past_key_values=cache)[:2] for i in range(3)]
         ref_cache = MoMCache()
         ref(x[:, :T], past_key_values=ref_cache)
-        for i in range(3):
-            ref(x[:, T + i:T + i + 1], past_key_values=ref_cache)
-    got = torch.cat([first, *steps], dim=1)
+        ref_logits = [ref(x[:, T + i:T + i + 1], past_key_values=ref_cache)[1] for i in range(3)]
+    for (_, got_logits), want_logits in zip(steps, ref_logits):
+        assert_close("router_logits(decode)", got_logits, want_logits, 1e-4, 1e-4)
+    got = torch.cat([first, *(o for o, _ in steps)], dim=1)
     assert_close("o(prefill+decode)", got, want, 2e-3, 2e-3)
     assert cache[0].seen_tokens == T + 3
     assert_close("cache.state", cache[0].state, ref_cache[0].state, 2e-3, 2e-3)
