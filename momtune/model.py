@@ -15,9 +15,9 @@ The fast prefill of one layer, x [B, T, D]:
     recurrence chunked gated delta rule over all segments (routed + shared) in one launch
     merge     weighted sum over the slots + gated RMSNorm, then o_proj
 
-A decode step (T = 1 with a cache) is one GEMM, routing, and the fused decode kernel that
-updates the routed memories' conv windows and states in place and returns the mixed, normed
-read-out; nothing syncs with the host, so the whole model step is captured in a CUDA graph.
+A decode step (T = 1 with a cache) is one GEMM, top-k routing (no packed layout) and the decode
+kernels that update the routed memories' conv windows and states in place and return the mixed,
+normed read-out, then o_proj; inputs are read through their strides (no copies); nothing syncs with the host, so the whole model step is captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ class MoMAttention(ref_layer.MoMAttention):
 
     def _decode(self, x: torch.Tensor, entry: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
         from momtune.kernels.decode.step import decode_step
-        from momtune.kernels.routing.routing import route_and_group
+        from momtune.kernels.routing.topk import route_topk
 
         B, _, D = x.shape
         E, H, K, V, W = self.num_memories, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
@@ -230,10 +230,10 @@ class MoMAttention(ref_layer.MoMAttention):
         # routing reads the logits through their strides, and the decode-sized projection is small
         # enough to stay alive with the returned logits view: no copy launch
         q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B, D))
-        r = route_and_group(logits.view(B, 1, E), self.topk, shared=self.shared_mem,
-                            config=self._config("routing", dict(B=B, T=1, E=E, topk=self.topk, shared=sh, D=D), dt))
+        weights, idx = route_topk(logits.view(B, 1, E), self.topk, shared=self.shared_mem,
+                                  config=self._config("routing", dict(B=B, T=1, E=E, topk=self.topk, shared=sh, D=D), dt))
         cfg = self._config("decode", dict(B=B, H=H, K=K, V=V, E=E, topk=self.topk, shared=sh), dt)
-        y = decode_step(q_in, k_in, v_in, a_in, b_in, r.idx.view(B, J), r.weights.view(B, J), entry.state,
+        y = decode_step(q_in, k_in, v_in, a_in, b_in, idx.view(B, J), weights.view(B, J), entry.state,
                         entry.conv_q, entry.conv_k, entry.conv_v, self.q_conv1d.weight.view(-1, W),
                         self.k_conv1d.weight.view(-1, W), self.v_conv1d.weight.view(-1, W), self.A_log,
                         self.dt_bias, rule="gated_delta", gate=gate, norm_weight=self.o_norm.weight,

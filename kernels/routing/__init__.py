@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from .routing import RoutingResult, gather_rows, route_and_group
+from .topk import route_topk
 
-__all__ = ["RoutingResult", "gather_rows", "route_and_group"]
+__all__ = ["RoutingResult", "gather_rows", "route_and_group", "route_topk"]

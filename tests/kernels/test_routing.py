@@ -9,7 +9,7 @@ import torch
 
 from momtune.errors import ConfigError, InputError
 from momtune.kernels import get_template
-from momtune.kernels.routing import RoutingResult, gather_rows, route_and_group
+from momtune.kernels.routing import RoutingResult, gather_rows, route_and_group, route_topk
 from momtune.kernels.routing.template import distinct_logits, reference_layout
 from tests.helpers import assert_close, poison
 
@@ -84,6 +84,26 @@ def test_route_and_group_matches_reference(case: tuple) -> None:
         assert bool((cu[1::M][: B] == cu[2::M][: B]).all()), "memory 1 segments must be empty"
     if sh:
         assert bool((res.idx[..., -1] == E).all()) and bool((res.weights[..., -1] == 1).all())
+
+
+@pytest.mark.parametrize("sh", [True, False])
+def test_route_topk_from_strided_logits(sh: bool) -> None:
+    """The decode routing: weights and idx only, read from a strided view (a column block of the
+    fused projection), equal to the reference's and written into the given outputs."""
+    B, E, k = 5, 4, 2
+    wide = poison(torch.empty(B, 1, 48))
+    wide[:, :, 16:16 + E] = make_logits(B, 1, E, None, seed=21)
+    logits = wide[:, :, 16:16 + E]
+    assert not logits.is_contiguous()
+    J = k + sh
+    out = {"weights": poison(torch.empty(B, 1, J)), "idx": torch.full((B, 1, J), -7, dtype=torch.int32)}
+    weights, idx = route_topk(logits, k, shared=sh, config={"BLOCK_T": 16, "num_warps": 1}, out=out)
+    assert weights is out["weights"] and idx is out["idx"]
+    ref = reference_layout(logits.contiguous(), k, sh)
+    assert_close("weights", weights, ref["weights"], 1e-5, 1e-5)
+    assert torch.equal(idx.long(), ref["idx"].long())
+    full = route_and_group(logits, k, shared=sh)
+    assert torch.equal(idx, full.idx) and torch.equal(weights, full.weights)
 
 
 def test_count_scan_in_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
