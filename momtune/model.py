@@ -70,7 +70,9 @@ class MoMAttention(ref_layer.MoMAttention):
 
     def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = check_choice("backend", backend or settings.load().backend, BACKENDS)
+        env = settings.load()
+        self.backend = check_choice("backend", backend or env.backend, BACKENDS)
+        self.checks = env.checks  # MOMTUNE_CHECKS: whether a call checks that its input is finite
         self._packed: tuple[tuple, torch.Tensor] | None = None
         self._configs: dict[tuple, dict] = {}
 
@@ -142,7 +144,10 @@ class MoMAttention(ref_layer.MoMAttention):
         if capturing:  # no host-synchronising checks inside a CUDA graph capture
             x = hidden_states
         else:
-            x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs)
+            # the finiteness check reads the input and syncs with the host: on CUDA (checks "auto")
+            # only metadata is checked, so the CPU keeps launching ahead of the GPU
+            values = self.checks == "full" or (self.checks == "auto" and not hidden_states.is_cuda)
+            x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs, values=values)
         if self.mode != "chunk" and not capturing:
             _say_once("mode", "momtune: mode='fused_recurrent' computes the same function; the Triton "
                               "backend always runs its chunked kernel")

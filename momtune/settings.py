@@ -6,6 +6,10 @@ list of valid ones.
     MOMTUNE_POLICY    strict | warn | ignore         provenance mismatch policy (warn)
     MOMTUNE_STORAGE   Optuna storage URL             (sqlite:///momtune.db)
     MOMTUNE_OUT       output folder of the main job  (out)
+    MOMTUNE_CHECKS    auto | full | shapes           input checks of the fast model (auto): full
+                                                     also checks values (hidden_states finite: a
+                                                     host sync per layer call), shapes only checks
+                                                     metadata, auto = full on CPU, shapes on CUDA
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from .errors import ConfigError
 
 BACKENDS = ("auto", "triton", "reference")
 POLICIES = ("strict", "warn", "ignore")
+CHECKS = ("auto", "full", "shapes")
 
 
 def _choice(var: str, default: str, choices: tuple[str, ...]) -> str:
@@ -32,6 +37,7 @@ class Settings:
     policy: str
     storage: str
     out: str
+    checks: str = "auto"
 
 
 def load() -> Settings:
@@ -42,6 +48,7 @@ def load() -> Settings:
         policy=_choice("MOMTUNE_POLICY", "warn", POLICIES),
         storage=os.environ.get("MOMTUNE_STORAGE", "sqlite:///momtune.db"),
         out=os.environ.get("MOMTUNE_OUT", "out"),
+        checks=_choice("MOMTUNE_CHECKS", "auto", CHECKS),
     )
 
 

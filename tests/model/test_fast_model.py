@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import momtune
-from momtune.errors import InputError
+from momtune.errors import ConfigError, InputError
 from momtune.reference.cache import MoMCache
 from tests.helpers import assert_close
 
@@ -107,6 +107,87 @@ def test_fused_projection_views_are_aligned(p):
     for m in range(fast.num_slots):  # each slot's views are that memory's projections of x
         for lin, t in zip(fast.memory_linears(m), views[3:]):
             assert_close(f"slot {m}", t[:, m], x2 @ lin.weight.T, 1e-5, 1e-5)
+
+
+class _AtenOps:
+    """Counts the PyTorch ops a block of code runs, leaving out those the Triton interpreter runs
+    to emulate a kernel launch (on a GPU those are the kernels themselves)."""
+
+    def __enter__(self):
+        import collections
+        import sys
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = collections.Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                f = sys._getframe(1)
+                while f is not None and "interpreter" not in f.f_code.co_filename:
+                    f = f.f_back
+                if f is None:
+                    ops[str(func).removeprefix("aten.").split(".")[0]] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def work(self) -> dict[str, int]:
+        """The ops that move or compute data (not views, not allocations)."""
+        meta = {"view", "_unsafe_view", "slice", "as_strided", "t", "empty", "empty_like", "expand", "select"}
+        return {k: v for k, v in self.ops.items() if k not in meta}
+
+
+@needs_kernels
+def test_fast_path_runs_no_pytorch_glue(monkeypatch):
+    """With metadata-only input checks (the CUDA default), a prefill is the two GEMMs (fused
+    projection, o_proj) and the copy of the returned router logits, and a decode step is the two
+    GEMMs: no host sync, no copies, no elementwise glue between the Triton kernels."""
+    monkeypatch.setenv("MOMTUNE_CHECKS", "shapes")
+    fast, _ = _layers(LAYERS[0])
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    with torch.no_grad():
+        fast(x)  # builds the fused weight once
+        with _AtenOps() as prefill:
+            fast(x)
+        cache = MoMCache()
+        fast(x, past_key_values=cache)
+        with _AtenOps() as decode:
+            fast(x[:, :1], past_key_values=cache)
+    assert prefill.work() == {"mm": 2, "clone": 1}, prefill.ops
+    assert decode.work() == {"mm": 2}, decode.ops
+
+
+@needs_kernels
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN, on purpose
+@pytest.mark.parametrize("checks", ["auto", "full", "shapes"])
+def test_input_value_checks_follow_the_setting(monkeypatch, checks):
+    """MOMTUNE_CHECKS: 'full' (and 'auto' on CPU tensors) rejects a non-finite input, naming it;
+    'shapes' (the CUDA default under 'auto') checks metadata only and passes NaN through."""
+    monkeypatch.setenv("MOMTUNE_CHECKS", checks)
+    fast, _ = _layers(LAYERS[0])
+    x = torch.randn(2, 4, 32, device=DEVICE)
+    x[1, 2, 3] = float("nan")
+    strict = checks == "full" or (checks == "auto" and DEVICE == "cpu")
+    with torch.no_grad():
+        if strict:
+            with pytest.raises(InputError, match="hidden_states"):
+                fast(x)
+        else:
+            assert torch.isnan(fast(x)[0][1]).any()
+        with pytest.raises(InputError, match="hidden_size"):  # metadata is checked in every mode
+            fast(torch.randn(2, 4, 31, device=DEVICE))
+
+
+def test_bad_checks_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MOMTUNE_CHECKS", "some")
+    with pytest.raises(ConfigError, match="MOMTUNE_CHECKS.*auto, full, shapes"):
+        momtune.MoMAttention(hidden_size=32, head_dim=16, num_heads=2, num_memories=2, topk=1)
 
 
 @needs_kernels
