@@ -18,6 +18,8 @@ TEMPLATE_MODULES: dict[str, str] = {
     "merge": "merge.template",
     "conv": "conv.template",
     "decode": "decode.template",
+    "norm": "norm.template",
+    "swiglu": "swiglu.template",
 }
 
 
