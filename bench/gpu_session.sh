@@ -55,6 +55,8 @@ stage() {
       search conv mom-340m-prefill 12 8
       search routing mom-340m-prefill 10 6
       search decode decode 24 10
+      search norm mom-340m-prefill 10 5
+      search swiglu mom-340m-prefill 10 5
       for s in grid:56:0:100 tpe:11:0:40 random:11:0:40; do
         IFS=: read sampler trials seed secs <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive

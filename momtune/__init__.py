@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MoMAttention": "momtune.model",
-    "MoMForCausalLM": "momtune.model",
+    "MoMForCausalLM": "momtune.lm",
     "MoMConfig": "momtune.reference.config",
     "MomtuneError": "momtune.errors",
 }

@@ -183,7 +183,7 @@ def _graph_ms(step: Callable[[], Any]) -> float:
 def bench_model_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.dtype, prompt: int = 16,
                        layers: int | None = None) -> list[dict]:
     """The causal LM's decode step (ms per token, all layers); momtune's in a CUDA graph."""
-    from momtune.model import DecodeGraph
+    from momtune.lm import DecodeGraph
     from momtune.reference.cache import MoMCache
     from momtune.reference.config import MoMConfig
 

@@ -1,4 +1,4 @@
-"""The fast MoM layer and causal LM: the reference modules with a Triton backend.
+"""The fast MoM layer: the reference layer with a Triton backend (the LM: :mod:`momtune.lm`).
 
 ``backend="triton"`` runs the tuned kernels (configs from the tuned library through
 :mod:`momtune.dispatch`, cached per shape, never tuned at run time); ``"reference"`` runs the
@@ -31,9 +31,7 @@ from momtune import settings
 from momtune.checks import check_choice
 from momtune.errors import InputError
 from momtune.reference import layer as ref_layer
-from momtune.reference import model as ref_model
 from momtune.reference.cache import LayerCache, MoMCache
-from momtune.reference.config import MoMConfig
 
 BACKENDS = settings.BACKENDS
 ALIGN = 16  # columns: 32 bytes in bf16/fp16, 64 in fp32
@@ -50,8 +48,34 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'."""
+def cached_config(store: dict, template: str, shape: dict[str, int], dtype: torch.dtype) -> dict:
+    """The dispatched config of ``template`` for ``shape``, looked up once per key in ``store``
+    (a module's own dict): nothing tunes at run time and a hot call does one dict lookup."""
+    key = (template, tuple(shape.items()), dtype)
+    cfg = store.get(key)
+    if cfg is None:
+        from momtune.dispatch import get_dispatcher
+        from momtune.kernels import get_template
+
+        cfg, _source = get_dispatcher().config(get_template(template), shape, dtype)
+        store[key] = cfg = dict(cfg)
+    return cfg
+
+
+def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None) -> str:
+    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. The Triton
+    kernels are forward-only: while autograd records for ``module``'s parameters, 'auto' runs the
+    reference (and says so once) and 'triton' is an error rather than silently lost gradients."""
+    if module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        if backend == "auto":
+            _say_once("auto-grad", "momtune: autograd is recording, and the Triton kernels are forward-only: "
+                                   "backend 'auto' runs the PyTorch reference (use torch.no_grad() or "
+                                   "torch.inference_mode() for the fast path)")
+            return "reference"
+        if backend == "triton":
+            raise InputError("backend: 'triton' runs forward-only kernels, but autograd is recording gradients "
+                             "for this module's parameters; call it under torch.no_grad() or "
+                             "torch.inference_mode(), or use backend='reference' (or 'auto') to train")
     if backend == "auto":
         if x.is_cuda or settings.interpreter_mode():
             return "triton"
@@ -116,16 +140,18 @@ class MoMAttention(ref_layer.MoMAttention):
                 self._packed = (key, torch.cat(parts, dim=0).contiguous())
         return self._packed[1]
 
-    def _config(self, template: str, shape: dict[str, int], dtype: torch.dtype) -> dict:
-        key = (template, tuple(shape.items()), dtype)
-        cfg = self._configs.get(key)
-        if cfg is None:
-            from momtune.dispatch import get_dispatcher
-            from momtune.kernels import get_template
+    @classmethod
+    def wrap(cls, ref: ref_layer.MoMAttention, backend: str | None = None) -> MoMAttention:
+        """A fast layer with ``ref``'s hyper-parameters and a copy of its weights."""
+        fast = cls(hidden_size=ref.hidden_size, head_dim=ref.head_dim, num_heads=ref.num_heads,
+                   expand_v=ref.expand_v, mode=ref.mode, conv_size=ref.conv_size, layer_idx=ref.layer_idx,
+                   norm_eps=ref.norm_eps, num_memories=ref.num_memories, topk=ref.topk,
+                   shared_mem=ref.shared_mem, single_kv_proj=ref.single_kv_proj, backend=backend)
+        fast.load_state_dict(ref.state_dict())
+        return fast.to(device=ref.q_proj.weight.device, dtype=ref.q_proj.weight.dtype)
 
-            cfg, _source = get_dispatcher().config(get_template(template), shape, dtype)
-            self._configs[key] = cfg = dict(cfg)
-        return cfg
+    def _config(self, template: str, shape: dict[str, int], dtype: torch.dtype) -> dict:
+        return cached_config(self._configs, template, shape, dtype)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -137,7 +163,7 @@ class MoMAttention(ref_layer.MoMAttention):
         output_attentions: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
-        backend = resolve_backend(self.backend, hidden_states)
+        backend = resolve_backend(self.backend, hidden_states, self)
         if backend == "reference":
             return super().forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions, **kwargs)
         capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -244,86 +270,3 @@ class MoMAttention(ref_layer.MoMAttention):
                         self.dt_bias, rule="gated_delta", gate=gate, norm_weight=self.o_norm.weight,
                         eps=self.norm_eps, config=cfg)
         return F.linear(y.reshape(B, 1, H * V), self.o_proj.weight), logits.view(B, E)
-
-
-class MoMForCausalLM(ref_model.MoMForCausalLM):
-    """The causal LM on fast layers: same config, state_dict names (fla's) and outputs as the
-    reference; ``backend`` as :class:`MoMAttention`. ``generate`` captures the decode step of the
-    whole model in a CUDA graph on CUDA (``cuda_graph=False`` to turn it off)."""
-
-    def __init__(self, config: MoMConfig, backend: str | None = None) -> None:
-        super().__init__(config)
-        self.backend = check_choice("backend", backend or settings.load().backend, BACKENDS)
-        for block in self.model.layers:
-            old = block.attn
-            fast = MoMAttention(
-                hidden_size=old.hidden_size, head_dim=old.head_dim, num_heads=old.num_heads, expand_v=old.expand_v,
-                mode=old.mode, conv_size=old.conv_size, layer_idx=old.layer_idx, norm_eps=old.norm_eps,
-                num_memories=old.num_memories, topk=old.topk, shared_mem=old.shared_mem,
-                single_kv_proj=old.single_kv_proj, backend=self.backend)
-            fast.load_state_dict(old.state_dict())
-            block.attn = fast
-
-    def _step_logits(self, ids: torch.Tensor, cache: MoMCache) -> torch.Tensor:
-        """One decode step without host-side checks (capturable): ids [B, 1] -> logits [B, vocab]."""
-        x = self.model.embeddings(ids)
-        for block in self.model.layers:
-            x, _ = block(x, cache)
-        return self.lm_head(self.model.norm(x))[:, -1]
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 cuda_graph: bool = True) -> torch.Tensor:
-        """As the reference's ``generate``; on CUDA with the Triton backend the decode step of the
-        whole model runs as one CUDA graph replay (the cache is updated in place)."""
-        use_graph = (cuda_graph and input_ids.is_cuda and max_new_tokens > 1
-                     and resolve_backend(self.backend, self.lm_head.weight) == "triton")
-        if not use_graph:
-            return super().generate(input_ids, max_new_tokens, do_sample, temperature, top_k, generator)
-        self._check_ids("input_ids", input_ids)
-        cache = MoMCache()
-        logits = self(input_ids, past_key_values=cache).logits[:, -1]
-        graph = DecodeGraph(self, cache, input_ids.shape[0], input_ids.dtype)
-        out = [input_ids]
-        for step in range(max_new_tokens):
-            nxt = self._pick(logits, do_sample, temperature, top_k, generator).to(input_ids.dtype)
-            out.append(nxt[:, None])
-            if step + 1 < max_new_tokens:
-                logits = graph.step(nxt[:, None])
-        return torch.cat(out, dim=1)
-
-
-class DecodeGraph:
-    """A captured decode step of the whole model over a fixed cache (in-place updates).
-
-    ``step(ids [B, 1])`` copies the ids into the static input, replays the graph and returns the
-    static logits [B, vocab] (valid until the next step)."""
-
-    def __init__(self, model: MoMForCausalLM, cache: MoMCache, batch_size: int, dtype: torch.dtype) -> None:
-        self.model, self.cache = model, cache
-        device = model.lm_head.weight.device
-        self.ids = torch.zeros(batch_size, 1, dtype=dtype, device=device)
-        # warm up on a side stream (compiles kernels, fills dispatch caches) on a scratch copy of the cache
-        snapshot = {i: (e.state.clone(), e.conv_q.clone(), e.conv_k.clone(), e.conv_v.clone(), e.seen_tokens)
-                    for i, e in cache.layers.items()}
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model._step_logits(self.ids, cache)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model._step_logits(self.ids, cache)
-        for i, (s, q, k, v, seen) in snapshot.items():  # undo warm-up and capture side effects
-            e = cache.layers[i]
-            e.state.copy_(s), e.conv_q.copy_(q), e.conv_k.copy_(k), e.conv_v.copy_(v)
-            e.seen_tokens = seen
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        self.ids.copy_(ids)
-        self.graph.replay()
-        for e in self.cache.layers.values():
-            e.seen_tokens += 1
-        return self.logits

@@ -1,4 +1,4 @@
-"""Shared test helpers: one assert that says how far off and where."""
+"""Shared test helpers: one assert that says how far off and where; NaN poisoning; an op counter."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +28,37 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, r
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill a floating tensor with NaN (integer tensors with -1) in place and return it."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+class AtenOps:
+    """Counts the PyTorch ops a block of code runs, leaving out those the Triton interpreter runs
+    to emulate a kernel launch (on a GPU those are the kernels themselves)."""
+
+    def __enter__(self):
+        import collections
+        import sys
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = collections.Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                f = sys._getframe(1)
+                while f is not None and "interpreter" not in f.f_code.co_filename:
+                    f = f.f_back
+                if f is None:
+                    ops[str(func).removeprefix("aten.").split(".")[0]] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def work(self) -> dict[str, int]:
+        """The ops that move or compute data (not views, not allocations)."""
+        meta = {"view", "_unsafe_view", "slice", "as_strided", "t", "empty", "empty_like", "expand", "select"}
+        return {k: v for k, v in self.ops.items() if k not in meta}

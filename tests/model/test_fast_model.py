@@ -13,7 +13,7 @@ import torch
 import momtune
 from momtune.errors import ConfigError, InputError
 from momtune.reference.cache import MoMCache
-from tests.helpers import assert_close
+from tests.helpers import AtenOps, assert_close
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 needs_kernels = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
@@ -109,40 +109,6 @@ def test_fused_projection_views_are_aligned(p):
             assert_close(f"slot {m}", t[:, m], x2 @ lin.weight.T, 1e-5, 1e-5)
 
 
-class _AtenOps:
-    """Counts the PyTorch ops a block of code runs, leaving out those the Triton interpreter runs
-    to emulate a kernel launch (on a GPU those are the kernels themselves)."""
-
-    def __enter__(self):
-        import collections
-        import sys
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        ops = self.ops = collections.Counter()
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                f = sys._getframe(1)
-                while f is not None and "interpreter" not in f.f_code.co_filename:
-                    f = f.f_back
-                if f is None:
-                    ops[str(func).removeprefix("aten.").split(".")[0]] += 1
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-
-    def work(self) -> dict[str, int]:
-        """The ops that move or compute data (not views, not allocations)."""
-        meta = {"view", "_unsafe_view", "slice", "as_strided", "t", "empty", "empty_like", "expand", "select"}
-        return {k: v for k, v in self.ops.items() if k not in meta}
-
-
 @needs_kernels
 def test_fast_path_runs_no_pytorch_glue(monkeypatch):
     """With metadata-only input checks (the CUDA default), a prefill is the two GEMMs (fused
@@ -153,11 +119,11 @@ def test_fast_path_runs_no_pytorch_glue(monkeypatch):
     x = torch.randn(2, 6, 32, device=DEVICE)
     with torch.no_grad():
         fast(x)  # builds the fused weight once
-        with _AtenOps() as prefill:
+        with AtenOps() as prefill:
             fast(x)
         cache = MoMCache()
         fast(x, past_key_values=cache)
-        with _AtenOps() as decode:
+        with AtenOps() as decode:
             fast(x[:, :1], past_key_values=cache)
     assert prefill.work() == {"mm": 2, "clone": 1}, prefill.ops
     assert decode.work() == {"mm": 2}, decode.ops

@@ -1,0 +1,112 @@
+"""The fast causal LM (momtune.lm): fused blocks against the reference, its op budget, and
+the forward-only rule of the Triton backend under autograd."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import momtune
+from momtune.errors import InputError
+from momtune.lm import MoMBlock, RMSNorm
+from momtune.reference.cache import MoMCache
+from tests.helpers import AtenOps, assert_close
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_kernels = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                   reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pair(seed: int = 0, **overrides):
+    cfg = momtune.MoMConfig.from_preset("tiny", **overrides)
+    torch.manual_seed(seed)
+    fast = momtune.MoMForCausalLM(cfg, backend="triton").to(DEVICE).eval()
+    ref = momtune.reference.MoMForCausalLM(cfg).to(DEVICE).eval()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():  # norm weights away from 1, so a dropped weight would show
+        for p in fast.parameters():
+            if p.dim() == 1 and torch.all(p == 1):
+                p.uniform_(0.5, 1.5)
+    ref.load_state_dict(fast.state_dict())
+    return cfg, fast, ref
+
+
+def test_fast_lm_keeps_the_reference_parameters():
+    cfg, fast, ref = _pair()
+    assert set(fast.state_dict()) == set(ref.state_dict())
+    assert all(isinstance(b, MoMBlock) for b in fast.model.layers) and isinstance(fast.model.norm, RMSNorm)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(fast) == count(ref), "the fast modules hold no second copy of a weight"
+    block = fast.model.layers[0]
+    with torch.no_grad():
+        block.mlp_norm.weight.fill_(2.0)  # the wrapped modules are the live ones
+    assert torch.equal(fast.state_dict()["model.layers.0.mlp_norm.weight"], torch.full((cfg.hidden_size,), 2.0))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 9), (1, 1), (3, 4)], ids=lambda s: f"B{s[0]}-T{s[1]}")
+def test_fused_blocks_match_reference_prefill_and_decode(shape):
+    B, T = shape
+    cfg, fast, ref = _pair(seed=B * 10 + T)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 2), device=DEVICE)
+    with torch.no_grad():
+        c_fast, c_ref = MoMCache(), MoMCache()
+        got = [fast(ids[:, :T], past_key_values=c_fast).logits]
+        want = [ref(ids[:, :T], past_key_values=c_ref).logits]
+        for i in range(T, T + 2):
+            got.append(fast(ids[:, i:i + 1], past_key_values=c_fast).logits)
+            want.append(ref(ids[:, i:i + 1], past_key_values=c_ref).logits)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"logits step {step}", g, w, 2e-3, 2e-3)
+
+
+@needs_kernels
+def test_decode_step_is_gemms_and_kernels_only(monkeypatch):
+    """One decode step of the whole LM: per layer the attention's two GEMMs, gate/up, and down as
+    addmm (its residual add fused); plus the embedding and the LM head. Norms, residual adds and
+    the SwiGLU activation are kernels; no copies, no host sync."""
+    monkeypatch.setenv("MOMTUNE_CHECKS", "shapes")
+    cfg, fast, _ = _pair()
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), device=DEVICE)
+    with torch.no_grad():
+        cache = MoMCache()
+        fast(ids, past_key_values=cache)
+        fast._step_logits(ids[:, :1], cache)
+        with AtenOps() as ops:
+            fast._step_logits(ids[:, 1:2], cache)
+    L = cfg.num_hidden_layers
+    assert ops.work() == {"embedding": 1, "mm": 4 * L + 1, "addmm": L}, ops.ops
+
+
+def test_triton_backend_refuses_to_record_gradients():
+    """The kernels are forward-only: with autograd recording, 'triton' raises (naming the backend
+    and the way out) instead of returning outputs whose gradients would silently be lost."""
+    layer = momtune.MoMAttention(hidden_size=32, head_dim=16, num_heads=2, num_memories=2, topk=1, backend="triton")
+    x = torch.randn(1, 3, 32, device=DEVICE)
+    layer.to(DEVICE)
+    if not INTERP and DEVICE == "cpu":
+        pytest.skip("the triton backend needs CUDA or the interpreter")
+    with pytest.raises(InputError, match="backend.*no_grad"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x)[0].shape == (1, 3, 32)
+
+
+@needs_kernels
+def test_auto_backend_trains_on_the_reference(monkeypatch):
+    """backend 'auto' with autograd recording runs the reference (says so once), so a training
+    step gets the gradients of every parameter."""
+    import momtune.model
+
+    monkeypatch.setattr(momtune.model, "_said", set())  # "once" per process: fresh for this test
+    cfg = momtune.MoMConfig.from_preset("tiny")
+    torch.manual_seed(1)
+    model = momtune.MoMForCausalLM(cfg, backend="auto").to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), device=DEVICE)
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
