@@ -142,6 +142,7 @@ class MoMAttention(nn.Module):
         layer starts from the cached state of entry ``layer_idx`` (0 if None) and updates it.
         """
         x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs)
+        valid = self._valid_tokens(attention_mask, x)
         B, T, D = x.shape
         E, M, H, K, V, W = self.num_memories, self.num_slots, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
 
@@ -150,9 +151,13 @@ class MoMAttention(nn.Module):
         if self.shared_mem:  # the shared memory is one more slot of every token, weight 1
             idx = torch.cat([idx, idx.new_full((B, T, 1), E)], dim=-1)
             w = torch.cat([w, torch.ones_like(w[..., :1])], dim=-1)
-        grouping = group(idx, M)  # segment s = b*M + m, time order inside
+        if valid is not None:  # padding joins no memory and reads nothing
+            w = w * valid[:, :, None]
+        grouping = group(idx, M, valid)  # segment s = b*M + m, time order inside
         cu = grouping.cu_seqlens
-        xp = x.reshape(B * T, D)[grouping.token_index]  # [Np, D], Np = B*T*J
+        n_rows = B * T * idx.shape[-1]
+        n_seg = n_rows if valid is None else int(cu[-1])  # rows in segments (masked ones follow)
+        xp = x.reshape(B * T, D)[grouping.token_index[:n_seg]]  # [Np, D], Np = B*T*J without padding
         row_mem = torch.repeat_interleave(torch.arange(B * M, device=x.device) % M, cu.diff())  # [Np]
 
         cache = MoMCache() if past_key_values is None and use_cache else past_key_values
@@ -185,6 +190,8 @@ class MoMAttention(nn.Module):
             cache.update(self._cache_key, final.reshape(B, M, H, K, V), win_q.reshape(B, M, W - 1, H * K),
                          win_k.reshape(B, M, W - 1, H * K), win_v.reshape(B, M, W - 1, H * V), T)
 
+        if n_seg < n_rows:  # the rows of masked tokens read as zeros (their weights are 0 too)
+            o = torch.cat([o, o.new_zeros(n_rows - n_seg, *o.shape[1:])])
         y = merge(o, grouping.slot, w)  # [B, T, H, V]
         y = self.o_norm(y, self.g_proj(x).view(B, T, H, V))
         return self.o_proj(y.reshape(B, T, H * V)), router_logits.reshape(B * T, E), cache
@@ -208,8 +215,6 @@ class MoMAttention(nn.Module):
     def _check_inputs(self, x: object, attention_mask: object, cache: object, kwargs: dict,
                       values: bool = True) -> torch.Tensor:
         """Metadata checks, and with ``values`` that hidden_states is finite (a host sync)."""
-        if attention_mask is not None:
-            raise InputError("attention_mask: padding masks are not supported yet; pass None (equal-length rows)")
         if kwargs:
             raise InputError(f"forward: unsupported keyword arguments {sorted(kwargs)} (e.g. cu_seqlens varlen input "
                              "is not supported; pass hidden_states [B, T, D])")
@@ -227,6 +232,23 @@ class MoMAttention(nn.Module):
         if values:
             check_tensor("hidden_states", x, finite=True)
         return x
+
+    def _valid_tokens(self, attention_mask: object, x: torch.Tensor) -> torch.Tensor | None:
+        """The padding mask of the current tokens as bool [B, T] (None: all valid). As fla's
+        MomAttention: attention_mask [B, T'] with T' >= T, its last T columns cover these tokens,
+        1 (or True) marks a real token; a padded token joins no memory and its output is 0."""
+        if attention_mask is None:
+            return None
+        B, T = x.shape[0], x.shape[1]
+        check_tensor("attention_mask", attention_mask, ndim=2)
+        assert isinstance(attention_mask, torch.Tensor)
+        if attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+            raise InputError(f"attention_mask: expected shape [{B}, T'] with T' >= {T} (the last {T} columns "
+                             f"cover these tokens), got {list(attention_mask.shape)}")
+        if attention_mask.device != x.device:
+            raise InputError(f"attention_mask: on {attention_mask.device}, hidden_states on {x.device}")
+        m = attention_mask[:, attention_mask.shape[1] - T:]
+        return m if m.dtype == torch.bool else m == 1
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

@@ -2,7 +2,8 @@
 
 Packed layout: segment ``s = b * E + m`` holds, in time order, the tokens of batch row ``b``
 routed to memory ``m``; segments lie back to back (``cu_seqlens`` over all B*E segments, empty
-ones kept), so the packed length is B*T*topk.
+ones kept), so the packed length is B*T*topk. Tokens masked out (padding) are in no segment:
+their rows follow the last segment (``cu_seqlens[-1]`` counts the rows in segments only).
 """
 from __future__ import annotations
 
@@ -37,12 +38,19 @@ def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w / w.sum(-1, keepdim=True), idx
 
 
-def group(idx: torch.Tensor, num_memories: int) -> Grouping:
-    """Stable grouping of routed tokens. idx [B, T, topk] (memory ids) -> :class:`Grouping`."""
+def group(idx: torch.Tensor, num_memories: int, valid: torch.Tensor | None = None) -> Grouping:
+    """Stable grouping of routed tokens. idx [B, T, topk] (memory ids) -> :class:`Grouping`.
+
+    ``valid`` [B, T] bool (optional): tokens that are False join no segment; their rows come
+    after every segment's, in (batch, time, choice) order.
+    """
     B, T, K = idx.shape
+    S = B * num_memories
     seg = (torch.arange(B, device=idx.device)[:, None, None] * num_memories + idx).reshape(-1)
-    counts = torch.bincount(seg, minlength=B * num_memories)
-    cu = torch.zeros(B * num_memories + 1, dtype=torch.int64, device=idx.device)
+    if valid is not None:
+        seg = torch.where(valid[:, :, None].expand(B, T, K).reshape(-1), seg, S)
+    counts = torch.bincount(seg, minlength=S + 1)[:S]
+    cu = torch.zeros(S + 1, dtype=torch.int64, device=idx.device)
     cu[1:] = counts.cumsum(0)
     order = torch.argsort(seg, stable=True)  # flattened (b, t, j) order -> time order inside a segment
     slot = torch.empty_like(order)

@@ -1,0 +1,100 @@
+"""Padding masks (attention_mask, as fla's MomAttention): a masked token joins no memory, reads
+and writes no state, and outputs 0; so a padded batch equals each row run alone without its
+padding, through prefill, cache and decode."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from momtune.reference.cache import MoMCache
+from tests.helpers import assert_close
+from tests.reference.common import make_layer
+
+B, T = 4, 11
+
+
+def make_mask(kind: str) -> torch.Tensor:
+    m = torch.ones(B, T, dtype=torch.int64)
+    if kind == "left-pad":
+        for b, pad in enumerate([0, 3, 10, 7]):
+            m[b, :pad] = 0
+    elif kind == "right-pad":
+        for b, pad in enumerate([2, 0, 5, 9]):
+            m[b, T - pad:] = 0
+    elif kind == "holes":
+        m = (torch.rand(B, T, generator=torch.Generator().manual_seed(5)) > 0.35).long()
+        m[0] = 1
+    elif kind == "empty-row":
+        m[1] = 0
+        m[2, ::2] = 0
+    return m
+
+
+KINDS = ["left-pad", "right-pad", "holes", "empty-row"]
+
+
+def run_alone(layer, x: torch.Tensor, keep: torch.Tensor):
+    """One row without its masked tokens (None if none is left), with a cache."""
+    if not bool(keep.any()):
+        return None
+    cache = MoMCache()
+    out, logits, _ = layer(x[None, keep], past_key_values=cache)
+    return out[0], cache[0]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "noshared"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_batch_equals_rows_without_padding(kind: str, shared: bool) -> None:
+    layer = make_layer(shared=shared, seed=2)
+    torch.manual_seed(3)
+    x = torch.randn(B, T, 24, dtype=torch.float64)
+    mask = make_mask(kind)
+    cache = MoMCache()
+    with torch.no_grad():
+        out, logits, _ = layer(x, attention_mask=mask, past_key_values=cache)
+        assert_close("router_logits", logits, layer.gate(x).reshape(B * T, -1), 1e-12, 1e-12)
+        for b in range(B):
+            keep = mask[b] == 1
+            assert torch.equal(out[b, ~keep], torch.zeros_like(out[b, ~keep])), "padding outputs 0"
+            alone = run_alone(layer, x[b], keep)
+            if alone is None:  # nothing real in this row: its memories stay empty
+                assert not cache[0].state[b].any() and not cache[0].conv_k[b].any()
+                continue
+            o, entry = alone
+            assert_close(f"o[{b}]", out[b, keep], o, 1e-12, 1e-12)
+            assert_close(f"state[{b}]", cache[0].state[b], entry.state[0], 1e-12, 1e-12)
+            for key in ("conv_q", "conv_k", "conv_v"):
+                assert_close(f"{key}[{b}]", getattr(cache[0], key)[b], getattr(entry, key)[0], 1e-12, 1e-12)
+
+
+def test_decode_after_padded_prefill_and_masked_step() -> None:
+    """Left-padded prefill, then decode steps with the growing mask (HF style): each row equals
+    its unpadded run; a step whose token is masked (row 2 at step 1) changes nothing of it."""
+    layer = make_layer(seed=4)
+    torch.manual_seed(6)
+    x = torch.randn(B, T + 3, 24, dtype=torch.float64)
+    mask = torch.cat([make_mask("left-pad"), torch.ones(B, 3, dtype=torch.int64)], dim=1)
+    mask[2, T + 1] = 0
+    cache = MoMCache()
+    with torch.no_grad():
+        outs = [layer(x[:, :T], attention_mask=mask[:, :T], past_key_values=cache)[0]]
+        for i in range(T, T + 3):
+            state_before = cache[0].state.clone()
+            outs.append(layer(x[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache)[0])
+            if i == T + 1:
+                assert torch.equal(cache[0].state[2], state_before[2]) and not outs[-1][2].any()
+        got = torch.cat(outs, dim=1)
+        for b in range(B):
+            keep = mask[b] == 1
+            o, entry = run_alone(layer, x[b], keep)
+            assert_close(f"o[{b}]", got[b, keep], o, 1e-12, 1e-12)
+            assert_close(f"state[{b}]", cache[0].state[b], entry.state[0], 1e-12, 1e-12)
+
+
+def test_all_ones_mask_changes_nothing() -> None:
+    layer = make_layer(seed=1)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    with torch.no_grad():
+        a = layer(x)[0]
+        b = layer(x, attention_mask=torch.ones(2, 9, dtype=torch.bool))[0]  # longer masks: last T columns
+    assert torch.equal(a, b)
