@@ -16,6 +16,13 @@ segment starts need only a scan inside the row. The scan costs O(blocks per row)
 keep ``T / BLOCK_T`` moderate (a few hundred) for very long sequences.
 
 Slot order: the top-k slots by descending probability (as ``torch.topk``), then the shared slot.
+
+Padding (``valid``, optional; constexpr HAS_MASK, so the unmasked kernels are unchanged): a
+masked token takes no memory (idx -1, weight 0 in every slot) and its J rows go after every
+segment's, in a tail that is a pseudo-memory M in the counts. Batch row b's segments then start
+at ``row_base[b]`` (J times the valid tokens of the rows before it), ``cu_seqlens[-1]`` counts
+the rows in segments, and tail rows carry memory 0 and segment B*M-1, so kernels that read every
+packed row (conv, gate) stay in bounds; nothing reads their results.
 """
 from __future__ import annotations
 
@@ -59,10 +66,11 @@ class RoutingResult(NamedTuple):
 
 @triton.jit
 def _route_count_kernel(
-    logits_ptr, w_ptr, idx_ptr, counts_ptr,
-    T, NB, stride_lb, stride_lt, stride_le,
+    logits_ptr, w_ptr, idx_ptr, counts_ptr, valid_ptr,
+    T, NB, stride_lb, stride_lt, stride_le, stride_vb,
     E: tl.constexpr, TOPK: tl.constexpr, SHARED: tl.constexpr, M: tl.constexpr, J: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    HAS_MASK: tl.constexpr, MC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -97,20 +105,26 @@ def _route_count_kernel(
         wt = tl.where(jr[None, :] == TOPK, 1.0, wt)
         it = tl.where(jr[None, :] == TOPK, E, it)
         sel += (mr[None, :] == E).to(tl.int32)
+    if HAS_MASK:  # count columns MC = M + 1: the memories, then the tail of masked tokens
+        ok = tl.load(valid_ptr + b * stride_vb + t, mask=tm, other=0) != 0
+        wt = tl.where(ok[:, None], wt, 0.0)
+        it = tl.where(ok[:, None], it, -1)
+        sel = tl.where(ok[:, None], sel, tl.where(mr[None, :] == M, J, 0))
     off = (b * T + t)[:, None] * J + jr[None, :]
     om = tm[:, None] & (jr[None, :] < J)
     tl.store(w_ptr + off, wt, mask=om)
     tl.store(idx_ptr + off, it, mask=om)
     cnt = tl.sum(tl.where(tm[:, None], sel, 0), 0)
-    tl.store(counts_ptr + (b * NB + pid_t) * M + mr, cnt, mask=mr < M)
+    tl.store(counts_ptr + (b * NB + pid_t) * MC + mr, cnt, mask=mr < MC)
 
 
 @triton.jit
 def _group_scatter_kernel(
-    idx_ptr, counts_ptr, cu_ptr, slot_ptr, tok_ptr, mem_ptr, seg_ptr,
+    idx_ptr, counts_ptr, cu_ptr, slot_ptr, tok_ptr, mem_ptr, seg_ptr, rowbase_ptr,
     B, T, NB,
     M: tl.constexpr, J: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, HAS_MASK: tl.constexpr,
+    MC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -120,15 +134,21 @@ def _group_scatter_kernel(
     before = tl.zeros([BLOCK_M], dtype=tl.int32)
     for c0 in range(0, NB, BLOCK_NB):
         blk = c0 + tl.arange(0, BLOCK_NB)
-        c = tl.load(counts_ptr + (b * NB + blk[:, None]) * M + mr[None, :],
-                    mask=(blk < NB)[:, None] & mm[None, :], other=0)
+        c = tl.load(counts_ptr + (b * NB + blk[:, None]) * MC + mr[None, :],
+                    mask=(blk < NB)[:, None] & (mr < MC)[None, :], other=0)
         tot += tl.sum(c, 0)
         before += tl.sum(tl.where(blk[:, None] < pid_t, c, 0), 0)
-    base = b * T * J + tl.cumsum(tot, 0) - tot  # segment starts of this batch row
+    if HAS_MASK:  # rows before this batch row's: the valid ones of earlier rows; the tail after all
+        rb = tl.load(rowbase_ptr + b + mr * 0)
+        n_seg = tl.load(rowbase_ptr + B + mr * 0)
+        base = rb + tl.cumsum(tot, 0) - tot
+        base = tl.where(mr == M, n_seg + b * T * J - rb, base)
+    else:
+        n_seg = tl.zeros([BLOCK_M], dtype=tl.int32) + B * T * J
+        base = b * T * J + tl.cumsum(tot, 0) - tot  # segment starts of this batch row
     first = (mr * 0 + pid_t) == 0  # (as a tensor: scalar masks are not portable)
     tl.store(cu_ptr + b * M + mr, base, mask=mm & first)
-    last = tl.zeros([BLOCK_M], dtype=tl.int32) + B * T * J
-    tl.store(cu_ptr + B * M + mr, last, mask=(mr + b == 0) & first)
+    tl.store(cu_ptr + B * M + mr, n_seg, mask=(mr + b == 0) & first)
     start = base + before
 
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -137,15 +157,25 @@ def _group_scatter_kernel(
     sel = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.int32)
     for j in tl.static_range(J):
         k = tl.load(idx_ptr + tok * J + j, mask=tm, other=BLOCK_M)
+        if HAS_MASK:
+            k = tl.where(k < 0, M, k)  # a masked token's slots go to the tail column
         sel += (mr[None, :] == k[:, None]).to(tl.int32)
     pos = start[None, :] + tl.cumsum(sel, 0) - sel  # stable rank inside the block
     for j in tl.static_range(J):
         k = tl.load(idx_ptr + tok * J + j, mask=tm, other=BLOCK_M)
+        if HAS_MASK:
+            k = tl.where(k < 0, M, k)
         row = tl.sum(tl.where(mr[None, :] == k[:, None], pos, 0), 1)
+        if HAS_MASK:  # a masked token's J slots share the tail column: J consecutive rows
+            row += tl.where(k == M, j, 0)
         tl.store(slot_ptr + tok * J + j, row, mask=tm)
         tl.store(tok_ptr + row, tok, mask=tm)
-        tl.store(mem_ptr + row, k, mask=tm)
-        tl.store(seg_ptr + row, b * M + k, mask=tm)
+        if HAS_MASK:  # tail rows: memory 0 and the last segment (in bounds for every reader)
+            tl.store(mem_ptr + row, tl.where(k == M, 0, k), mask=tm)
+            tl.store(seg_ptr + row, tl.where(k == M, B * M - 1, b * M + k), mask=tm)
+        else:
+            tl.store(mem_ptr + row, k, mask=tm)
+            tl.store(seg_ptr + row, b * M + k, mask=tm)
 
 
 @triton.jit
@@ -167,11 +197,13 @@ def route_and_group(
     shared: bool,
     config: Mapping[str, Any] | None = None,
     out: RoutingResult | Mapping[str, torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> RoutingResult:
     """logits [B, T, E] (any float dtype) -> :class:`RoutingResult` of the packed layout.
 
     ``out`` (optional) gives preallocated outputs by field name. Top-k ties pick the lower
-    memory index; NaN logits never win (the layout stays a valid permutation).
+    memory index; NaN logits never win (the layout stays a valid permutation). ``valid`` [B, T]
+    (bool, optional): padding; a False token joins no segment (see the module docstring).
     """
     check_tensor("logits", logits, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if not isinstance(shared, bool):
@@ -197,21 +229,43 @@ def route_and_group(
     if B == 0 or T == 0:
         res.cu_seqlens.zero_()
         return res
+    v8 = valid_flags(valid, B, T, dev)
+    MC = M + int(v8 is not None)
     BT = cfg["BLOCK_T"]
     NB = triton.cdiv(T, BT)
-    counts = torch.empty((B, NB, M), dtype=i32, device=dev)
+    counts = torch.empty((B, NB, MC), dtype=i32, device=dev)
     grid = (NB, B)
-    meta = dict(BLOCK_T=BT, BLOCK_M=triton.next_power_of_2(M), num_warps=cfg["num_warps"])
+    meta = dict(BLOCK_T=BT, BLOCK_M=triton.next_power_of_2(MC), num_warps=cfg["num_warps"],
+                HAS_MASK=v8 is not None, MC=MC)
     _route_count_kernel[grid](
-        logits, res.weights, res.idx, counts, T, NB, *logits.stride(),
+        logits, res.weights, res.idx, counts, logits if v8 is None else v8, T, NB, *logits.stride(),
+        0 if v8 is None else v8.stride(0),
         E=E, TOPK=topk, SHARED=shared, M=M, J=J,
         BLOCK_E=triton.next_power_of_2(E), BLOCK_J=triton.next_power_of_2(J), **meta,
     )
+    if v8 is None:
+        row_base = counts  # (unused)
+    else:  # J x the valid tokens of the rows before each batch row, then of all rows
+        row_base = torch.zeros(B + 1, dtype=i32, device=dev)
+        torch.cumsum(v8.sum(1, dtype=i32) * J, 0, dtype=i32, out=row_base[1:])
     _group_scatter_kernel[grid](
-        res.idx, counts, res.cu_seqlens, res.slot, res.token_index, res.row_mem, res.row_seg,
+        res.idx, counts, res.cu_seqlens, res.slot, res.token_index, res.row_mem, res.row_seg, row_base,
         B, T, NB, M=M, J=J, BLOCK_NB=min(triton.next_power_of_2(NB), SCAN_CHUNK), **meta,
     )
     return res
+
+
+def valid_flags(valid: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """The padding mask [B, T] as a uint8 view the kernels read (no copy for a bool tensor with
+    contiguous rows); None stays None."""
+    if valid is None:
+        return None
+    check_tensor("valid", valid, shape=(B, T), dtypes=(torch.bool,))
+    if valid.device != device:
+        raise InputError(f"valid: on {valid.device}, logits on {device}")
+    if T and valid.stride(-1) != 1:
+        valid = valid.contiguous()
+    return valid.view(torch.uint8)
 
 
 def gather_rows(

@@ -16,7 +16,7 @@ from momtune.checks import check_int, check_tensor
 from momtune.errors import InputError
 
 from .common import output_tensor, require_triton_device, resolve_config
-from .routing import DEFAULT_CONFIG, _route_count_kernel
+from .routing import DEFAULT_CONFIG, _route_count_kernel, valid_flags
 
 
 def route_topk(
@@ -26,11 +26,13 @@ def route_topk(
     shared: bool,
     config: Mapping[str, Any] | None = None,
     out: Mapping[str, torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, T, E] (any float dtype, any strides) -> (weights [B, T, J] float32, idx [B, T, J]
     int32) exactly as :func:`route_and_group` gives them, in one launch: each decode token reads
     its memories' states directly, so the packed layout is not built. ``out`` (optional) holds
-    preallocated ``weights``/``idx``."""
+    preallocated ``weights``/``idx``; ``valid`` [B, T] bool (optional): a False (padding) token
+    gets idx -1 and weight 0 in every slot."""
     check_tensor("logits", logits, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if not isinstance(shared, bool):
         raise InputError(f"shared: expected a bool, got {shared!r}")
@@ -43,12 +45,15 @@ def route_topk(
     idx = output_tensor(out, "idx", (B, T, J), torch.int32, dev)
     if B == 0 or T == 0:
         return weights, idx
+    v8 = valid_flags(valid, B, T, dev)
+    MC = M + int(v8 is not None)
     NB = triton.cdiv(T, cfg["BLOCK_T"])
-    counts = torch.empty((B, NB, M), dtype=torch.int32, device=dev)  # written by the kernel, unused here
+    counts = torch.empty((B, NB, MC), dtype=torch.int32, device=dev)  # written by the kernel, unused here
     _route_count_kernel[(NB, B)](
-        logits, weights, idx, counts, T, NB, *logits.stride(),
+        logits, weights, idx, counts, logits if v8 is None else v8, T, NB, *logits.stride(),
+        0 if v8 is None else v8.stride(0),
         E=E, TOPK=topk, SHARED=shared, M=M, J=J, BLOCK_E=triton.next_power_of_2(E),
-        BLOCK_J=triton.next_power_of_2(J), BLOCK_T=cfg["BLOCK_T"], BLOCK_M=triton.next_power_of_2(M),
-        num_warps=cfg["num_warps"],
+        BLOCK_J=triton.next_power_of_2(J), BLOCK_T=cfg["BLOCK_T"], BLOCK_M=triton.next_power_of_2(MC),
+        num_warps=cfg["num_warps"], HAS_MASK=v8 is not None, MC=MC,
     )
     return weights, idx

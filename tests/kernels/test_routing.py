@@ -106,12 +106,78 @@ def test_route_topk_from_strided_logits(sh: bool) -> None:
     assert torch.equal(idx, full.idx) and torch.equal(weights, full.weights)
 
 
+MASKED = [  # (B, T, E, topk, shared, BLOCK_T, mask)
+    (3, 13, 4, 2, True, 4, "left-pad"),
+    (2, 21, 3, 1, False, 8, "holes"),
+    (3, 9, 4, 4, True, 16, "empty-row"),
+    (2, 5, 4, 2, True, 4, "all-masked"),
+    (1, 7, 5, 3, False, 2, "none-masked"),
+]
+
+
+def make_valid(B: int, T: int, kind: str) -> torch.Tensor:
+    v = torch.ones(B, T, dtype=torch.bool)
+    if kind == "left-pad":
+        for b in range(B):
+            v[b, :3 * b] = False
+    elif kind == "holes":
+        v = torch.rand(B, T, generator=torch.Generator().manual_seed(T)) > 0.4
+    elif kind == "empty-row":
+        v[1] = False
+        v[2, 1::3] = False
+    elif kind == "all-masked":
+        v[:] = False
+    return v
+
+
+@pytest.mark.parametrize("case", MASKED, ids=lambda c: case_id(c[:6] + (None,)) + f"-{c[6]}")
+def test_padding_mask_layout(case: tuple) -> None:
+    """Padding joins no segment: every output equals the reference layout with the mask (padding
+    rows after the segments, in token order, memory 0, segment B*M-1), with outputs poisoned
+    first; the slots still form a permutation of all B*T*J rows; route_topk agrees."""
+    B, T, E, k, sh, bt, kind = case
+    logits = make_logits(B, T, E, None, seed=B * 100 + T)
+    valid = make_valid(B, T, kind)
+    out = poisoned_out(B, T, E, k, sh)
+    cfg = {"BLOCK_T": bt, "num_warps": 1}
+    res = route_and_group(logits, k, shared=sh, config=cfg, out=out, valid=valid)
+    ref = reference_layout(logits.double(), k, sh, valid)
+    assert_close("weights", res.weights, ref["weights"], 1e-5, 1e-5)
+    for name in INTS:
+        got = getattr(res, name)
+        assert torch.equal(got.long(), ref[name].long()), f"{name}: {got.tolist()} != {ref[name].tolist()}"
+    J = k + sh
+    assert int(res.cu_seqlens[-1]) == int(valid.sum()) * J
+    assert torch.equal(torch.sort(res.slot.flatten().long()).values, torch.arange(B * T * J))
+    w, i = route_topk(logits, k, shared=sh, config=cfg, valid=valid)
+    assert torch.equal(w, res.weights) and torch.equal(i, res.idx)
+
+
+def test_padding_mask_is_checked() -> None:
+    logits = make_logits(2, 5, 4, None, seed=1)
+    with pytest.raises(InputError, match="valid"):
+        route_and_group(logits, 2, shared=True, valid=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(InputError, match="valid"):
+        route_topk(logits, 2, shared=True, valid=torch.ones(2, 5))
+
+
 def test_count_scan_in_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     import momtune.kernels.routing.routing as mod
 
     monkeypatch.setattr(mod, "SCAN_CHUNK", 4)  # 10 blocks per row -> 3 scan steps
     logits = make_logits(2, 37, 4, "empty", seed=2)
     check_layout(route_and_group(logits, 2, shared=True, config={"BLOCK_T": 4, "num_warps": 1}), logits, 2, True)
+
+
+def test_padding_mask_with_count_scan_in_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import momtune.kernels.routing.routing as mod
+
+    monkeypatch.setattr(mod, "SCAN_CHUNK", 4)
+    logits, valid = make_logits(3, 37, 4, None, seed=4), make_valid(3, 37, "holes")
+    res = route_and_group(logits, 2, shared=True, config={"BLOCK_T": 4, "num_warps": 1}, valid=valid)
+    ref = reference_layout(logits.double(), 2, True, valid)
+    for name in INTS:
+        assert torch.equal(getattr(res, name).long(), ref[name].long()), name
 
 
 def test_route_float16_logits_and_default_config() -> None:
