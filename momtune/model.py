@@ -179,10 +179,11 @@ class MoMAttention(ref_layer.MoMAttention):
                               "backend always runs its chunked kernel")
         cache = MoMCache() if past_key_values is None and use_cache else past_key_values
         entry = self._cache_entry(cache, x) if cache is not None else None
+        valid = self._valid_tokens(attention_mask, x)
         if entry is not None and x.shape[1] == 1:
-            out, logits = self._decode(x, entry)
+            out, logits = self._decode(x, entry, valid)
         else:
-            out, logits = self._prefill(x, entry)
+            out, logits = self._prefill(x, entry, valid)
         if entry is not None:
             entry.seen_tokens += x.shape[1]
         return out, logits, cache
@@ -210,7 +211,8 @@ class MoMAttention(ref_layer.MoMAttention):
         k, v, b, a = per
         return q, gate, logits, k, v, b, a
 
-    def _prefill(self, x: torch.Tensor, entry: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, x: torch.Tensor, entry: LayerCache | None,
+                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from momtune.kernels.conv.conv import gate_prep, segment_conv
         from momtune.kernels.merge.merge import merge_prefill
         from momtune.kernels.recurrence.chunk import chunk_recurrence
@@ -221,7 +223,7 @@ class MoMAttention(ref_layer.MoMAttention):
         J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
         q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B * T, D))
         logits = logits.contiguous()  # a copy: a view would keep the whole projection alive
-        r = route_and_group(logits.view(B, T, E), self.topk, shared=self.shared_mem,
+        r = route_and_group(logits.view(B, T, E), self.topk, shared=self.shared_mem, valid=valid,
                             config=self._config("routing", dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D), dt))
         Np = B * T * J
         idx = (r.token_index, r.row_mem, r.row_seg, r.cu_seqlens)
@@ -242,16 +244,19 @@ class MoMAttention(ref_layer.MoMAttention):
         g, beta = gate_prep(a_in, b_in, r.token_index, r.row_mem, self.A_log, self.dt_bias)
         state = None if entry is None else entry.state.view(B * M, H, K, V)
         cfg = self._config("recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt)
+        # with padding, its rows (after the segments) are never written: zeros, read with weight 0
+        o_buf = None if valid is None else torch.zeros(Np, H, V, dtype=dt, device=x.device)
         o, final = chunk_recurrence(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, r.cu_seqlens,
                                     rule="gated_delta", initial_state=state, output_final_state=entry is not None,
-                                    use_qk_l2norm=True, config=cfg)
+                                    use_qk_l2norm=True, config=cfg, out=o_buf)
         if entry is not None:
             entry.state.copy_(final.view_as(entry.state))
         cfg = self._config("merge", dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1), dt)
         y = merge_prefill(o, r.slot, r.weights, gate=gate, norm_weight=self.o_norm.weight, eps=self.norm_eps, config=cfg)
         return F.linear(y.reshape(B, T, H * V), self.o_proj.weight), logits.view(B * T, E)
 
-    def _decode(self, x: torch.Tensor, entry: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, x: torch.Tensor, entry: LayerCache,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from momtune.kernels.decode.step import decode_step
         from momtune.kernels.routing.topk import route_topk
 
@@ -261,7 +266,7 @@ class MoMAttention(ref_layer.MoMAttention):
         # routing reads the logits through their strides, and the decode-sized projection is small
         # enough to stay alive with the returned logits view: no copy launch
         q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B, D))
-        weights, idx = route_topk(logits.view(B, 1, E), self.topk, shared=self.shared_mem,
+        weights, idx = route_topk(logits.view(B, 1, E), self.topk, shared=self.shared_mem, valid=valid,
                                   config=self._config("routing", dict(B=B, T=1, E=E, topk=self.topk, shared=sh, D=D), dt))
         cfg = self._config("decode", dict(B=B, H=H, K=K, V=V, E=E, topk=self.topk, shared=sh), dt)
         y = decode_step(q_in, k_in, v_in, a_in, b_in, idx.view(B, J), weights.view(B, J), entry.state,

@@ -110,6 +110,35 @@ def test_fused_projection_views_are_aligned(p):
 
 
 @needs_kernels
+@pytest.mark.parametrize("p", [LAYERS[0], LAYERS[1], LAYERS[3]], ids=_ids)
+def test_padding_mask_prefill_then_decode_matches_reference(p):
+    """attention_mask (fla's padding semantics) through prefill, cache and decode: outputs,
+    router logits and the cache equal the reference's; padded tokens output exactly 0."""
+    fast, ref = _layers(p, seed=7)
+    B, T = p["B"], p["T"]
+    x = torch.randn(B, T + 2, 32, device=DEVICE)
+    mask = torch.ones(B, T + 2, dtype=torch.long, device=DEVICE)
+    mask[0, : T // 2] = 0  # left padding
+    mask[-1, 1] = 0  # a hole
+    if B > 1:
+        mask[1, T + 1] = 0  # a padded decode step
+    with torch.no_grad():
+        c_fast, c_ref = MoMCache(), MoMCache()
+        got = [fast(x[:, :T], attention_mask=mask[:, :T], past_key_values=c_fast)]
+        want = [ref(x[:, :T], attention_mask=mask[:, :T], past_key_values=c_ref)]
+        for i in range(T, T + 2):
+            got.append(fast(x[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=c_fast))
+            want.append(ref(x[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=c_ref))
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"o step {step}", g[0], w[0], 2e-3, 2e-3)
+        assert_close(f"router_logits step {step}", g[1], w[1], 1e-4, 1e-4)
+    o = torch.cat([g[0] for g in got], dim=1)
+    assert not o[mask == 0].any(), "padded tokens output 0"
+    assert_close("cache.state", c_fast[0].state, c_ref[0].state, 2e-3, 2e-3)
+    assert_close("cache.conv_k", c_fast[0].conv_k, c_ref[0].conv_k, 1e-6, 1e-6)
+
+
+@needs_kernels
 def test_fast_path_runs_no_pytorch_glue(monkeypatch):
     """With metadata-only input checks (the CUDA default), a prefill is the two GEMMs (fused
     projection, o_proj) and the copy of the returned router logits, and a decode step is the two
