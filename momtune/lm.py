@@ -63,9 +63,10 @@ class MoMBlock(ref_model.MoMBlock):
         self.backend, self._configs = backend, {}
         return self
 
-    def forward(self, x: torch.Tensor, cache: MoMCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cache: MoMCache | None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if resolve_backend(self.backend, x, self) == "reference":
-            return super().forward(x, cache)
+            return super().forward(x, cache, attention_mask)
         from momtune.kernels.norm import add_rms_norm
         from momtune.kernels.swiglu import swiglu
 
@@ -74,7 +75,7 @@ class MoMBlock(ref_model.MoMBlock):
         x2 = x.reshape(N, D)
         h, _ = add_rms_norm(x2, self.attn_norm.weight, eps=self.attn_norm.eps,
                             config=cached_config(self._configs, "norm", dict(N=N, D=D, residual=0), dt))
-        o, router_logits, _ = self.attn(h.view(B, T, D), past_key_values=cache)
+        o, router_logits, _ = self.attn(h.view(B, T, D), attention_mask, past_key_values=cache)
         h, x2 = add_rms_norm(o.reshape(N, D), self.mlp_norm.weight, residual=x2, eps=self.mlp_norm.eps,
                              config=cached_config(self._configs, "norm", dict(N=N, D=D, residual=1), dt))
         I = mlp.gate_proj.weight.shape[0]
@@ -107,16 +108,19 @@ class MoMForCausalLM(ref_model.MoMForCausalLM):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 cuda_graph: bool = True) -> torch.Tensor:
-        """As the reference's ``generate``; on CUDA with the Triton backend the decode step of the
-        whole model runs as one CUDA graph replay (the cache is updated in place)."""
-        use_graph = (cuda_graph and input_ids.is_cuda and max_new_tokens > 1
+                 attention_mask: torch.Tensor | None = None, cuda_graph: bool = True) -> torch.Tensor:
+        """As the reference's ``generate`` (left-padded prompts with ``attention_mask``); on CUDA
+        with the Triton backend the decode step of the whole model runs as one CUDA graph replay
+        (the cache is updated in place)."""
+        use_graph = (cuda_graph and isinstance(input_ids, torch.Tensor) and input_ids.is_cuda
+                     and isinstance(max_new_tokens, int) and max_new_tokens > 1
                      and resolve_backend(self.backend, self.lm_head.weight) == "triton")
         if not use_graph:
-            return super().generate(input_ids, max_new_tokens, do_sample, temperature, top_k, generator)
-        self._check_ids("input_ids", input_ids)
+            return super().generate(input_ids, max_new_tokens, do_sample, temperature, top_k, generator,
+                                    attention_mask)
+        self._check_generate(input_ids, max_new_tokens, temperature, top_k)
         cache = MoMCache()
-        logits = self(input_ids, past_key_values=cache).logits[:, -1]
+        logits = self(input_ids, past_key_values=cache, attention_mask=attention_mask).logits[:, -1]
         graph = DecodeGraph(self, cache, input_ids.shape[0], input_ids.dtype)
         out = [input_ids]
         for step in range(max_new_tokens):

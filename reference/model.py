@@ -28,11 +28,13 @@ IGNORE_INDEX = -100
 INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss over the logits of all layers.
 
     router_logits: per layer [N, E] (N = B*T tokens), concatenated along N. With p = softmax(logits),
     f[j, e] = mean_n onehot(topk(p)[n, j])[e] and P[e] = mean_n p[n, e]:  loss = E * sum_{j,e} f[j, e] P[e].
+    ``valid`` [N] bool (optional): the means run over the valid (unpadded) tokens only.
     """
     if not isinstance(router_logits, (tuple, list)) or not router_logits:
         raise InputError("router_logits: expected a non-empty tuple of [N, E] tensors (one per layer)")
@@ -41,8 +43,13 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     check_int("top_k", top_k, lo=1, hi=num_experts)
     p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [N, E]
     selected = torch.topk(p, top_k, dim=-1).indices  # [N, top_k]
-    tokens_per_expert = F.one_hot(selected, num_experts).to(p.dtype).mean(0)  # [top_k, E]
-    router_prob = p.mean(0)  # [E]
+    hot = F.one_hot(selected, num_experts).to(p.dtype)  # [N, top_k, E]
+    if valid is None:
+        tokens_per_expert, router_prob = hot.mean(0), p.mean(0)  # [top_k, E], [E]
+    else:
+        w = valid.to(p.device, p.dtype).repeat(len(router_logits))  # the same tokens in every layer
+        w = w / w.sum().clamp_min(1)
+        tokens_per_expert, router_prob = (hot * w[:, None, None]).sum(0), (p * w[:, None]).sum(0)
     return num_experts * (tokens_per_expert * router_prob[None]).sum()
 
 
@@ -86,9 +93,10 @@ class MoMBlock(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp = MoMMLP(c.hidden_size, c.mlp_width)
 
-    def forward(self, x: torch.Tensor, cache: MoMCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cache: MoMCache | None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> (x' [B, T, D], router_logits [B*T, E])."""
-        o, router_logits, _ = self.attn(self.attn_norm(x), past_key_values=cache)
+        o, router_logits, _ = self.attn(self.attn_norm(x), attention_mask, past_key_values=cache)
         x = x + o
         return x + self.mlp(self.mlp_norm(x)), router_logits
 
@@ -160,10 +168,13 @@ class MoMForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         past_key_values: MoMCache | None = None,
         use_cache: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> MoMCausalLMOutput:
         """input_ids [B, T] -> logits [B, T, vocab] (+ loss with labels [B, T]; -100 = ignored).
 
         With ``past_key_values`` (or ``use_cache=True``) every layer continues from / updates the cache.
+        ``attention_mask`` [B, T'] (T' >= T, last T columns; 1 = token, 0 = padding) as fla's: padding
+        joins no memory in any layer and the aux loss skips it (give its labels -100).
         """
         self._check_ids("input_ids", input_ids)
         if past_key_values is not None and not isinstance(past_key_values, MoMCache):
@@ -172,7 +183,7 @@ class MoMForCausalLM(nn.Module):
         x = self.model.embeddings(input_ids)
         router_logits = []
         for block in self.model.layers:
-            x, r = block(x, cache)
+            x, r = block(x, cache, attention_mask)
             router_logits.append(r)
         logits = self.lm_head(self.model.norm(x))
         loss = aux_loss = None
@@ -181,7 +192,11 @@ class MoMForCausalLM(nn.Module):
             shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
             lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(lf.reshape(-1, lf.shape[-1]), shifted.reshape(-1).long(), ignore_index=IGNORE_INDEX)
-            aux_loss = load_balancing_loss(tuple(router_logits), self.config.num_memories, self.config.topk)
+            valid = None
+            if attention_mask is not None:
+                valid = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:].reshape(-1)
+                valid = valid if valid.dtype == torch.bool else valid == 1
+            aux_loss = load_balancing_loss(tuple(router_logits), self.config.num_memories, self.config.topk, valid)
             loss = loss + self.config.aux_loss_scale * aux_loss.to(loss.dtype)
         return MoMCausalLMOutput(loss, logits, aux_loss, tuple(router_logits), cache)
 
@@ -194,29 +209,36 @@ class MoMForCausalLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefill input_ids [B, T] into a fresh cache, then decode one token at a time.
 
         Returns [B, T + max_new_tokens]. Greedy unless ``do_sample`` (softmax(logits / temperature),
         restricted to the ``top_k`` largest logits if given, drawn with ``generator``).
+        ``attention_mask`` [B, T]: prompts of different lengths, left-padded (0 = padding); the
+        generated tokens are all real.
         """
-        self._check_ids("input_ids", input_ids)
-        check_int("max_new_tokens", max_new_tokens, lo=0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
-        if top_k is not None:
-            check_int("top_k", top_k, lo=1, hi=self.config.vocab_size)
+        self._check_generate(input_ids, max_new_tokens, temperature, top_k)
         out = [input_ids]
         if max_new_tokens == 0:
             return input_ids
         cache = MoMCache()
-        logits = self(input_ids, past_key_values=cache).logits[:, -1]
+        logits = self(input_ids, past_key_values=cache, attention_mask=attention_mask).logits[:, -1]
         for step in range(max_new_tokens):
             nxt = self._pick(logits, do_sample, temperature, top_k, generator).to(input_ids.dtype)  # [B]
             out.append(nxt[:, None])
             if step + 1 < max_new_tokens:
                 logits = self(nxt[:, None], past_key_values=cache).logits[:, -1]
         return torch.cat(out, dim=1)
+
+    def _check_generate(self, input_ids: object, max_new_tokens: object, temperature: object,
+                        top_k: object) -> None:
+        self._check_ids("input_ids", input_ids)
+        check_int("max_new_tokens", max_new_tokens, lo=0)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
+        if top_k is not None:
+            check_int("top_k", top_k, lo=1, hi=self.config.vocab_size)
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,

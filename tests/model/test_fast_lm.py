@@ -110,3 +110,29 @@ def test_auto_backend_trains_on_the_reference(monkeypatch):
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+@needs_kernels
+def test_left_padded_batch_matches_reference():
+    """attention_mask through the fast LM: logits at real tokens and left-padded generation equal
+    the reference's."""
+    cfg, fast, ref = _pair(seed=5)
+    ids = torch.randint(1, cfg.vocab_size, (3, 7), device=DEVICE)
+    mask = torch.ones(3, 7, dtype=torch.long, device=DEVICE)
+    mask[1, :4] = 0
+    mask[2, :6] = 0
+    with torch.no_grad():
+        got = fast(ids, attention_mask=mask).logits
+        want = ref(ids, attention_mask=mask).logits
+    real = mask == 1
+    assert_close("logits", got[real], want[real], 2e-3, 2e-3)
+    assert torch.equal(fast.generate(ids, 3, attention_mask=mask), ref.generate(ids, 3, attention_mask=mask))
+
+
+def test_generate_checks_its_arguments_on_every_path():
+    cfg, fast, _ = _pair()
+    ids = torch.randint(0, cfg.vocab_size, (1, 3), device=DEVICE)
+    with pytest.raises(InputError, match="temperature"):
+        fast.generate(ids, 3, do_sample=True, temperature=0.0)
+    with pytest.raises(InputError, match="top_k"):
+        fast.generate(ids, 3, do_sample=True, top_k=0)

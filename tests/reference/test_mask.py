@@ -98,3 +98,39 @@ def test_all_ones_mask_changes_nothing() -> None:
         a = layer(x)[0]
         b = layer(x, attention_mask=torch.ones(2, 9, dtype=torch.bool))[0]  # longer masks: last T columns
     assert torch.equal(a, b)
+
+
+def test_lm_left_padded_generate_equals_each_prompt_alone() -> None:
+    """Batched generation of prompts of different lengths (left padding) gives each prompt's own
+    greedy continuation; the aux loss counts only real tokens."""
+    from momtune.reference.config import MoMConfig
+    from momtune.reference.model import MoMForCausalLM
+
+    torch.manual_seed(0)
+    model = MoMForCausalLM(MoMConfig.from_preset("tiny")).double().eval()
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.attn.gate.weight.normal_(0, 0.5)
+    V = model.config.vocab_size
+    prompts = [torch.randint(1, V, (n,)) for n in (6, 2, 4)]
+    L = max(p.numel() for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - p.numel():], mask[b, L - p.numel():] = p, 1
+    out = model.generate(ids, 5, attention_mask=mask)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], 5)
+        assert torch.equal(out[b, L:], alone[0, p.numel():]), f"prompt {b}"
+    labels = torch.where(mask == 1, ids, -100)
+    with torch.no_grad():
+        padded = model(ids, labels=labels, attention_mask=mask)
+        real = [model(p[None], labels=p[None]) for p in prompts]
+    assert padded.aux_loss is not None and torch.isfinite(padded.aux_loss)
+    # padding does not enter the aux loss: scrambling the padded tokens' ids leaves it unchanged
+    scrambled = torch.where(mask == 1, ids, torch.randint(1, V, ids.shape))
+    with torch.no_grad():
+        again = model(scrambled, labels=labels, attention_mask=mask)
+    assert_close("aux_loss", again.aux_loss, padded.aux_loss, 1e-12, 1e-12)
+    # (the CE loss does change: the last pad position predicts the first real token, as in HF)
+    assert all(torch.isfinite(r.loss) for r in real)
