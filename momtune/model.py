@@ -163,6 +163,8 @@ class MoMAttention(ref_layer.MoMAttention):
         output_attentions: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
+        if "cu_seqlens" in kwargs:  # packed sequences: run as padded rows (reference.layer)
+            return self._forward_varlen(hidden_states, attention_mask, past_key_values, use_cache, kwargs)
         backend = resolve_backend(self.backend, hidden_states, self)
         if backend == "reference":
             return super().forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions, **kwargs)

@@ -141,6 +141,8 @@ class MoMAttention(nn.Module):
         With ``past_key_values`` (or ``use_cache=True``, which creates a :class:`MoMCache`), the
         layer starts from the cached state of entry ``layer_idx`` (0 if None) and updates it.
         """
+        if "cu_seqlens" in kwargs:
+            return self._forward_varlen(hidden_states, attention_mask, past_key_values, use_cache, kwargs)
         x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs)
         valid = self._valid_tokens(attention_mask, x)
         B, T, D = x.shape
@@ -216,8 +218,8 @@ class MoMAttention(nn.Module):
                       values: bool = True) -> torch.Tensor:
         """Metadata checks, and with ``values`` that hidden_states is finite (a host sync)."""
         if kwargs:
-            raise InputError(f"forward: unsupported keyword arguments {sorted(kwargs)} (e.g. cu_seqlens varlen input "
-                             "is not supported; pass hidden_states [B, T, D])")
+            raise InputError(f"forward: unsupported keyword arguments {sorted(kwargs)} (accepted: attention_mask, "
+                             "past_key_values, use_cache, output_attentions, cu_seqlens)")
         if cache is not None and not isinstance(cache, MoMCache):
             raise InputError(f"past_key_values: expected a MoMCache or None, got {type(cache).__name__}")
         check_tensor("hidden_states", x, ndim=3, dtypes=FLOAT_DTYPES)
@@ -232,6 +234,38 @@ class MoMAttention(nn.Module):
         if values:
             check_tensor("hidden_states", x, finite=True)
         return x
+
+    def _forward_varlen(self, x: object, attention_mask: object, cache: object, use_cache: bool,
+                        kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
+        """Packed sequences (fla's ``cu_seqlens``): hidden_states [1, N, D] holds sequence i at
+        rows cu_seqlens[i]:cu_seqlens[i+1]. They run as padded rows [S, max length] with an
+        attention mask (the cache, if any, holds one row per sequence) and come back packed:
+        (o [1, N, D], router_logits [N, E], cache). Reads cu_seqlens on the host."""
+        from momtune.checks import check_cu_seqlens
+
+        kwargs = dict(kwargs)
+        cu = kwargs.pop("cu_seqlens")
+        if attention_mask is not None:
+            raise InputError("attention_mask: give either attention_mask (padded rows) or cu_seqlens (packed "
+                             "sequences), not both")
+        check_tensor("hidden_states", x, ndim=3, dtypes=FLOAT_DTYPES)
+        assert isinstance(x, torch.Tensor)
+        if x.shape[0] != 1:
+            raise InputError(f"hidden_states: with cu_seqlens the sequences are packed along dim 1; expected "
+                             f"shape [1, N, D], got {list(x.shape)}")
+        N, D = x.shape[1], x.shape[2]
+        cu = check_cu_seqlens("cu_seqlens", cu, N).to(x.device, torch.int64)
+        S = cu.numel() - 1
+        rows = torch.arange(N, device=x.device)
+        seq = torch.searchsorted(cu[1:], rows, right=True)
+        pos = rows - cu[seq]
+        T = max(1, int((cu[1:] - cu[:-1]).max()))
+        padded = x.new_zeros(S, T, D)
+        padded[seq, pos] = x[0]
+        mask = torch.zeros(S, T, dtype=torch.bool, device=x.device)
+        mask[seq, pos] = True
+        o, logits, cache = self(padded, mask, cache, use_cache, **kwargs)
+        return o[seq, pos][None], logits.view(S, T, -1)[seq, pos], cache
 
     def _valid_tokens(self, attention_mask: object, x: torch.Tensor) -> torch.Tensor | None:
         """The padding mask of the current tokens as bool [B, T] (None: all valid). As fla's

@@ -139,6 +139,24 @@ def test_padding_mask_prefill_then_decode_matches_reference(p):
 
 
 @needs_kernels
+def test_packed_sequences_match_reference():
+    """cu_seqlens input (lengths 6, 0, 1, 4) and a one-token-per-sequence decode step."""
+    fast, ref = _layers(LAYERS[0], seed=9)
+    cu = torch.tensor([0, 6, 6, 7, 11], device=DEVICE)
+    x, step = torch.randn(1, 11, 32, device=DEVICE), torch.randn(1, 4, 32, device=DEVICE)
+    with torch.no_grad():
+        c_fast, c_ref = MoMCache(), MoMCache()
+        got = fast(x, past_key_values=c_fast, cu_seqlens=cu)
+        want = ref(x, past_key_values=c_ref, cu_seqlens=cu)
+        got_step = fast(step, past_key_values=c_fast, cu_seqlens=torch.arange(5, device=DEVICE))
+        want_step = ref(step, past_key_values=c_ref, cu_seqlens=torch.arange(5, device=DEVICE))
+    assert_close("o", got[0], want[0], 2e-3, 2e-3)
+    assert_close("router_logits", got[1], want[1], 1e-4, 1e-4)
+    assert_close("o(step)", got_step[0], want_step[0], 2e-3, 2e-3)
+    assert_close("cache.state", c_fast[0].state, c_ref[0].state, 2e-3, 2e-3)
+
+
+@needs_kernels
 def test_fast_path_runs_no_pytorch_glue(monkeypatch):
     """With metadata-only input checks (the CUDA default), a prefill is the two GEMMs (fused
     projection, o_proj) and the copy of the returned router logits, and a decode step is the two

@@ -186,8 +186,14 @@ BAD_INPUT = [
      "attention_mask"),
     ("mask-3d", lambda: torch.randn(1, 5, 24, dtype=torch.float64), {"attention_mask": torch.ones(1, 5, 5)},
      "attention_mask"),
-    ("cu_seqlens", lambda: torch.randn(1, 5, 24, dtype=torch.float64), {"cu_seqlens": torch.tensor([0, 5])},
+    ("cu_seqlens-end", lambda: torch.randn(1, 5, 24, dtype=torch.float64), {"cu_seqlens": torch.tensor([0, 4])},
      "cu_seqlens"),
+    ("cu_seqlens-rows", lambda: torch.randn(2, 5, 24, dtype=torch.float64), {"cu_seqlens": torch.tensor([0, 5])},
+     "hidden_states"),
+    ("cu_seqlens-and-mask", lambda: torch.randn(1, 5, 24, dtype=torch.float64),
+     {"cu_seqlens": torch.tensor([0, 5]), "attention_mask": torch.ones(1, 5)}, "attention_mask"),
+    ("unknown-kwarg", lambda: torch.randn(1, 5, 24, dtype=torch.float64), {"position_ids": torch.arange(5)},
+     "position_ids"),
     ("cache-type", lambda: torch.randn(1, 5, 24, dtype=torch.float64), {"past_key_values": {}}, "past_key_values"),
 ]
 

@@ -134,3 +134,28 @@ def test_lm_left_padded_generate_equals_each_prompt_alone() -> None:
     assert_close("aux_loss", again.aux_loss, padded.aux_loss, 1e-12, 1e-12)
     # (the CE loss does change: the last pad position predicts the first real token, as in HF)
     assert all(torch.isfinite(r.loss) for r in real)
+
+
+def test_packed_sequences_equal_each_sequence_alone() -> None:
+    """cu_seqlens (fla's varlen input): hidden_states [1, N, D] with sequences of lengths 5, 0, 1
+    and 9 gives each sequence's own output and cache row; a decode step with one token per
+    sequence (cu_seqlens = 0..S) continues every sequence."""
+    layer = make_layer(seed=8)
+    torch.manual_seed(9)
+    lengths = [5, 0, 1, 9]
+    cu = torch.tensor([0, 5, 5, 6, 15])
+    x = torch.randn(1, 15, 24, dtype=torch.float64)
+    step = torch.randn(1, 4, 24, dtype=torch.float64)
+    cache = MoMCache()
+    with torch.no_grad():
+        out, logits, _ = layer(x, past_key_values=cache, cu_seqlens=cu)
+        nxt, _, _ = layer(step, past_key_values=cache, cu_seqlens=torch.arange(5))
+        assert out.shape == (1, 15, 24) and logits.shape == (15, 4) and nxt.shape == (1, 4, 24)
+        assert_close("router_logits", logits, layer.gate(x[0]), 1e-12, 1e-12)
+        for i, n in enumerate(lengths):
+            alone = MoMCache()
+            seq = torch.cat([x[:, cu[i]:cu[i + 1]], step[:, i:i + 1]], dim=1)
+            want = layer(seq, past_key_values=alone)[0]
+            assert_close(f"o[{i}]", out[0, cu[i]:cu[i + 1]], want[0, :n], 1e-12, 1e-12)
+            assert_close(f"next[{i}]", nxt[0, i], want[0, n], 1e-12, 1e-12)
+            assert_close(f"state[{i}]", cache[0].state[i], alone[0].state[0], 1e-12, 1e-12)
