@@ -252,6 +252,26 @@ def test_gpu_layer_matches_float64_reference(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_padding_mask_bf16_matches_float64_reference():
+    """mom-340m layer shape, left-padded rows (0, 100, 250 of 300 tokens padded), bf16."""
+    torch.manual_seed(1)
+    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True, layer_idx=0)
+    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(torch.bfloat16).eval()
+    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    x = torch.randn(3, 300, 1024, device="cuda").to(torch.bfloat16)
+    mask = torch.ones(3, 300, dtype=torch.long, device="cuda")
+    mask[1, :100], mask[2, :250] = 0, 0
+    with torch.no_grad():
+        out = fast(x, attention_mask=mask)[0].double()
+        want = ref(x.double(), attention_mask=mask)[0]
+    assert not out[mask == 0].any()
+    rel = ((out - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_cuda_graph_generate_equals_eager():
     cfg = momtune.MoMConfig.from_preset("tiny", hidden_size=256, head_dim=64, num_heads=4)
     torch.manual_seed(0)
