@@ -17,7 +17,11 @@ The fast prefill of one layer, x [B, T, D]:
 
 A decode step (T = 1 with a cache) is one GEMM, top-k routing (no packed layout) and the decode
 kernels that update the routed memories' conv windows and states in place and return the mixed,
-normed read-out, then o_proj; inputs are read through their strides (no copies); nothing syncs with the host, so the whole model step is captured in a CUDA graph.
+normed read-out, then o_proj. Inputs are read through their strides (no copies) and nothing
+syncs with the host, so the whole model step is captured in a CUDA graph.
+
+``attention_mask`` (padding, as fla) and ``cu_seqlens`` (packed sequences, run as padded rows)
+are accepted; padded tokens join no memory and output zeros.
 """
 from __future__ import annotations
 
