@@ -80,6 +80,23 @@ def test_decode_step_is_gemms_and_kernels_only(monkeypatch):
     assert ops.work() == {"embedding": 1, "mm": 4 * L + 1, "addmm": L}, ops.ops
 
 
+@needs_kernels
+def test_prefill_is_gemms_and_kernels_plus_one_ids_check(monkeypatch):
+    """An LM prefill: per layer the attention's two GEMMs and its router-logits copy, gate/up and
+    down+residual; plus the embedding, the LM head, and one host check that the ids are in the
+    vocabulary (an out-of-range id would otherwise kill the CUDA context in the embedding)."""
+    monkeypatch.setenv("MOMTUNE_CHECKS", "shapes")
+    cfg, fast, _ = _pair()
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), device=DEVICE)
+    with torch.no_grad():
+        fast(ids)
+        with AtenOps() as ops:
+            fast(ids)
+    L = cfg.num_hidden_layers
+    ids_check = {"lt": 1, "ge": 1, "bitwise_or": 1, "any": 1, "_local_scalar_dense": 1}
+    assert ops.work() == {**ids_check, "embedding": 1, "mm": 4 * L + 1, "addmm": L, "clone": L}, ops.ops
+
+
 def test_triton_backend_refuses_to_record_gradients():
     """The kernels are forward-only: with autograd recording, 'triton' raises (naming the backend
     and the way out) instead of returning outputs whose gradients would silently be lost."""
