@@ -62,6 +62,11 @@ class Template:
     # copies the pristine cache into the output buffers so that a check sees the whole next cache;
     # the model updates its cache in place, so the timed step must not pay for that copy.
     timed_launch: Callable[..., Outputs] | None = None
+    # optional: configs (over the dtype default) for GPUs the chosen config does not fit. The
+    # fast model tries them in order when a launch runs out of a GPU's resources (shared memory:
+    # the recurrence default takes 144-185 KiB, more than the ~99 KiB of sm_86/sm_89 GPUs);
+    # each must be valid for every supported shape and fit 48 KiB of shared memory
+    fallbacks: tuple[Mapping[str, Any], ...] = ()
 
     def default_for(self, dtype: torch.dtype | str) -> dict[str, Any]:
         """The default config for inputs of ``dtype`` (a torch dtype or its name)."""

@@ -26,6 +26,7 @@ are accepted; padded tokens join no memory and output zeros.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from momtune import settings
 from momtune.checks import check_choice
-from momtune.errors import InputError
+from momtune.errors import InputError, KernelError
 from momtune.reference import layer as ref_layer
 from momtune.reference.cache import LayerCache, MoMCache
 
@@ -64,6 +65,41 @@ def cached_config(store: dict, template: str, shape: dict[str, int], dtype: torc
         cfg, _source = get_dispatcher().config(get_template(template), shape, dtype)
         store[key] = cfg = dict(cfg)
     return cfg
+
+
+def run_fitting(store: dict, template: str, shape: dict[str, int], dtype: torch.dtype,
+                fn: Callable[[dict], Any]) -> Any:
+    """``fn(config)`` with the dispatched config of ``template``; if that launch needs more of
+    the GPU than it has per block (shared memory: a config tuned on an H100 on a 99 KiB GPU),
+    the template's fallbacks in order. The first that runs is kept for this shape (said once)."""
+    from momtune.validate import first_line, is_kernel_resource_error
+
+    cfg = cached_config(store, template, shape, dtype)
+    try:
+        return fn(cfg)
+    except Exception as exc:  # noqa: BLE001 - only resource errors are handled, the rest re-raised
+        if not is_kernel_resource_error(exc):
+            raise
+        why = first_line(exc)
+    from momtune.kernels import get_template
+
+    tmpl = get_template(template)
+    for fallback in tmpl.fallbacks:
+        cand = {**tmpl.default_for(dtype), **fallback}
+        if cand == cfg:
+            continue
+        try:
+            out = fn(cand)
+        except Exception as exc:  # noqa: BLE001
+            if not is_kernel_resource_error(exc):
+                raise
+            continue
+        store[(template, tuple(shape.items()), dtype)] = cand
+        _say_once(f"fallback-{template}", f"momtune: the {template} config {cfg} does not fit this GPU ({why}); "
+                                          f"running the template's fallback {cand}")
+        return out
+    raise KernelError(f"{template}: the config {cfg} does not fit this GPU ({why}) and neither does any fallback "
+                      f"{list(tmpl.fallbacks)}")
 
 
 def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None) -> str:
@@ -249,12 +285,14 @@ class MoMAttention(ref_layer.MoMAttention):
         v = conv(v_in, self.v_conv1d.weight, None if entry is None else entry.conv_v)
         g, beta = gate_prep(a_in, b_in, r.token_index, r.row_mem, self.A_log, self.dt_bias)
         state = None if entry is None else entry.state.view(B * M, H, K, V)
-        cfg = self._config("recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt)
         # with padding, its rows (after the segments) are never written: zeros, read with weight 0
         o_buf = None if valid is None else torch.zeros(Np, H, V, dtype=dt, device=x.device)
-        o, final = chunk_recurrence(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, r.cu_seqlens,
-                                    rule="gated_delta", initial_state=state, output_final_state=entry is not None,
-                                    use_qk_l2norm=True, config=cfg, out=o_buf)
+        o, final = run_fitting(
+            self._configs, "recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt,
+            lambda cfg: chunk_recurrence(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta,
+                                         r.cu_seqlens, rule="gated_delta", initial_state=state,
+                                         output_final_state=entry is not None, use_qk_l2norm=True, config=cfg,
+                                         out=o_buf))
         if entry is not None:
             entry.state.copy_(final.view_as(entry.state))
         cfg = self._config("merge", dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1), dt)

@@ -110,6 +110,14 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "error", first_line(exc)
 
 
+def is_kernel_resource_error(exc: BaseException) -> bool:
+    """A launch that asked more of the GPU than it has per block (Triton's OutOfResources: shared
+    memory; CUDA's too-many-resources): a smaller config may fit. Not device memory exhaustion."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    low = str(exc).lower()
+    return "OutOfResources" in names or "out of resource" in low or "too many resources" in low
+
+
 def is_fatal_for_process(status: str, reason: str) -> bool:
     """Whether the worker process must be restarted after this outcome (a broken CUDA context)."""
     return status in ("illegal_memory", "timeout") or "cuda error" in reason.lower()

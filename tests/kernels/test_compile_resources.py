@@ -62,3 +62,19 @@ def test_recurrence_memory_states_constraint_matches_compile():
         shared = resources_isolated("bfloat16", cfg, ["recurrence"], K=256, V=256)["recurrence"]["shared"]
         assert (shared <= H100_SHARED_LIMIT) == fits, (extra, shared)
         assert (tmpl.check_config(shape, cfg) == "") == fits, (extra, tmpl.check_config(shape, cfg))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_recurrence_fallback_fits_small_gpus_and_default_does_not(dtype):
+    """On sm_89 (L4, RTX 4090: ~99 KiB of shared memory per block) the bf16 default needs 144 KiB,
+    so the fast model falls back; the template's fallback takes at most 48 KiB in every kernel."""
+    from momtune.kernels import get_template
+
+    tmpl = get_template("recurrence")
+    base = tmpl.default_for(getattr(torch, dtype))
+    [fallback] = tmpl.fallbacks
+    res = resources_isolated(dtype, {**base, **fallback}, K=256, V=256, capability=89)
+    for kernel, r in res.items():
+        assert 0 < r["shared"] <= 48 * 1024, f"{kernel} of the fallback at {dtype} needs {r['shared']} B"
+    if dtype == "bfloat16":
+        assert shared_memory_isolated(dtype, base, K=256, V=256, capability=89) > 99 * 1024

@@ -221,6 +221,26 @@ def test_recurrence_search_space_and_template() -> None:
     assert sum(lens) == 50 and 0 in lens and 1 in lens and inp["cu_seqlens"].dtype == torch.int32
 
 
+def test_recurrence_fallbacks_are_valid_everywhere() -> None:
+    """Every fallback (over each dtype's default) runs on every shape of every shape set and every
+    supported K = V (the template's checks), and is a config of the search space on the model
+    shapes (the space also rules out redundant ones, e.g. BV > V on the tiny shapes)."""
+    tmpl, space = get_template("recurrence"), load_space_obj()
+    assert tmpl.fallbacks
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for fb in tmpl.fallbacks:
+            cfg = {**tmpl.default_for(dtype), **fb}
+            assert cfg != tmpl.default_for(dtype)
+            shapes = [s for sset in space.shape_sets.values() for s in sset.shapes]
+            shapes += [dict(N=9, S=2, H=1, K=kv, V=kv) for kv in (16, 32, 64, 128, 256)]
+            for shape in shapes:
+                assert tmpl.check_config(shape, cfg) == "", (cfg, shape)
+            for name in ("mom-340m-prefill", "mom-1.3b-prefill", "fla-varlen"):
+                for shape in space.shape_sets[name].shapes:
+                    ok, why = space.is_valid(cfg, shape)
+                    assert ok, (cfg, shape, why)
+
+
 @pytest.mark.parametrize("states", ["register", "memory"])
 @pytest.mark.parametrize("shape", load_space("recurrence")["shapes"]["tiny"]["shapes"],
                          ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()) + "-fp32-default")

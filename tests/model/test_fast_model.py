@@ -157,6 +157,51 @@ def test_packed_sequences_match_reference():
 
 
 @needs_kernels
+def test_recurrence_falls_back_when_its_config_does_not_fit_the_gpu(monkeypatch):
+    """A recurrence config that runs out of the GPU's shared memory (Triton's OutOfResources, as
+    the H100-sized default on a 99 KiB GPU) is replaced by the template's fallback: the answer
+    is the reference's, it is said once, and later calls go straight to the fallback."""
+    import momtune.model
+    from triton.runtime.errors import OutOfResources
+
+    import momtune.kernels.recurrence.chunk as chunk
+
+    monkeypatch.setattr(momtune.model, "_said", set())
+    real, calls = chunk.chunk_recurrence, []
+
+    def small_gpu(*args, config=None, **kw):
+        calls.append(config["BT"])
+        if config["BT"] != 32:  # everything but the fallback "needs" 144 KiB
+            raise OutOfResources(147456, 101376, "shared memory")
+        return real(*args, config=config, **kw)
+
+    monkeypatch.setattr(chunk, "chunk_recurrence", small_gpu)
+    fast, ref = _layers(LAYERS[0], seed=11)
+    x = torch.randn(2, 13, 32, device=DEVICE)
+    with torch.no_grad(), pytest.warns(UserWarning, match="does not fit this GPU.*fallback"):
+        out = fast(x)[0]
+    with torch.no_grad():
+        again = fast(x)[0]
+        want = ref(x)[0]
+    assert_close("o", out, want, 2e-3, 2e-3)
+    assert torch.equal(out, again)
+    assert calls == [64, 32, 32], calls  # default refused once, then the kept fallback
+
+
+@needs_kernels
+def test_other_kernel_errors_are_not_swallowed(monkeypatch):
+    import momtune.kernels.recurrence.chunk as chunk
+
+    def broken(*args, **kw):
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    monkeypatch.setattr(chunk, "chunk_recurrence", broken)
+    fast, _ = _layers(LAYERS[0])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="illegal memory access"):
+        fast(torch.randn(2, 5, 32, device=DEVICE))
+
+
+@needs_kernels
 def test_fast_path_runs_no_pytorch_glue(monkeypatch):
     """With metadata-only input checks (the CUDA default), a prefill is the two GEMMs (fused
     projection, o_proj) and the copy of the returned router logits, and a decode step is the two
