@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from momtune import settings
-from momtune.checks import check_choice
+from momtune.checks import check_choice, check_tensor
 from momtune.errors import InputError, KernelError
 from momtune.reference import layer as ref_layer
 from momtune.reference.cache import LayerCache, MoMCache
@@ -203,7 +203,9 @@ class MoMAttention(ref_layer.MoMAttention):
         output_attentions: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
-        if "cu_seqlens" in kwargs:  # packed sequences: run as padded rows (reference.layer)
+        if "cu_seqlens" in kwargs:
+            if attention_mask is None and resolve_backend(self.backend, hidden_states, self) == "triton":
+                return self._forward_packed(hidden_states, past_key_values, use_cache, kwargs)
             return self._forward_varlen(hidden_states, attention_mask, past_key_values, use_cache, kwargs)
         backend = resolve_backend(self.backend, hidden_states, self)
         if backend == "reference":
@@ -230,11 +232,41 @@ class MoMAttention(ref_layer.MoMAttention):
             entry.seen_tokens += x.shape[1]
         return out, logits, cache
 
-    def _cache_entry(self, cache: MoMCache, x: torch.Tensor) -> LayerCache:
+    def _forward_packed(self, x: torch.Tensor, past_key_values: MoMCache | None, use_cache: bool,
+                        kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
+        """Packed sequences on the kernels without padding: x [1, N, D], cu_seqlens [S+1]; each
+        sequence is a routing row of its own (its own segments and cache row). Reads cu_seqlens
+        on the host (lengths). A step of one token per sequence with a cache is a decode step."""
+        from momtune.checks import check_cu_seqlens
+
+        kwargs = dict(kwargs)
+        cu = kwargs.pop("cu_seqlens")
+        check_tensor("hidden_states", x, ndim=3)
+        if x.shape[0] != 1:
+            raise InputError(f"hidden_states: with cu_seqlens the sequences are packed along dim 1; expected "
+                             f"shape [1, N, D], got {list(x.shape)}")
+        N, D = x.shape[1], x.shape[2]
+        cu = check_cu_seqlens("cu_seqlens", cu, N)
+        values = self.checks == "full" or (self.checks == "auto" and not x.is_cuda)
+        x = self._check_inputs(x, None, past_key_values, kwargs, values=values)
+        S = cu.numel() - 1
+        max_len = int((cu[1:] - cu[:-1]).max())
+        cache = MoMCache() if past_key_values is None and use_cache else past_key_values
+        if cache is not None and N == S and max_len == 1:  # one token per sequence: a decode step
+            out, logits, _ = self.forward(x.view(S, 1, D), None, cache)
+            return out.view(1, S, D), logits, cache
+        entry = None if cache is None else self._cache_entry(cache, x, batch_size=S)
+        out, logits = self._prefill(x, entry, None, seq=(cu.to(x.device, torch.int32), max_len, S))
+        if entry is not None:
+            entry.seen_tokens += max_len
+        return out, logits, cache
+
+    def _cache_entry(self, cache: MoMCache, x: torch.Tensor, batch_size: int | None = None) -> LayerCache:
         from momtune.reference.recurrence import compute_dtype
 
         return cache.get_or_create(
-            self._cache_key, batch_size=x.shape[0], num_slots=self.num_slots, num_heads=self.num_heads,
+            self._cache_key, batch_size=x.shape[0] if batch_size is None else batch_size,
+            num_slots=self.num_slots, num_heads=self.num_heads,
             head_k=self.head_dim, head_v=self.head_v_dim, conv_size=self.conv_size,
             state_dtype=compute_dtype(x.dtype), window_dtype=x.dtype, device=x.device)
 
@@ -253,8 +285,10 @@ class MoMAttention(ref_layer.MoMAttention):
         k, v, b, a = per
         return q, gate, logits, k, v, b, a
 
-    def _prefill(self, x: torch.Tensor, entry: LayerCache | None,
-                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, x: torch.Tensor, entry: LayerCache | None, valid: torch.Tensor | None = None,
+                 seq: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D]; ``seq`` = (cu_seqlens int32 [S+1], max length, S) when x [1, N, D] holds
+        S packed sequences (the routing rows, segments and cache rows are then the sequences)."""
         from momtune.kernels.conv.conv import gate_prep, segment_conv
         from momtune.kernels.merge.merge import merge_prefill
         from momtune.kernels.recurrence.chunk import chunk_recurrence
@@ -265,7 +299,9 @@ class MoMAttention(ref_layer.MoMAttention):
         J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
         q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(B * T, D))
         logits = logits.contiguous()  # a copy: a view would keep the whole projection alive
+        R = B if seq is None else seq[2]  # routing rows: batch rows or packed sequences
         r = route_and_group(logits.view(B, T, E), self.topk, shared=self.shared_mem, valid=valid,
+                            seq_offsets=None if seq is None else seq[0], max_len=None if seq is None else seq[1],
                             config=self._config("routing", dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D), dt))
         Np = B * T * J
         idx = (r.token_index, r.row_mem, r.row_seg, r.cu_seqlens)
@@ -273,7 +309,7 @@ class MoMAttention(ref_layer.MoMAttention):
         def conv(src: torch.Tensor, weight: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
             C = weight.shape[0]
             cfg = self._config("conv", dict(B=B, T=T, E=E, topk=self.topk, shared=sh, C=C), dt)
-            init = None if cached is None else cached.view(B * M, W - 1, C)
+            init = None if cached is None else cached.view(R * M, W - 1, C)
             final = None if cached is None else torch.empty_like(init)
             y = segment_conv(src, weight.view(C, W), *idx, initial_window=init, final_window=final, config=cfg)
             if cached is not None:
@@ -284,11 +320,11 @@ class MoMAttention(ref_layer.MoMAttention):
         k = conv(k_in, self.k_conv1d.weight, None if entry is None else entry.conv_k)
         v = conv(v_in, self.v_conv1d.weight, None if entry is None else entry.conv_v)
         g, beta = gate_prep(a_in, b_in, r.token_index, r.row_mem, self.A_log, self.dt_bias)
-        state = None if entry is None else entry.state.view(B * M, H, K, V)
+        state = None if entry is None else entry.state.view(R * M, H, K, V)
         # with padding, its rows (after the segments) are never written: zeros, read with weight 0
         o_buf = None if valid is None else torch.zeros(Np, H, V, dtype=dt, device=x.device)
         o, final = run_fitting(
-            self._configs, "recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt,
+            self._configs, "recurrence", dict(N=Np, S=R * M, H=H, K=K, V=V), dt,
             lambda cfg: chunk_recurrence(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta,
                                          r.cu_seqlens, rule="gated_delta", initial_state=state,
                                          output_final_state=entry is not None, use_qk_l2norm=True, config=cfg,

@@ -38,15 +38,25 @@ def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w / w.sum(-1, keepdim=True), idx
 
 
-def group(idx: torch.Tensor, num_memories: int, valid: torch.Tensor | None = None) -> Grouping:
+def group(idx: torch.Tensor, num_memories: int, valid: torch.Tensor | None = None,
+          seq_offsets: torch.Tensor | None = None) -> Grouping:
     """Stable grouping of routed tokens. idx [B, T, topk] (memory ids) -> :class:`Grouping`.
 
     ``valid`` [B, T] bool (optional): tokens that are False join no segment; their rows come
-    after every segment's, in (batch, time, choice) order.
+    after every segment's, in (batch, time, choice) order. ``seq_offsets`` [S+1] (optional,
+    B = 1): the T tokens are S packed sequences, and sequence i plays the part of a batch row
+    (segment s = i*M + m).
     """
     B, T, K = idx.shape
-    S = B * num_memories
-    seg = (torch.arange(B, device=idx.device)[:, None, None] * num_memories + idx).reshape(-1)
+    if seq_offsets is None:
+        rows = torch.arange(B, device=idx.device)[:, None, None].expand(B, T, 1)
+        n_rows = B
+    else:
+        n_rows = seq_offsets.numel() - 1
+        rows = torch.searchsorted(seq_offsets[1:].to(idx.device), torch.arange(T, device=idx.device),
+                                  right=True).view(1, T, 1)
+    S = n_rows * num_memories
+    seg = (rows * num_memories + idx).reshape(-1)
     if valid is not None:
         seg = torch.where(valid[:, :, None].expand(B, T, K).reshape(-1), seg, S)
     counts = torch.bincount(seg, minlength=S + 1)[:S]

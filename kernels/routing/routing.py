@@ -17,6 +17,9 @@ keep ``T / BLOCK_T`` moderate (a few hundred) for very long sequences.
 
 Slot order: the top-k slots by descending probability (as ``torch.topk``), then the shared slot.
 
+Packed sequences (``seq_offsets``, constexpr VARLEN): logits [1, N, E] hold S sequences; the
+grid is [cdiv(longest, BLOCK_T), S], each sequence a row whose rows start at J*seq_offsets[i].
+
 Padding (``valid``, optional; constexpr HAS_MASK, so the unmasked kernels are unchanged): a
 masked token takes no memory (idx -1, weight 0 in every slot) and its J rows go after every
 segment's, in a tail that is a pseudo-memory M in the counts. Batch row b's segments then start
@@ -66,20 +69,26 @@ class RoutingResult(NamedTuple):
 
 @triton.jit
 def _route_count_kernel(
-    logits_ptr, w_ptr, idx_ptr, counts_ptr, valid_ptr,
+    logits_ptr, w_ptr, idx_ptr, counts_ptr, valid_ptr, seq_ptr,
     T, NB, stride_lb, stride_lt, stride_le, stride_vb,
     E: tl.constexpr, TOPK: tl.constexpr, SHARED: tl.constexpr, M: tl.constexpr, J: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
-    HAS_MASK: tl.constexpr, MC: tl.constexpr,
+    HAS_MASK: tl.constexpr, MC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < T
     e = tl.arange(0, BLOCK_E)
     em = e < E
-    x = tl.load(logits_ptr + b * stride_lb + t[:, None] * stride_lt + e[None, :] * stride_le,
-                mask=tm[:, None] & em[None, :], other=0.0).to(tl.float32)
+    if VARLEN:  # row b = packed sequence b: tokens seq[b] .. seq[b+1]-1 of logits [1, N, E]
+        tb = tl.load(seq_ptr + b)
+        tm = t < tl.load(seq_ptr + b + 1) - tb
+        lrow = logits_ptr + (tb + t[:, None]) * stride_lt
+    else:
+        tb = b * T
+        tm = t < T
+        lrow = logits_ptr + b * stride_lb + t[:, None] * stride_lt
+    x = tl.load(lrow + e[None, :] * stride_le, mask=tm[:, None] & em[None, :], other=0.0).to(tl.float32)
     x = tl.where(em[None, :], x, float("-inf"))
     ex = tl.exp(x - tl.max(x, 1)[:, None])
     p = ex / tl.sum(ex, 1)[:, None]
@@ -110,7 +119,7 @@ def _route_count_kernel(
         wt = tl.where(ok[:, None], wt, 0.0)
         it = tl.where(ok[:, None], it, -1)
         sel = tl.where(ok[:, None], sel, tl.where(mr[None, :] == M, J, 0))
-    off = (b * T + t)[:, None] * J + jr[None, :]
+    off = (tb + t)[:, None] * J + jr[None, :]
     om = tm[:, None] & (jr[None, :] < J)
     tl.store(w_ptr + off, wt, mask=om)
     tl.store(idx_ptr + off, it, mask=om)
@@ -120,11 +129,11 @@ def _route_count_kernel(
 
 @triton.jit
 def _group_scatter_kernel(
-    idx_ptr, counts_ptr, cu_ptr, slot_ptr, tok_ptr, mem_ptr, seg_ptr, rowbase_ptr,
+    idx_ptr, counts_ptr, cu_ptr, slot_ptr, tok_ptr, mem_ptr, seg_ptr, rowbase_ptr, seq_ptr,
     B, T, NB,
     M: tl.constexpr, J: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, HAS_MASK: tl.constexpr,
-    MC: tl.constexpr,
+    MC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -143,6 +152,9 @@ def _group_scatter_kernel(
         n_seg = tl.load(rowbase_ptr + B + mr * 0)
         base = rb + tl.cumsum(tot, 0) - tot
         base = tl.where(mr == M, n_seg + b * T * J - rb, base)
+    elif VARLEN:  # sequence b owns rows seq[b]*J .. seq[b+1]*J
+        n_seg = tl.load(seq_ptr + B + mr * 0) * J
+        base = tl.load(seq_ptr + b + mr * 0) * J + tl.cumsum(tot, 0) - tot
     else:
         n_seg = tl.zeros([BLOCK_M], dtype=tl.int32) + B * T * J
         base = b * T * J + tl.cumsum(tot, 0) - tot  # segment starts of this batch row
@@ -152,8 +164,13 @@ def _group_scatter_kernel(
     start = base + before
 
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < T
-    tok = b * T + t
+    if VARLEN:
+        tb = tl.load(seq_ptr + b)
+        tm = t < tl.load(seq_ptr + b + 1) - tb
+        tok = tb + t
+    else:
+        tm = t < T
+        tok = b * T + t
     sel = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.int32)
     for j in tl.static_range(J):
         k = tl.load(idx_ptr + tok * J + j, mask=tm, other=BLOCK_M)
@@ -198,12 +215,17 @@ def route_and_group(
     config: Mapping[str, Any] | None = None,
     out: RoutingResult | Mapping[str, torch.Tensor] | None = None,
     valid: torch.Tensor | None = None,
+    seq_offsets: torch.Tensor | None = None,
+    max_len: int | None = None,
 ) -> RoutingResult:
     """logits [B, T, E] (any float dtype) -> :class:`RoutingResult` of the packed layout.
 
     ``out`` (optional) gives preallocated outputs by field name. Top-k ties pick the lower
     memory index; NaN logits never win (the layout stays a valid permutation). ``valid`` [B, T]
     (bool, optional): padding; a False token joins no segment (see the module docstring).
+    ``seq_offsets`` [S+1] (optional, int): logits [1, N, E] hold S packed sequences (starts at 0,
+    non-decreasing, ends at N); each is a row of its own (segments s = i*M + m), nothing padded;
+    ``max_len``: the longest sequence (read from ``seq_offsets`` on the host if not given).
     """
     check_tensor("logits", logits, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if not isinstance(shared, bool):
@@ -214,31 +236,39 @@ def route_and_group(
     require_triton_device(logits)
     M, J = E + int(shared), topk + int(shared)
     Np, dev = B * T * J, logits.device
+    seq = None
+    if seq_offsets is not None:
+        seq, max_len = _check_seq_offsets(seq_offsets, max_len, logits, valid)
+        B = seq.numel() - 1  # rows = sequences; the outputs keep logits' [1, N] token shape
     if Np >= 2**31:
         raise InputError(f"logits: B*T*J = {Np} packed rows do not fit int32 indices")
     i32 = torch.int32
+    tok_shape = tuple(logits.shape[:2]) + (J,)
     res = RoutingResult(
-        weights=output_tensor(out, "weights", (B, T, J), torch.float32, dev),
-        idx=output_tensor(out, "idx", (B, T, J), i32, dev),
+        weights=output_tensor(out, "weights", tok_shape, torch.float32, dev),
+        idx=output_tensor(out, "idx", tok_shape, i32, dev),
         cu_seqlens=output_tensor(out, "cu_seqlens", (B * M + 1,), i32, dev),
-        slot=output_tensor(out, "slot", (B, T, J), i32, dev),
+        slot=output_tensor(out, "slot", tok_shape, i32, dev),
         token_index=output_tensor(out, "token_index", (Np,), i32, dev),
         row_mem=output_tensor(out, "row_mem", (Np,), i32, dev),
         row_seg=output_tensor(out, "row_seg", (Np,), i32, dev),
     )
-    if B == 0 or T == 0:
+    if B == 0 or T == 0 or Np == 0:
         res.cu_seqlens.zero_()
         return res
     v8 = valid_flags(valid, B, T, dev)
     MC = M + int(v8 is not None)
     BT = cfg["BLOCK_T"]
+    if seq is not None:
+        T = max_len
     NB = triton.cdiv(T, BT)
     counts = torch.empty((B, NB, MC), dtype=i32, device=dev)
     grid = (NB, B)
     meta = dict(BLOCK_T=BT, BLOCK_M=triton.next_power_of_2(MC), num_warps=cfg["num_warps"],
-                HAS_MASK=v8 is not None, MC=MC)
+                HAS_MASK=v8 is not None, MC=MC, VARLEN=seq is not None)
+    seq_arg = counts if seq is None else seq
     _route_count_kernel[grid](
-        logits, res.weights, res.idx, counts, logits if v8 is None else v8, T, NB, *logits.stride(),
+        logits, res.weights, res.idx, counts, logits if v8 is None else v8, seq_arg, T, NB, *logits.stride(),
         0 if v8 is None else v8.stride(0),
         E=E, TOPK=topk, SHARED=shared, M=M, J=J,
         BLOCK_E=triton.next_power_of_2(E), BLOCK_J=triton.next_power_of_2(J), **meta,
@@ -249,10 +279,29 @@ def route_and_group(
         row_base = torch.zeros(B + 1, dtype=i32, device=dev)
         torch.cumsum(v8.sum(1, dtype=i32) * J, 0, dtype=i32, out=row_base[1:])
     _group_scatter_kernel[grid](
-        res.idx, counts, res.cu_seqlens, res.slot, res.token_index, res.row_mem, res.row_seg, row_base,
+        res.idx, counts, res.cu_seqlens, res.slot, res.token_index, res.row_mem, res.row_seg, row_base, seq_arg,
         B, T, NB, M=M, J=J, BLOCK_NB=min(triton.next_power_of_2(NB), SCAN_CHUNK), **meta,
     )
     return res
+
+
+def _check_seq_offsets(seq_offsets: torch.Tensor, max_len: int | None, logits: torch.Tensor,
+                       valid: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """seq_offsets as contiguous int32 on logits' device, and the longest sequence."""
+    check_tensor("seq_offsets", seq_offsets, ndim=1, dtypes=INDEX_DTYPES)
+    if logits.shape[0] != 1:
+        raise InputError(f"logits: with seq_offsets the sequences are packed along dim 1; expected [1, N, E], "
+                         f"got {list(logits.shape)}")
+    if valid is not None:
+        raise InputError("valid: packed sequences (seq_offsets) have no padding; give one or the other")
+    if seq_offsets.numel() < 2 or seq_offsets.device != logits.device:
+        raise InputError(f"seq_offsets: expected [S+1] (S >= 1) on {logits.device}, got {list(seq_offsets.shape)} "
+                         f"on {seq_offsets.device}")
+    seq = seq_offsets.to(torch.int32).contiguous()
+    if max_len is None:
+        max_len = int((seq[1:] - seq[:-1]).max())
+    check_int("max_len", max_len, lo=0)
+    return seq, max(1, max_len)
 
 
 def valid_flags(valid: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor | None:

@@ -39,8 +39,8 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
     return dict(res._asdict())
 
 
-def reference_layout(logits: torch.Tensor, topk: int, shared: bool,
-                     valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def reference_layout(logits: torch.Tensor, topk: int, shared: bool, valid: torch.Tensor | None = None,
+                     seq_offsets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The packed layout by momtune.reference.routing (int64 indices, weights in logits' precision).
 
     With ``valid`` [B, T] bool, a padding token has idx -1 and weight 0 in every slot, and the
@@ -53,7 +53,7 @@ def reference_layout(logits: torch.Tensor, topk: int, shared: bool,
         idx = torch.cat([idx, torch.full((B, T, 1), E, dtype=idx.dtype, device=idx.device)], -1)
         w = torch.cat([w, torch.ones((B, T, 1), dtype=w.dtype, device=w.device)], -1)
     M = E + int(shared)
-    g = group(idx, M, valid)
+    g = group(idx, M, valid, seq_offsets)
     rows = torch.arange(g.token_index.numel(), device=logits.device)
     row_seg = torch.searchsorted(g.cu_seqlens[1:], rows, right=True)
     row_mem = row_seg % M
@@ -61,7 +61,7 @@ def reference_layout(logits: torch.Tensor, topk: int, shared: bool,
         w = torch.where(valid[..., None], w, 0.0)
         idx = torch.where(valid[..., None], idx, -1)
         tail = rows >= g.cu_seqlens[-1]
-        row_seg, row_mem = torch.where(tail, B * M - 1, row_seg), torch.where(tail, 0, row_mem)
+        row_seg, row_mem = torch.where(tail, g.cu_seqlens.numel() - 2, row_seg), torch.where(tail, 0, row_mem)
     return {"weights": w, "idx": idx, "cu_seqlens": g.cu_seqlens, "slot": g.slot,
             "token_index": g.token_index, "row_mem": row_mem, "row_seg": row_seg}
 

@@ -50,10 +50,10 @@ def route_topk(
     NB = triton.cdiv(T, cfg["BLOCK_T"])
     counts = torch.empty((B, NB, MC), dtype=torch.int32, device=dev)  # written by the kernel, unused here
     _route_count_kernel[(NB, B)](
-        logits, weights, idx, counts, logits if v8 is None else v8, T, NB, *logits.stride(),
+        logits, weights, idx, counts, logits if v8 is None else v8, counts, T, NB, *logits.stride(),
         0 if v8 is None else v8.stride(0),
         E=E, TOPK=topk, SHARED=shared, M=M, J=J, BLOCK_E=triton.next_power_of_2(E),
         BLOCK_J=triton.next_power_of_2(J), BLOCK_T=cfg["BLOCK_T"], BLOCK_M=triton.next_power_of_2(MC),
-        num_warps=cfg["num_warps"], HAS_MASK=v8 is not None, MC=MC,
+        num_warps=cfg["num_warps"], HAS_MASK=v8 is not None, MC=MC, VARLEN=False,
     )
     return weights, idx

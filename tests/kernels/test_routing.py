@@ -153,6 +153,39 @@ def test_padding_mask_layout(case: tuple) -> None:
     assert torch.equal(w, res.weights) and torch.equal(i, res.idx)
 
 
+@pytest.mark.parametrize("lengths", [[5, 0, 1, 9], [13], [0, 0, 3], [1, 1, 1, 1, 1]],
+                         ids=["5-0-1-9", "13", "0-0-3", "five-1s"])
+@pytest.mark.parametrize("sh", [True, False], ids=["shared", "noshared"])
+def test_packed_sequences_layout(lengths: list[int], sh: bool) -> None:
+    """seq_offsets: each packed sequence is a row of its own (no padding): every output equals
+    the reference layout, outputs poisoned first; rows of sequence i start at J*seq_offsets[i]."""
+    E, k = 4, 2
+    N = sum(lengths)
+    seq = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    logits = make_logits(1, N, E, None, seed=N + len(lengths))
+    out = poisoned_out(1, N, E, k, sh)._replace(cu_seqlens=poison(torch.empty(len(lengths) * (E + sh) + 1,
+                                                                                dtype=torch.int32)))
+    res = route_and_group(logits, k, shared=sh, config={"BLOCK_T": 4, "num_warps": 1}, out=out, seq_offsets=seq)
+    ref = reference_layout(logits.double(), k, sh, seq_offsets=seq.long())
+    assert_close("weights", res.weights, ref["weights"], 1e-5, 1e-5)
+    for name in INTS:
+        got = getattr(res, name)
+        assert torch.equal(got.long(), ref[name].long()), f"{name}: {got.tolist()} != {ref[name].tolist()}"
+    J, M = k + sh, E + sh
+    assert res.cu_seqlens[::M].tolist() == (seq * J).tolist()
+
+
+def test_packed_sequences_are_checked() -> None:
+    logits = make_logits(1, 6, 4, None, seed=1)
+    with pytest.raises(InputError, match="seq_offsets"):
+        route_and_group(logits, 2, shared=True, seq_offsets=torch.tensor([3]))
+    with pytest.raises(InputError, match="logits"):
+        route_and_group(make_logits(2, 3, 4, None, seed=1), 2, shared=True, seq_offsets=torch.tensor([0, 3]))
+    with pytest.raises(InputError, match="valid"):
+        route_and_group(logits, 2, shared=True, seq_offsets=torch.tensor([0, 6]),
+                        valid=torch.ones(1, 6, dtype=torch.bool))
+
+
 def test_padding_mask_is_checked() -> None:
     logits = make_logits(2, 5, 4, None, seed=1)
     with pytest.raises(InputError, match="valid"):

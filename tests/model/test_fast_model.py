@@ -139,9 +139,15 @@ def test_padding_mask_prefill_then_decode_matches_reference(p):
 
 
 @needs_kernels
-def test_packed_sequences_match_reference():
-    """cu_seqlens input (lengths 6, 0, 1, 4) and a one-token-per-sequence decode step."""
+def test_packed_sequences_match_reference(monkeypatch):
+    """cu_seqlens input (lengths 6, 0, 1, 4) and a one-token-per-sequence decode step, on the
+    kernels without padding (each sequence is a routing row), equal the reference's."""
     fast, ref = _layers(LAYERS[0], seed=9)
+
+    def no_padding(*a, **kw):
+        raise AssertionError("the Triton backend must not pad packed sequences")
+
+    monkeypatch.setattr(fast, "_forward_varlen", no_padding)
     cu = torch.tensor([0, 6, 6, 7, 11], device=DEVICE)
     x, step = torch.randn(1, 11, 32, device=DEVICE), torch.randn(1, 4, 32, device=DEVICE)
     with torch.no_grad():
@@ -150,6 +156,10 @@ def test_packed_sequences_match_reference():
         want = ref(x, past_key_values=c_ref, cu_seqlens=cu)
         got_step = fast(step, past_key_values=c_fast, cu_seqlens=torch.arange(5, device=DEVICE))
         want_step = ref(step, past_key_values=c_ref, cu_seqlens=torch.arange(5, device=DEVICE))
+        more, cu2 = torch.randn(1, 6, 32, device=DEVICE), torch.tensor([0, 2, 5, 5, 6], device=DEVICE)
+        got_more = fast(more, past_key_values=c_fast, cu_seqlens=cu2)  # continues every sequence's cache
+        want_more = ref(more, past_key_values=c_ref, cu_seqlens=cu2)
+    assert_close("o(second chunk)", got_more[0], want_more[0], 2e-3, 2e-3)
     assert_close("o", got[0], want[0], 2e-3, 2e-3)
     assert_close("router_logits", got[1], want[1], 1e-4, 1e-4)
     assert_close("o(step)", got_step[0], want_step[0], 2e-3, 2e-3)
