@@ -327,6 +327,24 @@ def test_gpu_padding_mask_bf16_matches_float64_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_packed_sequences_bf16_match_float64_reference():
+    """mom-340m layer shape, 5 packed sequences of uneven lengths (1 .. 700 tokens), bf16."""
+    torch.manual_seed(2)
+    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True, layer_idx=0)
+    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(torch.bfloat16).eval()
+    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    cu = torch.tensor([0, 700, 701, 1000, 1000, 1333], device="cuda")
+    x = torch.randn(1, 1333, 1024, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        out = fast(x, cu_seqlens=cu)[0].double()
+        want = ref(x.double(), cu_seqlens=cu)[0]
+    rel = ((out - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_cuda_graph_generate_equals_eager():
     cfg = momtune.MoMConfig.from_preset("tiny", hidden_size=256, head_dim=64, num_heads=4)
     torch.manual_seed(0)
