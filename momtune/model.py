@@ -338,7 +338,7 @@ class MoMAttention(ref_layer.MoMAttention):
     def _decode(self, x: torch.Tensor, entry: LayerCache,
                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from momtune.kernels.decode.step import decode_step
-        from momtune.kernels.routing.topk import route_topk
+        from momtune.kernels.routing.routing import route_topk
 
         B, _, D = x.shape
         E, H, K, V, W = self.num_memories, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size

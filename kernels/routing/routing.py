@@ -227,14 +227,7 @@ def route_and_group(
     non-decreasing, ends at N); each is a row of its own (segments s = i*M + m), nothing padded;
     ``max_len``: the longest sequence (read from ``seq_offsets`` on the host if not given).
     """
-    check_tensor("logits", logits, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    if not isinstance(shared, bool):
-        raise InputError(f"shared: expected a bool, got {shared!r}")
-    B, T, E = logits.shape
-    check_int("topk", topk, lo=1, hi=E)
-    cfg = resolve_config(config, DEFAULT_CONFIG, "routing")
-    require_triton_device(logits)
-    M, J = E + int(shared), topk + int(shared)
+    B, T, E, M, J, cfg = _check_routing(logits, topk, shared, config)
     Np, dev = B * T * J, logits.device
     seq = None
     if seq_offsets is not None:
@@ -257,22 +250,11 @@ def route_and_group(
         res.cu_seqlens.zero_()
         return res
     v8 = valid_flags(valid, B, T, dev)
-    MC = M + int(v8 is not None)
-    BT = cfg["BLOCK_T"]
     if seq is not None:
         T = max_len
-    NB = triton.cdiv(T, BT)
-    counts = torch.empty((B, NB, MC), dtype=i32, device=dev)
-    grid = (NB, B)
-    meta = dict(BLOCK_T=BT, BLOCK_M=triton.next_power_of_2(MC), num_warps=cfg["num_warps"],
-                HAS_MASK=v8 is not None, MC=MC, VARLEN=seq is not None)
-    seq_arg = counts if seq is None else seq
-    _route_count_kernel[grid](
-        logits, res.weights, res.idx, counts, logits if v8 is None else v8, seq_arg, T, NB, *logits.stride(),
-        0 if v8 is None else v8.stride(0),
-        E=E, TOPK=topk, SHARED=shared, M=M, J=J,
-        BLOCK_E=triton.next_power_of_2(E), BLOCK_J=triton.next_power_of_2(J), **meta,
-    )
+    counts, seq_arg, grid, meta = _launch_count(logits, res.weights, res.idx, topk, shared, cfg, v8, seq,
+                                                B, T, E, M, J)
+    NB = grid[0]
     if v8 is None:
         row_base = counts  # (unused)
     else:  # J x the valid tokens of the rows before each batch row, then of all rows
@@ -283,6 +265,60 @@ def route_and_group(
         B, T, NB, M=M, J=J, BLOCK_NB=min(triton.next_power_of_2(NB), SCAN_CHUNK), **meta,
     )
     return res
+
+
+def route_topk(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    shared: bool,
+    config: Mapping[str, Any] | None = None,
+    out: Mapping[str, torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, E] (any float dtype, any strides) -> (weights [B, T, J] float32, idx [B, T, J]
+    int32) exactly as :func:`route_and_group` gives them, in one launch (its first kernel): each
+    decode token reads its memories' states directly, so the packed layout is not built.
+    ``out`` (optional) holds preallocated ``weights``/``idx``; ``valid`` [B, T] bool (optional):
+    a False (padding) token gets idx -1 and weight 0 in every slot."""
+    B, T, E, M, J, cfg = _check_routing(logits, topk, shared, config)
+    dev = logits.device
+    weights = output_tensor(out, "weights", (B, T, J), torch.float32, dev)
+    idx = output_tensor(out, "idx", (B, T, J), torch.int32, dev)
+    if B and T:
+        _launch_count(logits, weights, idx, topk, shared, cfg, valid_flags(valid, B, T, dev), None, B, T, E, M, J)
+    return weights, idx
+
+
+def _check_routing(logits: torch.Tensor, topk: int, shared: object,
+                   config: Mapping[str, Any] | None) -> tuple[int, int, int, int, int, dict[str, int]]:
+    """The checks both entry points share; (B, T, E, M, J, config)."""
+    check_tensor("logits", logits, ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if not isinstance(shared, bool):
+        raise InputError(f"shared: expected a bool, got {shared!r}")
+    B, T, E = logits.shape
+    check_int("topk", topk, lo=1, hi=E)
+    cfg = resolve_config(config, DEFAULT_CONFIG, "routing")
+    require_triton_device(logits)
+    return B, T, E, E + int(shared), topk + int(shared), cfg
+
+
+def _launch_count(logits, weights, idx, topk, shared, cfg, v8, seq, B, T, E, M, J):
+    """The top-k kernel over [cdiv(T, BLOCK_T), B] (T = the longest sequence with ``seq``); returns
+    the block counts, the sequence-offsets argument, the grid and the constexprs the scatter shares."""
+    MC = M + int(v8 is not None)
+    NB = triton.cdiv(T, cfg["BLOCK_T"])
+    counts = torch.empty((B, NB, MC), dtype=torch.int32, device=logits.device)
+    meta = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_M=triton.next_power_of_2(MC), num_warps=cfg["num_warps"],
+                HAS_MASK=v8 is not None, MC=MC, VARLEN=seq is not None)
+    seq_arg = counts if seq is None else seq
+    _route_count_kernel[(NB, B)](
+        logits, weights, idx, counts, logits if v8 is None else v8, seq_arg, T, NB, *logits.stride(),
+        0 if v8 is None else v8.stride(0),
+        E=E, TOPK=topk, SHARED=shared, M=M, J=J,
+        BLOCK_E=triton.next_power_of_2(E), BLOCK_J=triton.next_power_of_2(J), **meta,
+    )
+    return counts, seq_arg, (NB, B), meta
 
 
 def _check_seq_offsets(seq_offsets: torch.Tensor, max_len: int | None, logits: torch.Tensor,
