@@ -288,15 +288,22 @@ def test_auto_backend_uses_reference_on_cpu_without_interpreter(monkeypatch):
     assert resolve_backend("auto", torch.zeros(1)) == "triton"
 
 
+def _gpu_layers(dtype: torch.dtype, seed: int):
+    """A mom-340m layer on the Triton backend in ``dtype`` and its float64 reference (same weights)."""
+    torch.manual_seed(seed)
+    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True,
+                layer_idx=0)
+    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(dtype).eval()
+    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
+    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    return fast, ref
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_layer_matches_float64_reference(dtype):
-    torch.manual_seed(0)
-    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True, layer_idx=0)
-    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(dtype).eval()
-    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
-    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    fast, ref = _gpu_layers(dtype, seed=0)
     x = torch.randn(2, 300, 1024, device="cuda")
     with torch.no_grad():
         out = fast(x.to(dtype))[0].double()
@@ -309,11 +316,7 @@ def test_gpu_layer_matches_float64_reference(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_padding_mask_bf16_matches_float64_reference():
     """mom-340m layer shape, left-padded rows (0, 100, 250 of 300 tokens padded), bf16."""
-    torch.manual_seed(1)
-    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True, layer_idx=0)
-    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(torch.bfloat16).eval()
-    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
-    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    fast, ref = _gpu_layers(torch.bfloat16, seed=1)
     x = torch.randn(3, 300, 1024, device="cuda").to(torch.bfloat16)
     mask = torch.ones(3, 300, dtype=torch.long, device="cuda")
     mask[1, :100], mask[2, :250] = 0, 0
@@ -329,11 +332,7 @@ def test_gpu_padding_mask_bf16_matches_float64_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_packed_sequences_bf16_match_float64_reference():
     """mom-340m layer shape, 5 packed sequences of uneven lengths (1 .. 700 tokens), bf16."""
-    torch.manual_seed(2)
-    args = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2, shared_mem=True, layer_idx=0)
-    fast = momtune.MoMAttention(**args, backend="triton").cuda().to(torch.bfloat16).eval()
-    ref = momtune.reference.MoMAttention(**args).cuda().double().eval()
-    ref.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    fast, ref = _gpu_layers(torch.bfloat16, seed=2)
     cu = torch.tensor([0, 700, 701, 1000, 1000, 1333], device="cuda")
     x = torch.randn(1, 1333, 1024, device="cuda").to(torch.bfloat16)
     with torch.no_grad():
