@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from momtune import settings
-from momtune.checks import check_choice, check_tensor
+from momtune.checks import check_choice
 from momtune.errors import InputError, KernelError
 from momtune.reference import layer as ref_layer
 from momtune.reference.cache import LayerCache, MoMCache
@@ -214,10 +214,8 @@ class MoMAttention(ref_layer.MoMAttention):
         if capturing:  # no host-synchronising checks inside a CUDA graph capture
             x = hidden_states
         else:
-            # the finiteness check reads the input and syncs with the host: on CUDA (checks "auto")
-            # only metadata is checked, so the CPU keeps launching ahead of the GPU
-            values = self.checks == "full" or (self.checks == "auto" and not hidden_states.is_cuda)
-            x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs, values=values)
+            x = self._check_inputs(hidden_states, attention_mask, past_key_values, kwargs,
+                                   values=self._check_values(hidden_states))
         if self.mode != "chunk" and not capturing:
             _say_once("mode", "momtune: mode='fused_recurrent' computes the same function; the Triton "
                               "backend always runs its chunked kernel")
@@ -232,25 +230,20 @@ class MoMAttention(ref_layer.MoMAttention):
             entry.seen_tokens += x.shape[1]
         return out, logits, cache
 
+    def _check_values(self, x: torch.Tensor) -> bool:
+        """Whether to check that the input is finite: it reads the input and syncs with the host,
+        so on CUDA (checks "auto") only metadata is checked and the CPU keeps launching ahead."""
+        return self.checks == "full" or (self.checks == "auto" and not x.is_cuda)
+
     def _forward_packed(self, x: torch.Tensor, past_key_values: MoMCache | None, use_cache: bool,
                         kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
         """Packed sequences on the kernels without padding: x [1, N, D], cu_seqlens [S+1]; each
         sequence is a routing row of its own (its own segments and cache row). Reads cu_seqlens
         on the host (lengths). A step of one token per sequence with a cache is a decode step."""
-        from momtune.checks import check_cu_seqlens
-
-        kwargs = dict(kwargs)
-        cu = kwargs.pop("cu_seqlens")
-        check_tensor("hidden_states", x, ndim=3)
-        if x.shape[0] != 1:
-            raise InputError(f"hidden_states: with cu_seqlens the sequences are packed along dim 1; expected "
-                             f"shape [1, N, D], got {list(x.shape)}")
+        cu, max_len, kwargs = self._packed_input(x, None, kwargs)
+        x = self._check_inputs(x, None, past_key_values, kwargs, values=self._check_values(x))
         N, D = x.shape[1], x.shape[2]
-        cu = check_cu_seqlens("cu_seqlens", cu, N)
-        values = self.checks == "full" or (self.checks == "auto" and not x.is_cuda)
-        x = self._check_inputs(x, None, past_key_values, kwargs, values=values)
         S = cu.numel() - 1
-        max_len = int((cu[1:] - cu[:-1]).max())
         cache = MoMCache() if past_key_values is None and use_cache else past_key_values
         if cache is not None and N == S and max_len == 1:  # one token per sequence: a decode step
             out, logits, _ = self.forward(x.view(S, 1, D), None, cache)

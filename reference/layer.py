@@ -241,6 +241,23 @@ class MoMAttention(nn.Module):
         rows cu_seqlens[i]:cu_seqlens[i+1]. They run as padded rows [S, max length] with an
         attention mask (the cache, if any, holds one row per sequence) and come back packed:
         (o [1, N, D], router_logits [N, E], cache). Reads cu_seqlens on the host."""
+        cu, T, kwargs = self._packed_input(x, attention_mask, kwargs)
+        assert isinstance(x, torch.Tensor)
+        N, D = x.shape[1], x.shape[2]
+        S = cu.numel() - 1
+        rows = torch.arange(N, device=x.device)
+        seq = torch.searchsorted(cu[1:], rows, right=True)
+        pos = rows - cu[seq]
+        padded = x.new_zeros(S, T, D)
+        padded[seq, pos] = x[0]
+        mask = torch.zeros(S, T, dtype=torch.bool, device=x.device)
+        mask[seq, pos] = True
+        o, logits, cache = self(padded, mask, cache, use_cache, **kwargs)
+        return o[seq, pos][None], logits.view(S, T, -1)[seq, pos], cache
+
+    def _packed_input(self, x: object, attention_mask: object, kwargs: dict) -> tuple[torch.Tensor, int, dict]:
+        """Checks of packed input: (cu_seqlens as int64 on x's device, the longest sequence (at
+        least 1; read on the host), the other keyword arguments)."""
         from momtune.checks import check_cu_seqlens
 
         kwargs = dict(kwargs)
@@ -253,19 +270,8 @@ class MoMAttention(nn.Module):
         if x.shape[0] != 1:
             raise InputError(f"hidden_states: with cu_seqlens the sequences are packed along dim 1; expected "
                              f"shape [1, N, D], got {list(x.shape)}")
-        N, D = x.shape[1], x.shape[2]
-        cu = check_cu_seqlens("cu_seqlens", cu, N).to(x.device, torch.int64)
-        S = cu.numel() - 1
-        rows = torch.arange(N, device=x.device)
-        seq = torch.searchsorted(cu[1:], rows, right=True)
-        pos = rows - cu[seq]
-        T = max(1, int((cu[1:] - cu[:-1]).max()))
-        padded = x.new_zeros(S, T, D)
-        padded[seq, pos] = x[0]
-        mask = torch.zeros(S, T, dtype=torch.bool, device=x.device)
-        mask[seq, pos] = True
-        o, logits, cache = self(padded, mask, cache, use_cache, **kwargs)
-        return o[seq, pos][None], logits.view(S, T, -1)[seq, pos], cache
+        cu = check_cu_seqlens("cu_seqlens", cu, x.shape[1]).to(x.device, torch.int64)
+        return cu, max(1, int((cu[1:] - cu[:-1]).max())), kwargs
 
     def _valid_tokens(self, attention_mask: object, x: torch.Tensor) -> torch.Tensor | None:
         """The padding mask of the current tokens as bool [B, T] (None: all valid). As fla's
