@@ -29,11 +29,13 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, h_ptr,
     N, D, stride_x, stride_r, eps,
-    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    if BLOCK_D == D:
+    # EVEN_D (BLOCK_D == D, decided on the host) is a constexpr so that only one branch is compiled:
+    # a test of the runtime D would compile both, and their masks' types differ.
+    if EVEN_D:
         mask = (rows < N)[:, None]  # constant along a row: keeps the loads vectorised
     else:
         mask = (rows < N)[:, None] & (cols < D)[None, :]
@@ -84,6 +86,7 @@ def add_rms_norm(
             x, x if residual is None else residual, weight.contiguous(), y, h,
             N, D, x.stride(0), x.stride(0) if residual is None else residual.stride(0), float(eps),
             HAS_RES=residual is not None, BLOCK_N=BN, BLOCK_D=triton.next_power_of_2(D),
+            EVEN_D=triton.next_power_of_2(D) == D,
             num_warps=cfg["num_warps"],
         )
     return y, h
