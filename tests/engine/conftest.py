@@ -1,6 +1,10 @@
 """Fixtures of the engine tests: fake templates (tests/engine/fake_template.py) and their search
 spaces (tests/engine/spaces/), SQLite storages in tmp dirs, and a helper to run the CLI as a
-subprocess."""
+subprocess.
+
+On the CPU the fake kernels run in Triton's interpreter because `make test` sets TRITON_INTERPRET=1
+before Python starts; nothing here sets it (a conftest that did would switch every GPU test of
+the session into the interpreter)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the fake kernels are defined
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = str(Path(__file__).parent / "spaces")
