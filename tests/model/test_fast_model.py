@@ -299,47 +299,55 @@ def _gpu_layers(dtype: torch.dtype, seed: int):
     return fast, ref
 
 
+# The GPU layer tests compare with the float64 reference routed on the fast layer's own logits,
+# within a multiple of the reference's own error in the layer's dtype (momtune.layer_check says
+# why): unpinned, near-tied tokens that bf16 logits route elsewhere move the output by O(1) (the
+# padded case below was 0.065 from float64 on the H200, and the PyTorch reference itself in bf16
+# is 0.098 from it on the same input; pinned, 0.0065).
+
+
+def _assert_layer_check(ck) -> None:
+    print(ck.describe())
+    assert ck.ok, ck.describe()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_layer_matches_float64_reference(dtype):
+    from momtune.layer_check import check_layer
+
     fast, ref = _gpu_layers(dtype, seed=0)
-    x = torch.randn(2, 300, 1024, device="cuda")
-    with torch.no_grad():
-        out = fast(x.to(dtype))[0].double()
-        want = ref(x.to(dtype).double())[0]
-    rel = ((out - want).norm() / want.norm()).item()
-    assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
+    x = torch.randn(2, 300, 1024, device="cuda").to(dtype)
+    _assert_layer_check(check_layer(fast, ref, x))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_padding_mask_bf16_matches_float64_reference():
     """mom-340m layer shape, left-padded rows (0, 100, 250 of 300 tokens padded), bf16."""
+    from momtune.layer_check import check_layer
+
     fast, ref = _gpu_layers(torch.bfloat16, seed=1)
     x = torch.randn(3, 300, 1024, device="cuda").to(torch.bfloat16)
     mask = torch.ones(3, 300, dtype=torch.long, device="cuda")
     mask[1, :100], mask[2, :250] = 0, 0
     with torch.no_grad():
-        out = fast(x, attention_mask=mask)[0].double()
-        want = ref(x.double(), attention_mask=mask)[0]
-    assert not out[mask == 0].any()
-    rel = ((out - want).norm() / want.norm()).item()
-    assert rel < 2e-2, rel
+        out = fast(x, attention_mask=mask)[0]
+    assert not out[mask == 0].any(), "padding rows must output exactly 0"
+    _assert_layer_check(check_layer(fast, ref, x, attention_mask=mask))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_packed_sequences_bf16_match_float64_reference():
     """mom-340m layer shape, 5 packed sequences of uneven lengths (1 .. 700 tokens), bf16."""
+    from momtune.layer_check import check_layer
+
     fast, ref = _gpu_layers(torch.bfloat16, seed=2)
     cu = torch.tensor([0, 700, 701, 1000, 1000, 1333], device="cuda")
     x = torch.randn(1, 1333, 1024, device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        out = fast(x, cu_seqlens=cu)[0].double()
-        want = ref(x.double(), cu_seqlens=cu)[0]
-    rel = ((out - want).norm() / want.norm()).item()
-    assert rel < 2e-2, rel
+    _assert_layer_check(check_layer(fast, ref, x, cu_seqlens=cu))
 
 
 @pytest.mark.gpu

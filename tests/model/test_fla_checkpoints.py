@@ -58,9 +58,12 @@ def test_fla_causal_lm_state_dict_loads_strictly(tie):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("T", [48, 300], ids=["T48-fused_recurrent", "T300-chunk"])
-def test_gpu_matches_fla_eval_outputs(dtype, T):
+# fla's chunk path in float32 is left out: its kernels autotuned for over 4 minutes on a cold H200
+# (Triton 3.6, 2026-11-28) and took `pytest -m gpu` past its 10-minute run; its fused_recurrent
+# path (T <= 64) covers float32, the chunk path bf16.
+@pytest.mark.parametrize("T,dtype", [(48, torch.bfloat16), (48, torch.float32), (300, torch.bfloat16)],
+                         ids=["T48-fused_recurrent-bf16", "T48-fused_recurrent-fp32", "T300-chunk-bf16"])
+def test_gpu_matches_fla_eval_outputs(T, dtype):
     """momtune (Triton) and fla 0.6.0 on the same weights and input, both against the float64
     reference: momtune must be at least as close to it as fla (within a small margin)."""
     torch.manual_seed(0)
