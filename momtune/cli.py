@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from . import __version__
 from .errors import MomtuneError
@@ -20,18 +21,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"momtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"momtune.commands.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand not built yet
-            if exc.name != f"momtune.commands.{name}":
-                raise
-            continue
-        mod.register(sub)
+        load_command(name).register(sub)
     return parser
 
 
+def load_command(name: str) -> ModuleType:
+    """Import ``momtune.commands.<name>``. Its module (or the ``momtune.commands`` package) missing
+    means a broken install, which raises :class:`MomtuneError` naming it; any other import error,
+    e.g. a missing dependency of the module, propagates as it is."""
+    module = f"momtune.commands.{name}"
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in (module, "momtune.commands"):
+            raise
+        raise MomtuneError(f"subcommand {name!r}: module {exc.name} is missing, so this momtune install is "
+                           f"broken; reinstall momtune (from a checkout: pip install -e .)") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except MomtuneError as exc:
+        print(f"momtune: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
