@@ -1,11 +1,12 @@
 # The H100 runs the open issues need, as stages that can be chained in one device call (each
 # device call is at most 10 min; every stage caps itself with `timeout`). Run from the repo root
 # on the device, carrying .whl and .bench:
-#   bash bench/gpu_session.sh tests bench340      # GPU-marked tests; momtune bench on mom-340m   (~9 min)
+#   bash bench/gpu_session.sh smoke tests         # GPU smoke, then `pytest -m gpu` but tests/bench  (<10 min)
+#   bash bench/gpu_session.sh benchsuite          # the rest of `pytest -m gpu`: tests/bench         (<10 min)
+#   bash bench/gpu_session.sh bench340            # momtune bench on mom-340m
 #   bash bench/gpu_session.sh tune                # TPE on every template + exhaustive/TPE/random  (~9 min)
 #   bash bench/gpu_session.sh finish              # mom-1.3b and LM bench, export + verify,
 #                                                 # recurrence STATES split, layer profile       (~9 min)
-#   bash bench/gpu_session.sh benchsuite          # pytest-benchmark suite, if device time is left (~3 min)
 #   bash bench/gpu_session.sh search / sampler    # longer versions of tune's two halves
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
@@ -34,16 +35,15 @@ search() {  # search NAME SET TRIALS SECONDS [extra args]: one TPE search, cappe
 stage() {
   echo "=== stage $1 ($(date +%T))"
   case "$1" in
-    tests)  # one pytest per folder, each capped: a run cut short still prints the others' summaries
-      # (2026-11-26: one run over all of tests/ started with tests/bench, whose fla cases compile
-      # and autotune fla's kernels on a cold cache for minutes, and was killed before any summary)
-      for d in kernels:150 model:90 engine:30; do
-        IFS=: read dir secs <<< "$d"
-        timeout $secs python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short --durations=5 tests/$dir \
-          >> $OUT/gpu-tests.log 2>&1; echo "tests/$dir: rc $?"; tail -4 $OUT/gpu-tests.log
-      done ;;
-    benchsuite)  # the pytest-benchmark suite (fla autotunes on first use: run after `bench340`)
-      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/bench \
+    smoke)  # every template, the fast layer and the fast LM against the references (make gpu-smoke)
+      timeout ${SMOKE_CAP:-240} python3 bench/gpu_smoke.py --out $OUT/gpu-smoke.json > $OUT/gpu-smoke.log 2>&1
+      echo "smoke: rc $?"; tail -18 $OUT/gpu-smoke.log ;;
+    tests)  # `pytest -m gpu`, first of two runs: everything but the fla benchmark suite (tests/bench)
+      timeout ${TESTS_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=8 \
+        --junitxml=$OUT/gpu-tests.xml --ignore=tests/bench tests > $OUT/gpu-tests.log 2>&1
+      echo "pytest -m gpu (all but tests/bench): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests.log | tail -25 ;;
+    benchsuite)  # `pytest -m gpu`, second run: the pytest-benchmark suite (fla autotunes on first use)
+      timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/bench \
         --benchmark-json $OUT/bench-pytest.json >> $OUT/gpu-tests.log 2>&1; echo "tests/bench: rc $?"
       tail -6 $OUT/gpu-tests.log ;;
     bench340)
@@ -98,7 +98,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: tests bench340 search sampler finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests benchsuite bench340 tune search sampler finish report"; return 2 ;;
   esac
 }
 
