@@ -10,11 +10,11 @@ for ``GPUTarget("cuda", capability, 32)`` instead of running it. Triton ships pt
 reaches machine code for sm_90 / sm_80 without a GPU, and reads each kernel's shared memory.
 
 What is compiled, per template: the default of each dtype and every fallback (for every target in
-bfloat16, the dtype models run in; for sm_90 in float16 and float32),
-at every shape of the space's tiny set and the first of each other set (ragged tiny shapes and
-real model shapes take different constexpr branches); and for sm_90 in bfloat16 a sample of configs that holds
-every choice of every search-space parameter at least once (each constexpr branch a config can
-select; on other GPUs the search itself records a config that does not compile). Identical
+bfloat16, the dtype models run in; for sm_90 in float16 and float32), at every shape of the
+space's tiny set and the first of each other set (ragged tiny shapes and real model shapes take
+different constexpr branches); and for sm_90 in bfloat16 a sample of configs that holds every
+choice of every search-space parameter at least once (each constexpr branch a config can select;
+on other GPUs the search itself records a config that does not compile). Identical
 specialisations are compiled once. A default or fallback over the target's shared memory fails
 (a fallback must fit everywhere, a default on sm_90); a sample over it is reported.
 
