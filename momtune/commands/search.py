@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from momtune.commands import SEED_MAX, int_in, seconds
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,22 +16,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="template name (repeatable), 'all' for every template with a search space, or "
                         "module:ATTR for an unregistered template")
     p.add_argument("--shapes", required=True, metavar="SET", help="shape set of the search space (e.g. tiny, decode)")
-    p.add_argument("--trials", type=int, default=20, help="trials per study, those already done included (20)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="no new trials in a study after S seconds")
+    p.add_argument("--trials", type=int_in(1), default=20, help="trials per study, those already done included (20)")
+    p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="no new trials in a study after S seconds")
     p.add_argument("--sampler", default="tpe", help="tpe | random | grid (= exhaustive: every valid config once)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL (MOMTUNE_STORAGE, default sqlite:///momtune.db; postgresql://... works)")
     p.add_argument("--study", default=None, metavar="PREFIX", help="prefix study names with PREFIX/")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="compile workers on a GPU (min(cores, 8)); in the interpreter, given N pre-runs "
+    p.add_argument("--workers", type=int_in(1), default=None, metavar="N", help="compile workers on a GPU (min(cores, 8)); in the interpreter, given N pre-runs "
                    "candidates. A batch compiles up to N candidates at once (TPE: at most a quarter "
                    "of --trials, so that it learns between batches)")
-    p.add_argument("--seed", type=int, default=0, help="sampler and input seed (0)")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help=f"sampler and input seed, 0 .. {SEED_MAX} (0)")
     p.add_argument("--space-dir", default=None, metavar="DIR", help="read search spaces from DIR instead of the package")
-    p.add_argument("--trial-timeout", type=float, default=None, metavar="S",
+    p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S",
                    help="kill a trial after S seconds (120 on a GPU, 300 in the interpreter)")
-    p.add_argument("--retime", type=int, default=3, metavar="K", help="re-time the best K configs interleaved (3)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved re-timing rounds (5 GPU, 3 interpreter)")
-    p.add_argument("--heartbeat", type=int, default=10, metavar="S",
+    p.add_argument("--retime", type=int_in(1), default=3, metavar="K", help="re-time the best K configs interleaved (3)")
+    p.add_argument("--rounds", type=int_in(1), default=None, help="interleaved re-timing rounds (5 GPU, 3 interpreter)")
+    p.add_argument("--heartbeat", type=int_in(1), default=10, metavar="S",
                    help="trial heartbeat; a trial silent for 3*S seconds (its process died) is failed and redone (10)")
     p.set_defaults(func=run)
 

@@ -1,0 +1,47 @@
+"""`momtune search` rejects bad flag values at parsing (exit 2, naming the flag, the value and
+what is accepted) and creates no storage: before, --workers -1 spun forever, --trial-timeout -1
+recorded every trial as a timeout, --timeout 0 meant none and -5 ran nothing, and --seed -1 or
+--trial-timeout nan ended in tracebacks."""
+from __future__ import annotations
+
+import pytest
+
+from momtune.cli import main
+
+BAD = [
+    ("--workers", "-1", "integer >= 1"),
+    ("--workers", "0", "integer >= 1"),
+    ("--trials", "0", "integer >= 1"),
+    ("--trial-timeout", "-1", "seconds > 0"),
+    ("--trial-timeout", "nan", "seconds > 0"),
+    ("--trial-timeout", "inf", "seconds > 0"),
+    ("--timeout", "0", "seconds > 0"),
+    ("--timeout", "-5", "seconds > 0"),
+    ("--timeout", "soon", "number of seconds"),
+    ("--seed", "-1", "0 .. 4294967295"),
+    ("--seed", "4294967296", "0 .. 4294967295"),
+    ("--retime", "0", "integer >= 1"),
+    ("--rounds", "0", "integer >= 1"),
+    ("--heartbeat", "0", "integer >= 1"),
+    ("--heartbeat", "1.5", "expected an integer"),
+]
+
+
+@pytest.mark.parametrize("flag,value,accepted", BAD, ids=[f"{f}={v}" for f, v, _ in BAD])
+def test_bad_value_stops_at_parsing(flag, value, accepted, tmp_path, capsys):
+    db = tmp_path / "s.db"
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--template", "merge", "--shapes", "tiny", "--storage", f"sqlite:///{db}", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and accepted in err and value in err, err
+    assert not db.exists()
+
+
+def test_good_values_parse():
+    from momtune.cli import build_parser
+
+    args = build_parser().parse_args(["search", "--template", "merge", "--shapes", "tiny", "--workers", "2",
+                                      "--timeout", "0.5", "--trial-timeout", "30", "--seed", "4294967295",
+                                      "--retime", "1", "--rounds", "1", "--heartbeat", "1"])
+    assert (args.workers, args.timeout, args.trial_timeout, args.seed) == (2, 0.5, 30.0, 4294967295)
