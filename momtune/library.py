@@ -157,7 +157,7 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
     from .study import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, read_only=True)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     ours = [s for s in summaries if "template" in s.user_attrs and "shape" in s.user_attrs]
     if prefix == "*":  # every study: per shape, the fastest winner of any of them

@@ -45,11 +45,24 @@ def absolute_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, heartbeat_s: int | None = None) -> Any:
-    """An Optuna RDBStorage for any SQLAlchemy URL (SQLite, PostgreSQL, MySQL ...)."""
+def open_storage(url: str, heartbeat_s: int | None = None, read_only: bool = False) -> Any:
+    """An Optuna RDBStorage for any SQLAlchemy URL (SQLite, PostgreSQL, MySQL ...).
+
+    ``read_only`` (export, report, verify): a SQLite file must exist (a mistyped path is an error,
+    not a new empty database) and no tables are created (a SQLite file that is not an Optuna
+    storage is refused, not given Optuna's tables)."""
+    import inspect
+
     import optuna
 
     url = absolute_url(url)
+    extra: dict[str, Any] = {}
+    if read_only:
+        m = re.match(r"^sqlite(?:\+\w+)?:///(.+?)(\?.*)?$", url)
+        if m and m.group(1) != ":memory:" and not Path(m.group(1)).is_file():
+            raise StorageError(f"storage {url!r}: the SQLite file {m.group(1)} does not exist")
+        if "skip_table_creation" in inspect.signature(optuna.storages.RDBStorage).parameters:
+            extra["skip_table_creation"] = True
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}
@@ -59,14 +72,20 @@ def open_storage(url: str, heartbeat_s: int | None = None) -> Any:
     for attempt in range(3):  # several processes creating the tables of a fresh database may collide
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=None if heartbeat_s is None else 3 * heartbeat_s)
+                                              grace_period=None if heartbeat_s is None else 3 * heartbeat_s,
+                                              **extra)
         except Exception as exc:  # noqa: BLE001 - driver missing, bad URL, server down
             last = exc
-            if "psycopg" in str(exc) or "No module named" in str(exc):
+            if "psycopg" in str(exc) or "No module named" in str(exc) or read_only:
                 break
             time.sleep(0.5 + attempt)
     text = str(last).splitlines()[0] if last is not None and str(last) else ""
     hint = " (PostgreSQL needs `pip install psycopg2-binary`)" if "psycopg" in text else ""
+    if read_only and not hint:
+        cause = getattr(last, "__cause__", None) or getattr(last, "__context__", None)
+        detail = str(cause).splitlines()[0] if cause is not None and str(cause) else text
+        raise StorageError(f"storage {url!r} is not an Optuna storage, or cannot be read: {detail}; "
+                           "nothing was written to it") from None
     raise StorageError(f"storage {url!r} cannot be opened: {type(last).__name__}: {text}{hint}") from None
 
 

@@ -49,8 +49,9 @@ def load_studies(url: str, importance: bool = True) -> tuple[list[Study], list[s
 
     _check_storage(url)
     try:
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        from momtune.study import open_storage
+
+        storage = open_storage(url, read_only=True)
         summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
     except Exception as exc:  # noqa: BLE001 - any storage failure is a bad --storage argument
         raise ReportError(f"--storage {url}: cannot read Optuna studies ({type(exc).__name__}: {exc})") from exc

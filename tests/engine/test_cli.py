@@ -87,5 +87,5 @@ def test_template_all_expands_to_registered_with_space(monkeypatch: pytest.Monke
 
 def test_export_missing_storage_is_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["export", "--storage", f"sqlite:///{tmp_path}/empty.db", "--out", str(tmp_path / "l.json")])
-    assert rc == 2 and "no momtune studies" in capsys.readouterr().err
-    assert not (tmp_path / "l.json").exists()
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "l.json").exists() and not (tmp_path / "empty.db").exists()
