@@ -51,7 +51,9 @@ class Dispatcher:
     """Config lookup from one library (or none: every lookup gives the template's default)."""
 
     def __init__(self, library_path: str | None = None, policy: str = "warn",
-                 machine: Mapping[str, Any] | None = None) -> None:
+                 machine: Mapping[str, Any] | None = None, template_specs: Mapping[str, str] | None = None) -> None:
+        """``template_specs``: name -> ``module:ATTR`` of unregistered templates a lookup by name may
+        load (a library's own recorded specs are never imported)."""
         if policy not in POLICIES:
             raise ConfigError(f"policy {policy!r} is not accepted; use one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -62,6 +64,7 @@ class Dispatcher:
         self._usable: dict[str, bool] = {}
         self.mismatch: list[str] = []
         self._lock = threading.Lock()
+        self.template_specs = dict(template_specs or {})
         if library_path is None:
             return
         try:
@@ -122,10 +125,10 @@ class Dispatcher:
 
     def _lookup(self, template: Any, name: str, shape: Mapping[str, int], dtype: str) -> tuple[dict[str, Any], str]:
         if isinstance(template, str):
-            from .templates import resolve_template
+            from .templates import library_spec, resolve_template
 
-            spec = self.library.templates.get(name, {}).get("spec", name) if self.library else name
-            template = resolve_template(spec)
+            recorded = self.library.templates.get(name, {}).get("spec") if self.library else None
+            template = resolve_template(library_spec(name, recorded, self.template_specs))
         if self._template_usable(name, template):
             entries = [e for e in self.library.entries(name) if e.get("dtype") == dtype]  # type: ignore[union-attr]
             shape = dict(shape)

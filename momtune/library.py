@@ -220,11 +220,11 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
 
 
 def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], None]) -> None:
-    from .templates import resolve_template
+    from .templates import library_spec, resolve_template
 
     for name, tmpl in templates.items():
         try:
-            current = resolve_template(tmpl.get("spec", name)).source_hash()
+            current = resolve_template(library_spec(name, tmpl.get("spec"))).source_hash()
         except Exception:  # noqa: BLE001 - a template that cannot be imported here is not checked
             continue
         if tmpl.get("source_hash") and current != tmpl["source_hash"]:

@@ -8,6 +8,7 @@ processes (spawned, not forked) can resolve the same template.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
@@ -39,6 +40,20 @@ def resolve_template(spec: "str | Template") -> "Template":
             raise InputError(f"template: {spec!r} is not a Template (no {attr!r})")
     _CACHE[spec] = obj
     return obj
+
+
+def library_spec(name: str, recorded: str | None, allowed: Mapping[str, str] | None = None) -> str:
+    """The spec to load for a library's entries under template ``name``. A library is data, shared
+    and committed: a registered name is loaded as registered, and a ``module:ATTR`` spec the
+    library records is never imported on its word; an unregistered template is loaded only from
+    a spec the user gives for that name (``allowed``: name -> spec, e.g. verify's --template-spec)."""
+    if allowed and name in allowed:
+        return allowed[name]
+    if name in registered_names():
+        return name
+    hint = f" (the library records {recorded!r})" if recorded and recorded != name else ""
+    raise InputError(f"template {name!r}: not a registered template{hint}; a library never names code to "
+                     f"import: to load it, pass --template-spec {name}=MODULE:ATTR")
 
 
 def registered_names() -> list[str]:

@@ -17,18 +17,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", action="append", default=None, metavar="NAME", help="only these templates")
     p.add_argument("--trial-timeout", type=float, default=None, metavar="S", help="per run (120 GPU, 300 interpreter)")
     p.add_argument("--seed", type=int, default=12345, help="input seed (12345)")
+    p.add_argument("--template-spec", action="append", default=[], metavar="NAME=MODULE:ATTR",
+                   help="load the library's unregistered template NAME from MODULE:ATTR (a library never names "
+                        "code to import; registered templates need nothing)")
     p.set_defaults(func=run)
 
 
 def verify(path: str, policy: str, templates: list[str] | None, timeout: float | None, seed: int,
-           note: Any = print) -> list[dict[str, Any]]:
+           note: Any = print, allowed: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per library entry: status of the tuned and default configs, times, speed-up."""
     from momtune.dispatch import this_machine
     from momtune.errors import LibraryError
     from momtune.library import load_library
     from momtune.provenance import mismatches
     from momtune.worker import prepare_environment
-    from momtune.templates import resolve_template
+    from momtune.templates import library_spec, resolve_template
     from momtune.timing import TimingOptions
     from momtune.worker import Worker
 
@@ -39,7 +42,7 @@ def verify(path: str, policy: str, templates: list[str] | None, timeout: float |
         if templates and name not in templates:
             continue
         try:
-            current = resolve_template(tmpl.get("spec", name)).source_hash()
+            current = resolve_template(library_spec(name, tmpl.get("spec"), allowed)).source_hash()
         except Exception as exc:  # noqa: BLE001
             problems.append(f"template {name}: cannot be loaded here ({exc})")
             continue
@@ -57,7 +60,7 @@ def verify(path: str, policy: str, templates: list[str] | None, timeout: float |
         for name, tmpl in lib.templates.items():
             if templates and name not in templates:
                 continue
-            spec = tmpl.get("spec", name)
+            spec = library_spec(name, tmpl.get("spec"), allowed)
             default = dict(resolve_template(spec).default_config)
             for e in tmpl["entries"]:
                 base = {"template": spec, "shape": e["shape"], "dtype": e["dtype"], "seed": seed,
@@ -85,12 +88,19 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from momtune import settings
+    from momtune.errors import InputError
     from momtune.progress import fmt_config, fmt_ms
 
     policy = args.policy or settings.load().policy
     console = Console() if Console().is_terminal else Console(width=200)
+    allowed: dict[str, str] = {}
+    for item in args.template_spec:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or ":" not in spec:
+            raise InputError(f"--template-spec: expected NAME=MODULE:ATTR, got {item!r}")
+        allowed[name] = spec
     rows = verify(args.library, policy, args.template, args.trial_timeout, args.seed,
-                  note=lambda m: console.print(m, markup=False, highlight=False))
+                  note=lambda m: console.print(m, markup=False, highlight=False), allowed=allowed)
     table = Table(title=f"momtune verify {args.library}")
     for col in ("template", "shape", "dtype", "config", "check", "tuned", "default", "speed-up", "library", "rel err"):
         table.add_column(col)

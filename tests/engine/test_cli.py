@@ -23,7 +23,7 @@ def test_search_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "1 entries of 1 templates for GPU 'interpreter'" in capsys.readouterr().out
     lib = load_library(out)
     assert lib.entries("fake")[0]["trials"] == 3
-    assert main(["verify", str(out), "--policy", "strict"]) == 0
+    assert main(["verify", str(out), "--policy", "strict", "--template-spec", f"fake={FAKE}"]) == 0
     text = capsys.readouterr().out
     assert "all 1 tuned configs pass their check" in text and "N7 C9" in text
 
@@ -47,7 +47,7 @@ def _library(tmp_path: Path, config: dict, gpu: str = "interpreter") -> Path:
 
 def test_verify_fails_on_wrong_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "wrong"})
-    assert main(["verify", str(path)]) == 1
+    assert main(["verify", str(path), "--template-spec", f"faulty={FAULTY}"]) == 1
     text = capsys.readouterr().out
     assert "wrong_answer" in text and "1 of 1 tuned configs failed" in text
 
@@ -55,7 +55,7 @@ def test_verify_fails_on_wrong_answer(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize("policy,rc", [("strict", 2), ("warn", 0)])
 def test_verify_provenance_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str, rc: int) -> None:
     path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "none"}, gpu="NVIDIA H100 80GB HBM3")
-    assert main(["verify", str(path), "--policy", policy]) == rc
+    assert main(["verify", str(path), "--policy", policy, "--template-spec", f"faulty={FAULTY}"]) == rc
     captured = capsys.readouterr()
     assert "provenance mismatch: gpu: library 'NVIDIA H100 80GB HBM3', this machine 'interpreter'" in captured.out
     if policy == "strict":
@@ -89,3 +89,24 @@ def test_export_missing_storage_is_clean_error(tmp_path: Path, capsys: pytest.Ca
     rc = main(["export", "--storage", f"sqlite:///{tmp_path}/empty.db", "--out", str(tmp_path / "l.json")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "l.json").exists() and not (tmp_path / "empty.db").exists()
+
+
+def test_a_library_never_imports_the_code_it_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared library naming a module (its 'spec') must not make verify import it (issue 15:
+    a module in the working directory ran, and verify then said the configs pass)."""
+    marker = tmp_path / "ran"
+    (tmp_path / "planted_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\nFAKE = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "none"})
+    import json
+
+    lib = json.loads(path.read_text())
+    lib["templates"]["planted"] = {**lib["templates"].pop("faulty"), "spec": "planted_mod:FAKE"}
+    path.write_text(json.dumps(lib))
+    assert main(["verify", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'planted': not a registered template" in err and "--template-spec planted=" in err, err
+    assert not marker.exists()
+    assert main(["verify", str(path), "--template-spec", "planted"]) == 2
+    assert "expected NAME=MODULE:ATTR" in capsys.readouterr().err

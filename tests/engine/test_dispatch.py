@@ -9,7 +9,7 @@ import pytest
 import triton
 
 from momtune.dispatch import Dispatcher, get_dispatcher, reset_dispatcher
-from momtune.errors import ConfigError, LibraryError
+from momtune.errors import ConfigError, InputError, LibraryError
 from momtune.library import SCHEMA, atomic_write_json
 
 from .conftest import FAKE as FAKE_SPEC
@@ -59,8 +59,10 @@ def test_exact_nearest_default(tmp_path: Path, shape: dict[str, int], dtype: str
 def test_torch_dtype_and_template_name_and_detected_machine(tmp_path: Path) -> None:
     import torch
 
-    d = Dispatcher(write_lib(tmp_path), "strict")  # this process: the interpreter, this Triton
+    d = Dispatcher(write_lib(tmp_path), "strict", template_specs={"fake": FAKE_SPEC})  # the interpreter, this Triton
     assert d.config("fake", {"N": 64, "C": 3}, torch.float32) == ({"BLOCK": 16, "num_warps": 2}, "exact")
+    with pytest.raises(InputError, match="not a registered template"):  # the library's spec is not imported
+        Dispatcher(write_lib(tmp_path), "strict").config("fake", {"N": 64, "C": 3}, torch.float32)
 
 
 def test_no_library_gives_defaults() -> None:
