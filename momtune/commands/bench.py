@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from momtune.commands import int_in
 from momtune.errors import InputError
 
 
@@ -16,10 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--what", nargs="+", default=["layer_prefill", "layer_decode", "model_decode"],
                    help="layer_prefill layer_decode model_decode")
     p.add_argument("--prefill", nargs="+", default=["8x2048"], help="B x T shapes of the layer prefill")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 128], help="decode batch sizes")
+    p.add_argument("--batches", nargs="+", type=int_in(1), default=[1, 8, 32, 128], help="decode batch sizes")
     p.add_argument("--impls", nargs="+", default=["momtune", "fla", "reference"], help="momtune fla reference")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
-    p.add_argument("--layers", type=int, default=None, help="model decode with this many layers (default: preset's)")
+    p.add_argument("--layers", type=int_in(1), default=None, help="model decode with this many layers (default: preset's)")
     p.add_argument("--out", default="bench.json", help="JSON file to write (atomically)")
     p.set_defaults(func=run)
 

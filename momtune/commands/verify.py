@@ -5,6 +5,8 @@ import argparse
 import math
 from typing import Any
 
+from momtune.commands import SEED_MAX, int_in, seconds
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-run a library's configs against the reference and re-time tuned vs default",
@@ -15,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None, choices=("strict", "warn", "ignore"),
                    help="provenance mismatch: strict = refuse, warn = report and go on (MOMTUNE_POLICY, warn)")
     p.add_argument("--template", action="append", default=None, metavar="NAME", help="only these templates")
-    p.add_argument("--trial-timeout", type=float, default=None, metavar="S", help="per run (120 GPU, 300 interpreter)")
-    p.add_argument("--seed", type=int, default=12345, help="input seed (12345)")
+    p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S", help="per run (120 GPU, 300 interpreter)")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=12345, help=f"input seed, 0 .. {SEED_MAX} (12345)")
     p.add_argument("--template-spec", action="append", default=[], metavar="NAME=MODULE:ATTR",
                    help="load the library's unregistered template NAME from MODULE:ATTR (a library never names "
                         "code to import; registered templates need nothing)")

@@ -45,3 +45,15 @@ def test_good_values_parse():
                                       "--timeout", "0.5", "--trial-timeout", "30", "--seed", "4294967295",
                                       "--retime", "1", "--rounds", "1", "--heartbeat", "1"])
     assert (args.workers, args.timeout, args.trial_timeout, args.seed) == (2, 0.5, 30.0, 4294967295)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["verify", "lib.json", "--trial-timeout", "-1"], "--trial-timeout"),
+    (["verify", "lib.json", "--seed", "-3"], "--seed"),
+    (["bench", "--batches", "0"], "--batches"),
+    (["bench", "--layers", "-2"], "--layers"),
+], ids=["verify-timeout", "verify-seed", "bench-batches", "bench-layers"])
+def test_other_commands_check_their_numbers(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
