@@ -38,11 +38,20 @@ def _clean(obj: Any) -> Any:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write JSON to a temp file in the same folder, fsync, then rename over ``path``: readers see
-    the old file or the new one, never a partial file."""
+    the old file or the new one, never a partial file. The file keeps the mode of the one it
+    replaces, else gets the umask's (0644 under the usual 022), not mkstemp's private 0600:
+    libraries and reports are meant to be shared."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=1, allow_nan=False)
             f.write("\n")

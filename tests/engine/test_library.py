@@ -147,3 +147,23 @@ def test_load_broken_library_names_file(tmp_path: Path, text: str | None, msg: s
     with pytest.raises(LibraryError) as err:
         load_library(path)
     assert str(path) in str(err.value) and msg in str(err.value)
+
+
+def test_atomic_write_gives_a_shareable_mode_and_keeps_an_existing_one(tmp_path):
+    """mkstemp makes 0600 files: a library written through it could not be read by another user,
+    and re-exporting made a readable library private (issue 15)."""
+    import os
+    import stat
+
+    from momtune.library import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "lib.json"
+        atomic_write_json(path, {"a": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o640)
+        atomic_write_json(path, {"a": 2})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
