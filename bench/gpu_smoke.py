@@ -55,7 +55,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,18 +266,6 @@ def check_registered_template(name: str, mode: Mode) -> Row:
 F32_FLOOR = 1e-6  # a float32 reference's own error counts as at least this (rounding of a deep computation)
 
 
-@contextlib.contextmanager
-def _tf32(on: bool) -> Iterator[None]:
-    """TF32 matmuls on or off for the block (the dtype-rounded reference of float32 kernels uses
-    TF32 where the kernels' dots do, as momtune.layer_check does)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def check_layer(mode: Mode) -> Row:
     """Prefill by momtune.layer_check (float64 reference routed on the fast layer's own router
     logits; bound FACTOR x the reference's own error in the layer's dtype; router logits within
@@ -288,7 +276,7 @@ def check_layer(mode: Mode) -> Row:
 
     import momtune
     from momtune.bench import layer_kwargs
-    from momtune.layer_check import FACTOR, check_layer as layer_numerics, pinned_router
+    from momtune.layer_check import FACTOR, check_layer as layer_numerics, pinned_router, tf32_matmuls
     from momtune.reference.cache import MoMCache
 
     B, T, steps = mode.layer_bt
@@ -318,7 +306,7 @@ def check_layer(mode: Mode) -> Row:
         out_f, lg = fast(x[:, :T], past_key_values=cf, use_cache=True)[:2]
         with pinned_router(ref, lg.double()):
             ref(x[:, :T].double(), past_key_values=cr, use_cache=True)
-        with pinned_router(ref_dt, lg), _tf32(tf32):
+        with pinned_router(ref_dt, lg), tf32_matmuls(tf32):
             ref_dt(x[:, :T], past_key_values=cd, use_cache=True)
         errs, base, logit_errs, outs = [], [], [], [out_f]
         for i in range(T, T + steps):
@@ -326,7 +314,7 @@ def check_layer(mode: Mode) -> Row:
             o_f, lg = fast(xt, past_key_values=cf, use_cache=True)[:2]
             with pinned_router(ref, lg.double()):
                 o_r = ref(xt.double(), past_key_values=cr, use_cache=True)[0]
-            with pinned_router(ref_dt, lg), _tf32(tf32):
+            with pinned_router(ref_dt, lg), tf32_matmuls(tf32):
                 o_d = ref_dt(xt, past_key_values=cd, use_cache=True)[0]
             errs.append(errors(o_f, o_r))
             base.append(errors(o_d, o_r)[0])
@@ -499,7 +487,7 @@ class LMBf16:
 
     @torch.no_grad()
     def __init__(self, mode: Mode) -> None:
-        from momtune.layer_check import pinned_router
+        from momtune.layer_check import pinned_router, tf32_matmuls
 
         self.mode, self.cfg = mode, lm_config(mode)
         B, T = mode.lm_shape
@@ -527,7 +515,7 @@ class LMBf16:
         self.routing_diff = [float(_topk_set(a, k).ne(_topk_set(b, k)).any(-1).double().mean())
                              for a, b in zip(router, router64)]
         ref_dt = build_lm("reference", self.cfg, self.state, mode.dtype, mode.device)
-        with pinned(ref_dt, mode.dtype), _tf32(mode.dtype == torch.float32):
+        with pinned(ref_dt, mode.dtype), tf32_matmuls(mode.dtype == torch.float32):
             self.ref_dt_pinned = ref_dt(self.ids).logits
         del ref_dt
         if _on_cuda(mode):

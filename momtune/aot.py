@@ -35,13 +35,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Shared memory a block may use, by compute capability (CUDA's per-block opt-in maximum).
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DEFAULT_TARGETS = (90, 80)
 GATE_DTYPES = ("bfloat16", "float16", "float32")
-SAMPLE_DTYPE = "bfloat16"  # the dtype whose search space is sampled (the one the GPU runs)
+MODEL_DTYPE = "bfloat16"  # models run in it: sampled, and compiled for every target (others: sm_90 only)
 SAMPLE_TARGETS = (90,)  # samples compile for Hopper; other targets get the defaults and fallbacks
-ALL_TARGET_DTYPE = "bfloat16"  # the dtype compiled for every target; the others for sm_90 only
 
 
 @dataclass
@@ -146,26 +143,30 @@ def plan_template(name: str, capabilities: Sequence[int], dtypes: Sequence[str] 
     template = get_template(name)
     space = load_space(name, template=template)
     shapes = gate_shapes(space)
-    main_shape = next((s for s, dt in shapes if dt == SAMPLE_DTYPE), shapes[0][0])
+    main_shape = next((s for s, dt in shapes if dt == MODEL_DTYPE), shapes[0][0])
     jobs: list[Job] = []
     seen: set[str] = set()
+    inputs: dict[str, Any] = {}  # per shape: built once for every config of a dtype (seconds at real shapes)
     for dtype in dtypes:
+        inputs.clear()
         default = template.default_for(dtype)
         runs: list[tuple[str, dict[str, Any], dict[str, int]]] = []
         for shape, _ in shapes:
             runs.append(("default", default, shape))
             runs += [("fallback", {**default, **fb}, shape) for fb in template.fallbacks]
-        if sample and dtype == SAMPLE_DTYPE:
+        if sample and dtype == MODEL_DTYPE:
             runs += [("sample", cfg, main_shape) for cfg in covering_configs(space, main_shape, default)
                      if cfg != default]
         for role, cfg, shape in runs:
             if role != "sample" and template.check_config is not None and template.check_config(shape, cfg):
                 continue  # a default/fallback the template itself declines at this shape
-            inputs = template.make_inputs(shape, getattr(torch, dtype), "cpu", 0)
+            shape_key = json.dumps(shape, sort_keys=True)
+            if shape_key not in inputs:
+                inputs[shape_key] = template.make_inputs(shape, getattr(torch, dtype), "cpu", 0)
             with capturing(capabilities) as records:
-                template.launch(inputs, cfg)
+                template.launch(inputs[shape_key], cfg)
             for src, options, cap in records:
-                if cap not in SAMPLE_TARGETS and (role == "sample" or dtype != ALL_TARGET_DTYPE):
+                if cap not in SAMPLE_TARGETS and (role == "sample" or dtype != MODEL_DTYPE):
                     continue
                 key = f"{src.hash()}-{json.dumps(options, sort_keys=True, default=str)}-{cap}"
                 if key in seen:
@@ -180,6 +181,8 @@ def compile_job(job: Job) -> Result:
     limit fails a default or a fallback (they must run there), and is reported for samples."""
     import triton
     from triton.backends.compiler import GPUTarget
+
+    from momtune.resources import SHARED_LIMIT
 
     t0 = time.perf_counter()
     try:

@@ -59,6 +59,18 @@ class LayerCheck:
 
 
 @contextlib.contextmanager
+def tf32_matmuls(on: bool) -> Iterator[None]:
+    """TF32 for PyTorch's CUDA matmuls (and cuDNN) on or off within the block: the dtype-rounded
+    reference of float32 kernels, whose dots run in TF32, runs its matmuls in TF32 too."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def pinned_router(layer: torch.nn.Module, logits: torch.Tensor,
                   cu_seqlens: torch.Tensor | None = None) -> Iterator[None]:
     """Within the block, ``layer.gate(x)`` returns ``logits`` [N, E] (reshaped to x's leading
@@ -111,14 +123,10 @@ def check_layer(fast: torch.nn.Module, ref64: torch.nn.Module, x: torch.Tensor, 
         with pinned_router(ref64, logits.double(), cu):
             want = ref64(x.double(), **kwargs)[0]
         ref_dt = copy.deepcopy(ref64).to(dtype)
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-        try:
+        with tf32_matmuls(tf32):
             base_logits = ref_dt(x, **kwargs)[1]
             with pinned_router(ref_dt, logits, cu):
                 base = ref_dt(x, **kwargs)[0]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     k = int(getattr(ref64, "topk"))
     lg, lg64 = logits.double().reshape(-1, logits.shape[-1]), logits64.double().reshape(-1, logits.shape[-1])
     valid = _valid_rows(kwargs, lg.shape[0], lg.device)

@@ -20,7 +20,9 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-H100_SHARED_LIMIT = 232448  # bytes a block may use on sm_90
+# Shared memory a block may use, by compute capability (CUDA's per-block opt-in maximum, bytes).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+H100_SHARED_LIMIT = SHARED_LIMIT[90]  # sm_90: the H100 and H200
 
 _DT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 

@@ -5,7 +5,6 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from momtune.errors import ReportError
@@ -36,18 +35,10 @@ def parse_shape_key(shape_key: str) -> tuple[dict[str, int], str]:
 
 
 
-def _check_storage(url: str) -> None:
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise ReportError(f"--storage {url}: the SQLite file {path} does not exist")
-
-
 def load_studies(url: str, importance: bool = True) -> tuple[list[Study], list[str]]:
     """All momtune studies in an Optuna storage, and warnings about studies that were skipped."""
     import optuna
 
-    _check_storage(url)
     try:
         from momtune.study import open_storage
 
