@@ -43,9 +43,9 @@ stage() {
         --junitxml=$OUT/gpu-tests.xml --ignore=tests/bench tests > $OUT/gpu-tests.log 2>&1
       echo "pytest -m gpu (all but tests/bench): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests.log | tail -25 ;;
     benchsuite)  # `pytest -m gpu`, second run: the pytest-benchmark suite (fla autotunes on first use)
-      timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/bench \
-        --benchmark-json $OUT/bench-pytest.json >> $OUT/gpu-tests.log 2>&1; echo "tests/bench: rc $?"
-      tail -6 $OUT/gpu-tests.log ;;
+      timeout ${BENCH_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=8 tests/bench \
+        --junitxml=$OUT/gpu-bench-tests.xml --benchmark-json $OUT/bench-pytest.json > $OUT/gpu-bench-tests.log 2>&1; echo "tests/bench: rc $?"
+      grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-bench-tests.log | tail -25 ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;

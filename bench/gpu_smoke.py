@@ -36,9 +36,13 @@ Checks (one row each; an exception is a FAIL row with the exception's last line)
 - ``lm:fla-argmax``: fla 0.6.0's MomForCausalLM with the same weights, bf16, same prompts: argmax
   agreement with momtune over all positions >= 99%. Prompts have T 64 because fla runs
   ``fused_recurrent`` at T <= 64 (no autotuning) and its chunk kernels autotune for minutes on a
-  cold cache. Below 99% the row still passes if momtune is as faithful to the float64 reference
-  as fla is (argmax agreement with float64 within 2 binomial standard deviations of fla's,
-  norm-wise error <= FACTOR x fla's), and says so. Without fla: "skipped: fla not installed".
+  cold cache. Without fla: "skipped: fla not installed".
+
+The bf16 and fla LM checks use weights trained for a few Adam steps (float32, PyTorch
+reference, on the device) on momtune.synthetic's Markov language, and prompts drawn from it:
+random-init logits are near-tied (each of momtune and fla agrees with float64's argmax on only
+94-96% of positions), so argmax agreement on them measures bf16 rounding, not the kernels. The
+fla row also reports the agreement on the untrained weights and uniformly random prompts.
 
 ``--tiny`` (automatic without CUDA): the ``tiny`` shape sets, the ``tiny`` model preset, float32
 everywhere (the interpreter's bf16 tl.dot is not faithful), small batches; without CUDA the kernels
@@ -98,6 +102,10 @@ class Mode:
     @property
     def lm_shape(self) -> tuple[int, int]:  # B, T of the bf16 / fla logits
         return (2, 9) if self.tiny else (8, 64)
+
+    @property
+    def train_steps(self) -> int:  # Adam steps of the bf16 / fla LM's weights on the Markov language
+        return 20 if self.tiny else 150
 
 
 @dataclass
@@ -370,6 +378,28 @@ def lm_weights(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
     return _WEIGHTS[key]
 
 
+_TRAINED: dict[tuple[str, int], tuple[dict[str, torch.Tensor], Any, list[float]]] = {}
+
+
+def trained_weights(mode: Mode, cfg: Any) -> tuple[dict[str, torch.Tensor], Any, list[float]]:
+    """(float32 state dict on the CPU, its MarkovLanguage, the training losses): lm_weights
+    trained in float32 on ``mode.device`` for ``mode.train_steps`` Adam steps on
+    momtune.synthetic's Markov language, so that its logits have a trained LM's top-1 margins
+    (random-init logits are near-tied: argmax comparisons on them measure bf16 rounding)."""
+    from momtune.synthetic import MarkovLanguage, train_on
+
+    key = (json.dumps(cfg.to_dict(), sort_keys=True), mode.seed)
+    if key not in _TRAINED:
+        lang = MarkovLanguage(cfg.vocab_size, seed=mode.seed)
+        model = build_lm("reference", cfg, lm_weights(cfg, mode.seed), torch.float32, mode.device)
+        with torch.enable_grad():
+            losses = train_on(model, lang, steps=mode.train_steps, seed=mode.seed)
+        state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        del model
+        _TRAINED[key] = (state, lang, losses)
+    return _TRAINED[key]
+
+
 def build_lm(kind: str, cfg: Any, state: Mapping[str, torch.Tensor], dtype: torch.dtype, device: str) -> Any:
     """``fast`` (momtune, Triton) or ``reference`` LM on ``device`` in ``dtype``, holding ``state``."""
     import momtune
@@ -481,7 +511,8 @@ class LMBf16:
     """One batch of prompts through the bf16 (tiny: float32) fast LM, the float64 reference (on
     its own routing, and routed in every layer on the fast LM's router logits) and the reference
     run in the LM's dtype by PyTorch (routed the same way); built once, shared by the bf16 and fla
-    checks. Weights: one float32 state dict, rounded to the dtype for every model."""
+    checks. Weights: trained_weights (a trained LM's margins), one float32 state dict rounded to
+    the dtype for every model; prompts drawn from the language it was trained on."""
 
     _cache: dict[Any, LMBf16] = {}
 
@@ -491,9 +522,9 @@ class LMBf16:
 
         self.mode, self.cfg = mode, lm_config(mode)
         B, T = mode.lm_shape
-        self.state = lm_weights(self.cfg, mode.seed)
+        self.state, self.lang, self.losses = trained_weights(mode, self.cfg)
         gen = torch.Generator().manual_seed(mode.seed + 3)
-        self.ids = torch.randint(0, self.cfg.vocab_size, (B, T), generator=gen).to(mode.device)
+        self.ids = self.lang.sample(B, T, generator=gen).to(mode.device)
         fast = build_lm("fast", self.cfg, self.state, mode.dtype, mode.device)
         out = fast(self.ids)
         self.fast, router = out.logits, [r.detach() for r in out.router_logits]
@@ -567,6 +598,10 @@ def check_lm_bf16(mode: Mode) -> Row:
     return run_rows([row], body, mode.device)[0]
 
 
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
 def _on_cuda(mode: Mode) -> bool:
     return torch.device(mode.device).type == "cuda"
 
@@ -590,34 +625,38 @@ def check_lm_fla(mode: Mode) -> Row:
 
     def body() -> None:
         from momtune.bench import make_model
-        from momtune.layer_check import FACTOR
 
         lm = LMBf16.get(mode)
         model = make_model("fla", lm.cfg, mode.dtype, lm.state)
-        out = model(input_ids=lm.ids, use_cache=False)
-        theirs = out.logits if hasattr(out, "logits") else out[0]
+        theirs = _logits(model(input_ids=lm.ids, use_cache=False))
         del model
         agree = agreement(lm.fast, theirs)
         e_mt, e_fla = errors(lm.fast, lm.ref64), errors(theirs, lm.ref64)
         a_mt, a_fla = agreement(lm.fast, lm.ref64), agreement(theirs, lm.ref64)
         row.rel_norm, row.rel_max, row.max_abs = errors(lm.fast, theirs)
         row.extra.update(argmax_agreement=agree, positions=int(lm.ids.numel()), rel_norm_momtune_vs_f64=e_mt[0],
-                         rel_norm_fla_vs_f64=e_fla[0], argmax_momtune_vs_f64=a_mt, argmax_fla_vs_f64=a_fla)
+                         rel_norm_fla_vs_f64=e_fla[0], argmax_momtune_vs_f64=a_mt, argmax_fla_vs_f64=a_fla,
+                         train_steps=len(lm.losses), train_loss_first_last=[lm.losses[0], lm.losses[-1]],
+                         successor_hit_momtune=lm.lang.successor_hit_rate(lm.ids, lm.fast),
+                         successor_hit_fla=lm.lang.successor_hit_rate(lm.ids, theirs))
+        # the same comparison on the untrained weights and uniformly random prompts (near-ties: reported only)
+        gen = torch.Generator().manual_seed(mode.seed + 5)
+        ids = torch.randint(0, lm.cfg.vocab_size, tuple(lm.ids.shape), generator=gen).to(mode.device)
+        init = lm_weights(lm.cfg, mode.seed)
+        fast = build_lm("fast", lm.cfg, init, mode.dtype, mode.device)
+        mine = fast(ids).logits
+        del fast
+        model = make_model("fla", lm.cfg, mode.dtype, init)
+        row.extra["argmax_agreement_random_init"] = agreement(mine, _logits(model(input_ids=ids, use_cache=False)))
+        del model
         finite = bool(torch.isfinite(theirs).all())
-        facts = (f"agreement {agree:.2%} of {lm.ids.numel()}; vs float64: momtune {a_mt:.2%} / {e_mt[0]:.2e}, "
-                 f"fla {a_fla:.2%} / {e_fla[0]:.2e}")
+        facts = (f"agreement {agree:.2%} of {lm.ids.numel()} (trained {len(lm.losses)} steps; random init "
+                 f"{row.extra['argmax_agreement_random_init']:.2%}); vs float64: momtune {a_mt:.2%} / "
+                 f"{e_mt[0]:.2e}, fla {a_fla:.2%} / {e_fla[0]:.2e}")
         if not finite:
             row.done(False, "fla's logits are not finite; " + facts)
-        elif agree >= FLA_AGREEMENT:
-            row.done(True, facts)
-        else:  # as faithful to float64 as fla: argmax within 2 binomial sd, norm-wise within FACTOR
-            n = lm.ids.numel()
-            slack = max(2 * math.sqrt((a_mt * (1 - a_mt) + a_fla * (1 - a_fla)) / n), 1 / n)
-            row.extra["agreement_slack"] = slack
-            faithful = a_mt >= a_fla - slack and e_mt[0] <= FACTOR * e_fla[0]
-            row.done(faithful, facts + (f": below {FLA_AGREEMENT:.0%} from {dtype_name(mode.dtype)} near-ties, "
-                                        "momtune as close to float64 as fla" if faithful
-                                        else ": momtune further from float64 than fla"))
+        else:
+            row.done(agree >= FLA_AGREEMENT, facts)
 
     return run_rows([row], body, mode.device)[0]
 
