@@ -85,6 +85,7 @@ class Mode:
     dtype: torch.dtype  # the low precision of the run: bf16 on the GPU, float32 when tiny
     interpreter: bool
     seed: int = 0
+    localize: bool = False  # run localize_lm even when the bf16 LM check passes
 
     # sizes of the layer and LM checks
     @property
@@ -568,6 +569,101 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).double().mean())
 
 
+@torch.no_grad()
+def localize_lm(mode: Mode, lm: LMBf16) -> list[dict[str, Any]]:
+    """Where the fast LM leaves the reference: every block (and the head) run alone on the float64
+    LM's own hidden state (rounded to the dtype), the fast part against the reference run in the
+    dtype, both against float64, routing pinned to the fast block's logits. Per part: the
+    norm-wise error of the part's output increment (block: y - x) from float64, fast and reference."""
+    from momtune.layer_check import check_layer, pinned_router
+
+    dt, dev = mode.dtype, mode.device
+    ref64 = build_lm("reference", lm.cfg, rounded(lm.state, dt), torch.float64, dev)
+    fast = build_lm("fast", lm.cfg, lm.state, dt, dev)
+    ref_dt = build_lm("reference", lm.cfg, lm.state, dt, dev)
+    x64 = ref64.model.embeddings(lm.ids)
+    out: list[dict[str, Any]] = []
+    for i, (fb, rb, b64) in enumerate(zip(fast.model.layers, ref_dt.model.layers, ref64.model.layers)):
+        x = x64.to(dt)
+        xd = x.double()
+        yf, lf = fb(x, None)
+        with pinned_router(rb.attn, lf):
+            yr = rb(x, None)[0]
+        with pinned_router(b64.attn, lf.double()):
+            y64 = b64(xd, None)[0]
+        h = rb.attn_norm(x)
+        att = check_layer(fb.attn, b64.attn, h)
+        fla_chunk = _fla_chunk_attention(mode, lm, i, b64.attn, h)
+        # the MLP half on the float64 post-attention state: fast (fused norm + swiglu + addmm) vs reference
+        with pinned_router(b64.attn, lf.double()):
+            mid64 = xd + b64.attn(b64.attn_norm(xd), None)[0]
+        mid = mid64.to(dt)
+        mlp64 = b64.mlp(b64.mlp_norm(mid.double()))
+        mlp_dt = rb.mlp(rb.mlp_norm(mid))
+        zero = torch.zeros_like(mid)
+        mlp_fast = _fast_mlp(fb, mid, zero)
+        out.append(dict(part=f"block {i}", x_rms=float(xd.pow(2).mean().sqrt()),
+                        block_fast=errors(yf - x, y64 - xd)[0], block_ref_dtype=errors(yr - x, y64 - xd)[0],
+                        attn_fast=att.rel_err, attn_ref_dtype=att.ref_rel_err, attn_flips=att.flips,
+                        attn_fla_chunk=fla_chunk,
+                        mlp_fast=errors(mlp_fast, mlp64)[0], mlp_ref_dtype=errors(mlp_dt, mlp64)[0]))
+        x64 = y64
+    x = x64.to(dt)
+    head64 = ref64.lm_head(ref64.model.norm(x.double()))
+    out.append(dict(part="head", x_rms=float(x64.pow(2).mean().sqrt()),
+                    block_fast=errors(fast.lm_head(fast.model.norm(x)), head64)[0],
+                    block_ref_dtype=errors(ref_dt.lm_head(ref_dt.model.norm(x)), head64)[0]))
+    del ref64, fast, ref_dt
+    return out
+
+
+def _fla_chunk_attention(mode: Mode, lm: LMBf16, i: int, ref64: Any, h: torch.Tensor) -> float | None:
+    """fla 0.6.0's MomAttention of block ``i`` on ``h``, forced into its chunk kernels (fla runs
+    ``fused_recurrent`` at T <= 64 unless in training mode), against ``ref64`` routed on fla's
+    router logits: the error a peer's chunked bf16 kernels have on the same sublayer (None
+    without fla or CUDA)."""
+    if not _on_cuda(mode):
+        return None
+    try:
+        from momtune.bench import make_layer
+        from momtune.layer_check import check_layer
+    except ImportError:
+        return None
+    prefix = f"model.layers.{i}.attn."
+    try:
+        layer = make_layer("fla", lm.cfg, mode.dtype, {k[len(prefix):]: v for k, v in lm.state.items()
+                                                       if k.startswith(prefix)})
+    except ImportError:
+        return None
+    layer.train()  # chunk mode; the layer has no dropout
+
+    class OutAndRouter(torch.nn.Module):
+        def forward(self, x: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            out = layer(x, **kw)
+            return out[0], out[3]
+
+    return check_layer(OutAndRouter(), ref64, h).rel_err
+
+
+def _fast_mlp(block: Any, mid: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The fast block's MLP half on ``mid`` [B, T, D], as its forward runs it (norm kernel with
+    the residual fused, swiglu kernel, down projection), returning the increment only."""
+    import torch.nn.functional as F
+
+    from momtune.model import cached_config
+    from momtune.kernels.norm import add_rms_norm
+    from momtune.kernels.swiglu import swiglu
+
+    B, T, D = mid.shape
+    N, dt, mlp = B * T, mid.dtype, block.mlp
+    h, _ = add_rms_norm(zero.reshape(N, D), block.mlp_norm.weight, residual=mid.reshape(N, D), eps=block.mlp_norm.eps,
+                        config=cached_config(block._configs, "norm", dict(N=N, D=D, residual=1), dt))
+    I = mlp.gate_proj.weight.shape[0]
+    a = swiglu(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight),
+               config=cached_config(block._configs, "swiglu", dict(N=N, I=I), dt))
+    return F.linear(a, mlp.down_proj.weight).view(B, T, D)
+
+
 def check_lm_bf16(mode: Mode) -> Row:
     from momtune.layer_check import FACTOR
 
@@ -589,6 +685,11 @@ def check_lm_bf16(mode: Mode) -> Row:
             rel_norm_ref_dtype=e_dt, rel_norm_unpinned=free, argmax_agreement=agreement(lm.fast, lm.ref64),
             argmax_agreement_pinned=agreement(lm.fast, lm.ref64_pinned), routing_differs=lm.routing_diff)
         finite = bool(torch.isfinite(lm.fast).all())
+        if not (finite and e[0] <= bound) or mode.localize:
+            parts = row.extra["localized"] = localize_lm(mode, lm)
+            for part in parts:
+                print(f"  {part['part']}: " + ", ".join(f"{k} {v:.3e}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in part.items() if k != "part"), flush=True)
         row.done(finite and e[0] <= bound,
                  ("non-finite logits; " if not finite else "")
                  + f"unpinned: {free:.2e}, argmax agreement with float64 {row.extra['argmax_agreement']:.2%}; "
@@ -709,7 +810,7 @@ def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def resolve_mode(tiny: bool, seed: int) -> Mode:
+def resolve_mode(tiny: bool, seed: int, localize: bool = False) -> Mode:
     """CUDA if available (not in the interpreter), else tiny on the CPU in Triton's interpreter."""
     from momtune.settings import interpreter_mode
 
@@ -719,7 +820,7 @@ def resolve_mode(tiny: bool, seed: int) -> Mode:
     interp = interpreter_mode()
     tiny = tiny or interp or not cuda
     return Mode(tiny=tiny, device="cuda" if cuda else "cpu", dtype=torch.float32 if tiny else torch.bfloat16,
-                interpreter=interp, seed=seed)
+                interpreter=interp, seed=seed, localize=localize)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -734,11 +835,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated check names or prefixes (e.g. template,layer)")
     ap.add_argument("--no-fla", action="store_true", help="leave out the fla comparison")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--localize", action="store_true",
+                    help="lm:bf16-logits also reports every block's error (it does when it fails)")
     args = ap.parse_args(argv)
     out_path = args.out or (Path(os.environ["OUT"]) / "gpu-smoke.json" if os.environ.get("OUT") else None)
 
     t_start = time.perf_counter()
-    mode = resolve_mode(args.tiny, args.seed)
+    mode = resolve_mode(args.tiny, args.seed, args.localize)
     torch.manual_seed(args.seed)
     from momtune.provenance import collect
 

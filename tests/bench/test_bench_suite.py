@@ -72,11 +72,17 @@ class _PrefillThenStep(_OutAndRouter):
 
 
 def _check(wrapper, ref64, x, timed, fresh):
-    from momtune.layer_check import _rel, check_layer
+    from momtune.layer_check import _rel, check_layer, pinned_router
 
     check = check_layer(wrapper, ref64, x)
     assert torch.isfinite(timed).all()
-    assert check.ok, check.describe()
+    if not check.ok:  # say which tokens: the prefill's or the last one's
+        with torch.no_grad():
+            out, logits = wrapper(x)
+            with pinned_router(ref64, logits.double()):
+                want = ref64(x.double())[0]
+        parts = f"tokens :-1 {_rel(out[:, :-1], want[:, :-1]):.3e}, last token {_rel(out[:, -1:], want[:, -1:]):.3e}"
+        raise AssertionError(f"{check.describe()}; {parts}")
     # the timed calls computed what a fresh call computes (no result cached or skipped)
     assert _rel(timed, fresh) <= check.bound, f"timed output {_rel(timed, fresh):.3e} from a fresh call's"
     return check
