@@ -33,8 +33,11 @@ Three kernels, one set of helpers (:mod:`.common`):
   ``H_FP32``) and vnew [N, H, V] (input dtype), then updates S; the chunk-parallel
   ``output._output_kernel`` (grid slots * H * V/BV) computes o from S_c, Aqk and vnew.
 
-``SOLVE`` picks how T is computed: "product" (I - A)(I + A^2)(I + A^4)... (exact: A is
-nilpotent, 2 log2(BT) - 2 tensor-core matmuls) or "forward" (row-by-row forward substitution).
+``SOLVE`` picks how T is computed: "blocked" (recursive block inversion, T <- T - T M T over
+log2(BT) levels, 2 log2(BT) matmuls) or "forward" (row-by-row forward
+substitution). Both are stable where T is bounded; the product form (I - A)(I + A^2)(I + A^4)...
+is not (its powers of A grow like binomial coefficients when keys are nearly parallel) and was
+removed (see common._solve_unit_lower).
 
 Triton 3.6 on the H100 (checked there): T stays fp32 in the W/U matmuls (casting it to bf16 there
 gave wrong results for some BV/K), k^T is loaded transposed rather than ``tl.trans``-ed in front
@@ -55,11 +58,11 @@ from .common import _chunk_mats, _cumsum_last, _rnorm, _slot_segment
 from .output import _output_kernel
 
 RULES = ("gated_delta", "gated_linear")
-SOLVE_METHODS = ("product", "forward")
+SOLVE_METHODS = ("blocked", "forward")
 STATES_MODES = ("register", "memory")
 DEFAULT_CONFIG: dict[str, Any] = {
     "BT": 64, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 2,
-    "PREPASS": True, "PRE_QK": False, "PRE_WARPS": 4, "SOLVE": "product", "WU_FP32": False,
+    "PREPASS": True, "PRE_QK": False, "PRE_WARPS": 4, "SOLVE": "blocked", "WU_FP32": False,
     "STATES": "register", "H_FP32": False,
 }
 _CHOICES: dict[str, tuple] = {

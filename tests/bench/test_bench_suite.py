@@ -104,12 +104,20 @@ def test_layer_prefill_B8_T2048(benchmark, layer_state, impl):
     benchmark.extra_info.update(rel_err=check.rel_err, bound=check.bound, flips=check.flips)
 
 
+#: fla 0.6.0's MomAttention at batch 1, T 16 (its fused_recurrent path) with a cache is 0.61 from
+#: float64 over the 16 prefill tokens and the step (0.61 / 0.67), routing pinned, where the bound is
+#: 0.013; at batch 32 it passes, and momtune and the reference pass at both (H200, 2026-11-28).
+FLA_B1 = pytest.mark.xfail(strict=True, reason="fla 0.6.0 MomAttention is wrong at batch 1 with a cache")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B", [1, 32])
-def test_layer_decode_step(benchmark, layer_state, impl, B):
+def test_layer_decode_step(benchmark, layer_state, impl, B, request):
     from momtune.bench import _fla_cache, make_layer
     from momtune.reference.cache import MoMCache
 
+    if impl == "fla" and B == 1:
+        request.applymarker(FLA_B1)
     cfg, state, ref64 = layer_state
     gen = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(B, 17, cfg.hidden_size, device="cuda", generator=gen).to(torch.bfloat16)
