@@ -11,9 +11,9 @@ Checks (one row each; an exception is a FAIL row with the exception's last line)
 - ``template:<name>`` for every registered template: its first shape of the ``mom-340m-prefill``
   set (``decode`` for the decode template), bf16, the template's dtype default config, outputs
   preallocated and poisoned (momtune.validate.poison_like) and passed as ``out=``, compared with
-  the template's float64 reference by momtune.validate.compare. Bound: ``template.tolerance``
-  (elementwise |out - ref| <= atol + rtol |ref|; momtune has no derived bound yet), plus: every
-  floating output finite, ``out=`` honoured. The norm-wise error ||out - ref|| / ||ref|| is reported.
+  the template's float64 reference by momtune.gate (the search's gate): per output, norm-wise and
+  element-wise bounds of FACTOR x the reference's own error in the dtype (the tightest output's
+  shown), plus: every floating output finite, ``out=`` honoured.
 - ``layer:prefill+decode``: momtune.MoMAttention (Triton) at the mom-340m layer shape, prefill
   B 2, T 257 (a ragged last chunk), then 3 decode steps through the cache, bf16, against
   momtune.reference.MoMAttention in float64 on the same (bf16-rounded) weights, by
@@ -208,12 +208,13 @@ def template_shape(name: str, mode: Mode) -> tuple[str, dict[str, int]]:
 def check_template(template: Any, shape: Mapping[str, int], dtype: torch.dtype, device: str | torch.device,
                    seed: int = 0, config: Mapping[str, Any] | None = None, row: Row | None = None) -> Row:
     """One template at one shape: default config (or ``config``), NaN-poisoned ``out=`` buffers,
-    momtune.validate.compare against the float64 reference with ``template.tolerance(dtype)``."""
+    momtune.gate.check against the float64 reference with momtune.gate's derived bounds."""
     row = row or Row(f"template:{template.name}", fmt_shape(shape), dtype_name(dtype))
     row.shape, row.dtype = row.shape or fmt_shape(shape), dtype_name(dtype)
 
     def body() -> None:
-        from momtune.validate import compare, poison_like
+        from momtune.gate import bounds_for, check
+        from momtune.validate import poison_like
 
         cfg = dict(config) if config is not None else template.default_for(dtype)
         row.extra["config"] = cfg
@@ -226,11 +227,14 @@ def check_template(template: Any, shape: Mapping[str, int], dtype: torch.dtype, 
         _sync(device)
         res = res if res is not None else out
         ref = template.reference(inputs)
-        atol, rtol = template.tolerance(dtype)
-        row.bound = f"atol {atol:g} rtol {rtol:g}"
-        row.extra["bound_source"] = ("template.tolerance(dtype), elementwise |out-ref| <= atol + rtol*|ref| "
-                                     "(no derived bound in momtune yet)")
-        check = compare(res, ref, atol, rtol)
+        bounds = bounds_for(template, inputs, ref, res, dtype, str(device))
+        verdict = check(res, ref, bounds)
+        # the bound shown: the output nearest its own bound (the worst error is another's, maybe)
+        near = max(((k, b) for k, b in bounds.items() if k in verdict.errors),
+                   key=lambda kb: verdict.errors[kb[0]][0] / kb[1].norm, default=None)
+        row.bound = f"{near[0]}: norm {near[1].norm:.2g} / elem {near[1].elem:.2g}" if near else "exact"
+        row.extra["bounds"] = {k: {"norm": b.norm, "elem": b.elem, "source": b.source} for k, b in bounds.items()}
+        row.extra["bound_source"] = "momtune.gate: per output, FACTOR x the reference's own error in the dtype"
         per_key, errs, int_bad = {}, [], {}
         for key, r in ref.items():
             o = res.get(key)
@@ -244,7 +248,7 @@ def check_template(template: Any, shape: Mapping[str, int], dtype: torch.dtype, 
                 int_bad[key] = int((o.to(torch.float64) != r.to(device=o.device, dtype=torch.float64)).sum())
         _worst(row, errs)
         row.extra.update(per_key=per_key, int_mismatches=int_bad)
-        problems = [] if check.ok else [check.reason]
+        problems = [] if verdict.ok else [f"{verdict.kind}: {verdict.reason}"]
         nonfinite = _all_finite(res)
         if nonfinite:
             problems.append(f"non-finite elements in {nonfinite}")
@@ -883,8 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = f"FAIL: {', '.join(failed)}" if failed else "all checks passed" + (
         f" ({sum(r.status == 'SKIP' for r in rows)} skipped)" if any(r.status == "SKIP" for r in rows) else "")
     if any(r.name.startswith("template:") for r in rows):
-        log("template bounds: template.tolerance(dtype), elementwise |out-ref| <= atol + rtol*|ref| "
-            "(momtune has no derived bound yet); rel norm = ||out-ref||/||ref|| is reported, not gated")
+        log("template bounds: momtune.gate, per output FACTOR x the float64 reference's error when computed in "
+            "float32 and rounded to the kernel's dtype (norm-wise / element-wise; the output nearest its bound shown)")
     log(f"{len(rows)} checks in {total:.1f} s{' (interpreter)' if mode.interpreter else ''}: {verdict}")
     if out_path is not None:
         log(f"wrote {out_path}")

@@ -8,8 +8,8 @@ A template is a parametrised Triton kernel plus everything needed to check and t
   scalars) for that shape — never zeros;
 - ``launch(inputs, config)``: runs the kernel(s) with a config dict and returns a dict of
   output tensors (allocated inside, so the engine can poison them via ``out=`` if given);
-- ``reference(inputs)``: the reference outputs (same keys), computed by ``momtune.reference``
-  in float64;
+- ``reference(inputs, dtype=torch.float64)``: the reference outputs (same keys), computed by
+  ``momtune.reference`` in float64 (in ``dtype`` if given: the gate's float32 reference);
 - ``default_config``: valid for every supported shape;
 - ``tolerance(dtype)``: (atol, rtol) for the comparison;
 - ``cost(shape, dtype)``: (flops, bytes) — the floor is max(flops / peak, bytes / bandwidth);
@@ -67,6 +67,9 @@ class Template:
     # the recurrence default takes 144-185 KiB, more than the ~99 KiB of sm_86/sm_89 GPUs);
     # each must be valid for every supported shape and fit 48 KiB of shared memory
     fallbacks: tuple[Mapping[str, Any], ...] = ()
+    # the kernels run tl.dot on float32 tiles, which a GPU does in TF32: float32 outputs are held
+    # to TF32's precision by the correctness gate (momtune.gate), against a TF32 reference
+    tf32: bool = False
 
     def default_for(self, dtype: torch.dtype | str) -> dict[str, Any]:
         """The default config for inputs of ``dtype`` (a torch dtype or its name)."""

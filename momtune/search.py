@@ -338,10 +338,12 @@ class Engine:
                                  "worker": f"{os.uname().nodename}:{os.getpid()}"}
         if config is not None:
             attrs["config"] = config
-        for k in ("time_ms", "max_abs_err", "max_rel_err", "spread", "seed"):
+        for k in ("time_ms", "max_abs_err", "max_rel_err", "rel_norm_err", "spread", "seed", "check"):
             v = reply.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 attrs[k] = v
+            elif k == "check" and isinstance(v, str) and v:
+                attrs[k] = v  # the gate's failure kind (momtune.gate.KINDS)
         with Shield():  # attrs and state are written together, or the trial stays in flight
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)

@@ -49,10 +49,10 @@ def gathered_rows(inputs: Inputs) -> torch.Tensor:
     return src[tok, inputs["row_mem"].long()] if src.dim() == 3 else src[tok]
 
 
-def reference(inputs: Inputs) -> Outputs:
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
     from momtune.reference.conv import short_conv
 
-    y, fw = short_conv(gathered_rows(inputs).double(), inputs["weight"].double(), inputs["cu_seqlens"].long())
+    y, fw = short_conv(gathered_rows(inputs).to(dtype), inputs["weight"].to(dtype), inputs["cu_seqlens"].long())
     return {"y": y, "final_window": fw}
 
 

@@ -110,7 +110,7 @@ def timed_launch(inputs: Inputs, config: Config, out: dict | None = None) -> Out
     return {"y": y, **dst}
 
 
-def reference_step(inp: Inputs) -> Outputs:
+def reference_step(inp: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
     """One decode step in float64 with momtune.reference (conv_step, recurrent_naive, norm).
 
     Every routed slot (b, j) is one length-1 segment of ``recurrent_naive`` whose initial state
@@ -121,7 +121,7 @@ def reference_step(inp: Inputs) -> Outputs:
     from momtune.reference.norm import gated_rms_norm
     from momtune.reference.recurrence import recurrent_naive
 
-    f = torch.float64
+    f = dtype
     state, cq, ck, cv = (inp[k].to(f).clone() for k in CACHE_KEYS)
     B, M, H, K, V = state.shape
     idx = inp["idx"].long()

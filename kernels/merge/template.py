@@ -45,16 +45,16 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
     return {"y": y}
 
 
-def reference(inputs: Inputs) -> Outputs:
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
     from momtune.reference.norm import gated_rms_norm
     from momtune.reference.routing import merge
 
     slot = inputs["slot"]
     B, T, J = slot.shape
     _, H, V = inputs["o_packed"].shape
-    y = merge(inputs["o_packed"].double(), slot.long(), inputs["weights"].double())
+    y = merge(inputs["o_packed"].to(dtype), slot.long(), inputs["weights"].to(dtype))
     if inputs["gate"] is not None:
-        y = gated_rms_norm(y, inputs["gate"].double().view(B, T, H, V), inputs["norm_weight"].double(), EPS)
+        y = gated_rms_norm(y, inputs["gate"].to(dtype).view(B, T, H, V), inputs["norm_weight"].to(dtype), EPS)
     return {"y": y}
 
 

@@ -33,13 +33,13 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
     return {"y": y, "h": h} if inputs["residual"] is not None else {"y": y}
 
 
-def reference(inputs: Inputs) -> Outputs:
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
     from momtune.reference.norm import rms_norm
 
-    h = inputs["x"].double()
+    h = inputs["x"].to(dtype)
     if inputs["residual"] is not None:
-        h = h + inputs["residual"].double()
-    y = rms_norm(h, inputs["weight"].double(), EPS)
+        h = h + inputs["residual"].to(dtype)
+    y = rms_norm(h, inputs["weight"].to(dtype), EPS)
     return {"y": y, "h": h} if inputs["residual"] is not None else {"y": y}
 
 

@@ -74,11 +74,11 @@ def launch(inputs: Inputs, config: Config | None = None, out: Outputs | None = N
     return {"o": o, "final_state": final}
 
 
-def reference(inputs: Inputs) -> Outputs:
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
     """float64 ground truth (chunked form of the exact recurrence, chunk 64)."""
     from momtune.reference.recurrence import recurrent_chunked
 
-    d = torch.float64
+    d = dtype
     beta = inputs.get("beta")
     init = inputs.get("initial_state")
     o, final = recurrent_chunked(
@@ -154,4 +154,5 @@ TEMPLATE = Template(
     # 36 KiB (bf16) / 40 KiB (fp32) of shared memory at K = V = 256 for sm_80 and sm_89, compiled
     # on the CPU (momtune.resources); the defaults take 144 KiB / 96 KiB there
     fallbacks=({"BT": 32, "BV": 32, "num_stages": 1},),
+    tf32=True,
 )

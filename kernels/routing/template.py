@@ -66,9 +66,9 @@ def reference_layout(logits: torch.Tensor, topk: int, shared: bool, valid: torch
             "token_index": g.token_index, "row_mem": row_mem, "row_seg": row_seg}
 
 
-def reference(inputs: Inputs) -> Outputs:
-    ref = reference_layout(inputs["logits"].double(), inputs["topk"], inputs["shared"])
-    return {k: ref[k].double() for k in OUTPUT_KEYS}
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
+    ref = reference_layout(inputs["logits"].to(dtype), inputs["topk"], inputs["shared"])
+    return {k: ref[k].to(dtype) for k in OUTPUT_KEYS}
 
 
 def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:

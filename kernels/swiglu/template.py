@@ -27,10 +27,10 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
     return {"y": swiglu(inputs["g"], inputs["u"], config=config, out=None if out is None else out.get("y"))}
 
 
-def reference(inputs: Inputs) -> Outputs:
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
     import torch.nn.functional as F
 
-    return {"y": F.silu(inputs["g"].double()) * inputs["u"].double()}
+    return {"y": F.silu(inputs["g"].to(dtype)) * inputs["u"].to(dtype)}
 
 
 def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:

@@ -104,8 +104,8 @@ def _raises(launch):
 @needs_kernels
 @pytest.mark.parametrize("breakage, says", [
     (None, ""),
-    (_scaled, "elements off"),
-    (_skips_a_row, "NaN elements"),
+    (_scaled, "norm: check run: output 'y': norm-wise error 1.000e-02"),
+    (_skips_a_row, "unwritten: "),
     (_ignores_out, "ignored out="),
     (_raises, "RuntimeError: the kernel blew up"),
 ], ids=["intact", "scaled-1.01", "unwritten-row", "ignores-out", "raises"])
