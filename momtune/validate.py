@@ -26,18 +26,21 @@ class Check:
     reason: str = ""
 
 
-def poison_like(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fresh buffers shaped like ``outputs``, filled with NaN (integers: -1, bools: True)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in outputs.items():
-        buf = torch.empty_like(t)
+def poison_(buffers: Mapping[str, torch.Tensor]) -> None:
+    """Fill ``buffers`` in place with the poison: NaN (integers: -1, bools: True)."""
+    for buf in buffers.values():
         if buf.is_floating_point() or buf.is_complex():
             buf.fill_(float("nan"))
         elif buf.dtype == torch.bool:
             buf.fill_(True)
         else:
             buf.fill_(-1)
-        out[key] = buf
+
+
+def poison_like(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh buffers shaped like ``outputs``, filled with the poison (see :func:`poison_`)."""
+    out = {key: torch.empty_like(t) for key, t in outputs.items()}
+    poison_(out)
     return out
 
 

@@ -233,7 +233,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     from .gate import bounds_for, check
     from .templates import resolve_template
     from .timing import Timing, TimingOptions, graph_replay, measure, retime_interleaved
-    from .validate import poison_like
+    from .validate import poison_, poison_like
 
     t = resolve_template(req["template"])
     dtype = getattr(torch, req["dtype"])
@@ -300,7 +300,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     fresh = t.make_inputs(shape, dtype, device, int(req.get("seed", 0)) + 1)
     refill(inputs, fresh)
     ref2 = t.reference(inputs)
-    repoison(got)
+    poison_(got)
     if getattr(t, "timed_launch", None) is not None:
         # the timed step updates its cache in place (decode): the whole step is checked by launch
         res2 = t.launch(inputs, config, out=out)
@@ -326,16 +326,3 @@ def refill(inputs: dict[str, Any], fresh: dict[str, Any]) -> None:
             old.copy_(new)
         elif not isinstance(old, torch.Tensor):
             inputs[key] = new
-
-
-def repoison(outputs: dict[str, Any]) -> None:
-    """Fill the output buffers with the poison again (see momtune.validate.poison_like)."""
-    import torch
-
-    for buf in outputs.values():
-        if buf.is_floating_point() or buf.is_complex():
-            buf.fill_(float("nan"))
-        elif buf.dtype == torch.bool:
-            buf.fill_(True)
-        else:
-            buf.fill_(-1)
