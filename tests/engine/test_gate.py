@@ -10,9 +10,15 @@ from momtune.gate import FACTOR, FLOOR, check, derive_bounds, holding_dtype, rou
 
 
 def test_rounding_to_11_significant_bits_is_fp16_rounding_in_its_range():
-    x = torch.randn(10_000, dtype=torch.float64) * 100
+    x = torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 100
     x = torch.where(x.abs() < 1e-3, 1.0, x)  # fp16's normal range (no subnormals)
-    assert torch.equal(round_significand(x, 11), x.to(torch.float16).to(torch.float64))
+    r = round_significand(x, 11)
+    _, e = torch.frexp(x)
+    ulp = torch.ldexp(torch.ones_like(x), e - 11)
+    assert ((r - x).abs() <= ulp / 2).all()  # nearest
+    assert torch.equal(r / ulp, (r / ulp).round())  # 11 significant bits
+    # PyTorch's float64 -> float16 may round twice (through float32): equal but at rare near-ties
+    assert (r == x.to(torch.float16).to(torch.float64)).double().mean() > 0.999
     big = torch.tensor([1e30, -3e-30], dtype=torch.float64)  # out of fp16's range: the exponent is kept
     assert torch.allclose(round_significand(big, 11), big, rtol=2.0 ** -11) and torch.isfinite(round_significand(big, 11)).all()
     assert torch.equal(rounded(x, torch.float32, tf32=True), round_significand(x, 11))
@@ -27,7 +33,7 @@ def test_an_output_is_held_in_the_coarser_of_its_dtype_and_the_kernels():
 
 
 def test_bounds_are_factor_times_the_rounded_references_error_and_never_zero():
-    ref = {"y": torch.randn(4096, dtype=torch.float64), "exact": torch.arange(8, dtype=torch.float64),
+    ref = {"y": torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), "exact": torch.arange(8, dtype=torch.float64),
            "idx": torch.arange(8, dtype=torch.float64)}
     b = derive_bounds(ref, {"y": torch.bfloat16, "exact": torch.bfloat16, "idx": torch.int32})
     r = ref["y"].to(torch.bfloat16).double()
@@ -42,7 +48,7 @@ def test_bounds_are_factor_times_the_rounded_references_error_and_never_zero():
 
 
 def test_verdicts_name_their_kind():
-    ref = {"y": torch.randn(10_000, dtype=torch.float64), "i": torch.arange(5, dtype=torch.float64)}
+    ref = {"y": torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), "i": torch.arange(5, dtype=torch.float64)}
     out = {"y": ref["y"].float(), "i": torch.arange(5, dtype=torch.int32)}
     b = derive_bounds(ref, {k: v.dtype for k, v in out.items()})
     assert check(out, ref, b).ok
