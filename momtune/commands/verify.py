@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-run a library's configs against the reference and re-time tuned vs default",
                        description="Checks the library's provenance against this machine, runs every entry's "
                                    "config on fresh inputs against the float64 reference, and re-times tuned vs "
-                                   "default (interleaved). Exit status 1 if any tuned config fails its check.")
+                                   "default (interleaved; each time with its spread). Exit status 1 if any tuned config fails its "
+                                   "check or is slower than the default beyond noise.")
     p.add_argument("library", metavar="FILE", help="library JSON written by momtune export")
     p.add_argument("--policy", default=None, choices=("strict", "warn", "ignore"),
                    help="provenance mismatch: strict = refuse, warn = report and go on (MOMTUNE_POLICY, warn)")
@@ -76,13 +77,34 @@ def verify(path: str, policy: str, templates: list[str] | None, timeout: float |
                 if tuned.get("status") == "ok" and dflt.get("status") == "ok":
                     rt = worker.call({**base, "op": "retime", "configs": [e["config"], default]}, 3 * t_out)
                     if rt.get("status") == "ok":
-                        row["tuned_ms"], row["default_ms"] = rt["times"][0][0], rt["times"][1][0]
+                        (row["tuned_ms"], row["tuned_spread"], _), (row["default_ms"], row["default_spread"], _) = \
+                            rt["times"][0], rt["times"][1]
+                        row["speed"] = judge(row["tuned_ms"], row["default_ms"], row["tuned_spread"],
+                                             row["default_spread"])
                 elif tuned.get("status") == "ok":
                     row["tuned_ms"] = tuned.get("time_ms")
                 rows.append(row)
     finally:
         worker.close()
     return rows
+
+
+#: a relative difference below this is noise whatever the measured spreads say
+NOISE_FLOOR = 0.02
+
+
+def judge(tuned_ms: float, default_ms: float, tuned_spread: float, default_spread: float) -> str:
+    """"faster", "slower" or "within noise": the tuned time against the default's, both re-timed
+    interleaved in one process; noise is the larger relative spread of the two (at least
+    NOISE_FLOOR)."""
+    noise = max(tuned_spread, default_spread, NOISE_FLOOR)
+    if not (math.isfinite(tuned_ms) and math.isfinite(default_ms)) or default_ms <= 0:
+        return "within noise"
+    if tuned_ms > default_ms * (1 + noise):
+        return "slower"
+    if tuned_ms < default_ms / (1 + noise):
+        return "faster"
+    return "within noise"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,20 +128,32 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"momtune verify {args.library}")
     for col in ("template", "shape", "dtype", "config", "check", "tuned", "default", "speed-up", "library", "rel err"):
         table.add_column(col)
-    bad = 0
+    bad = slower = 0
+
+    def timed(ms: float | None, spread: float | None) -> str:
+        return fmt_ms(ms) + (f" ±{spread:.0%}" if ms is not None and spread is not None else "")
+
     for r in rows:
         ok = r["status"] == "ok"
         bad += not ok
-        speed = (f"{r['default_ms'] / r['tuned_ms']:.2f}x" if r["tuned_ms"] and r["default_ms"]
+        slower += r.get("speed") == "slower"
+        speed = (f"{r['default_ms'] / r['tuned_ms']:.2f}x ({r.get('speed', '?')})" if r["tuned_ms"] and r["default_ms"]
                  and math.isfinite(r["tuned_ms"]) else "-")
         check = "ok" if ok else f"{r['status']}: {r['reason']}"
         err = r.get("max_rel_err")
         table.add_row(r["template"], " ".join(f"{k}{v}" for k, v in r["shape"].items()), r["dtype"],
-                      fmt_config(r["config"]), check, fmt_ms(r["tuned_ms"]), fmt_ms(r["default_ms"]), speed,
+                      fmt_config(r["config"]), check, timed(r["tuned_ms"], r.get("tuned_spread")),
+                      timed(r["default_ms"], r.get("default_spread")), speed,
                       fmt_ms(r["library_ms"]), "-" if err is None else f"{err:.1e}")
     console.print(table)
     if bad:
-        console.print(f"[red]{bad} of {len(rows)} tuned configs failed their check on this machine[/]")
+        console.print(f"{bad} of {len(rows)} tuned configs failed their check on this machine", markup=False)
+    if slower:
+        console.print(f"{slower} of {len(rows)} tuned configs are slower than the default beyond noise "
+                      f"(the larger spread of the two, at least {NOISE_FLOOR:.0%}): the default should run there",
+                      markup=False)
+    if bad or slower:
         return 1
-    console.print(f"all {len(rows)} tuned configs pass their check")
+    console.print(f"all {len(rows)} tuned configs pass their check and none is slower than the default beyond noise",
+                  markup=False)
     return 0

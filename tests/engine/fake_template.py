@@ -3,7 +3,7 @@
 ``FAKE`` is a plain template. ``FAULTY`` adds a ``FAULT`` parameter whose values inject each kind
 of failure the engine must record and survive: a compilation error, out of resources, a hang, a
 crash of the process (what an illegal memory access does), a wrong answer, an unwritten element
-(left NaN), and any other exception.
+(left NaN), any other exception, and a right answer 20 ms late (``slow``).
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tensor] | N
         os._exit(3)
     if fault == "error":
         raise RuntimeError("something else went wrong\nsecond line")
+    if fault == "slow":  # right, and 20 ms slower than any other config
+        time.sleep(0.02)
     x = inputs["x"]
     y = out["y"] if out is not None else torch.empty_like(x)
     n = x.numel()

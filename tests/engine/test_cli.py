@@ -25,7 +25,7 @@ def test_search_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert lib.entries("fake")[0]["trials"] == 3
     assert main(["verify", str(out), "--policy", "strict", "--template-spec", f"fake={FAKE}"]) == 0
     text = capsys.readouterr().out
-    assert "all 1 tuned configs pass their check" in text and "N7 C9" in text
+    assert "all 1 tuned configs pass their check and none is slower" in text and "N7 C9" in text
 
 
 def _library(tmp_path: Path, config: dict, gpu: str = "interpreter") -> Path:
@@ -50,6 +50,25 @@ def test_verify_fails_on_wrong_answer(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["verify", str(path), "--template-spec", f"faulty={FAULTY}"]) == 1
     text = capsys.readouterr().out
     assert "wrong_answer" in text and "1 of 1 tuned configs failed" in text
+
+
+def test_verify_fails_when_the_tuned_config_is_slower_than_the_default(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "slow"})
+    assert main(["verify", str(path), "--template-spec", f"faulty={FAULTY}"]) == 1
+    text = capsys.readouterr().out
+    assert "1 of 1 tuned configs are slower than the default beyond noise" in text and "(slower)" in text
+    assert "failed their check" not in text and "±" in text
+
+
+def test_judge_calls_a_difference_within_the_spread_noise():
+    from momtune.commands.verify import judge
+
+    assert judge(1.0, 1.5, 0.05, 0.05) == "faster"
+    assert judge(1.5, 1.0, 0.05, 0.05) == "slower"
+    assert judge(1.04, 1.0, 0.05, 0.01) == "within noise"  # 4% < the 5% spread
+    assert judge(1.015, 1.0, 0.0, 0.0) == "within noise"  # under the 2% floor
+    assert judge(1.10, 1.0, 0.0, 0.0) == "slower"
 
 
 @pytest.mark.parametrize("policy,rc", [("strict", 2), ("warn", 0)])
