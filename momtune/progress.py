@@ -84,9 +84,14 @@ class RichReporter(Reporter):
         if result.winner is None:
             self.console.print(f"  [red]no config passed the check[/] ({result.stopped})")
         else:
+            kept = getattr(result, "default_kept", None)
             self.console.print(f"  winner {fmt_config(result.winner)}: {fmt_ms(result.winner_ms)} "
                                f"(default {fmt_ms(result.default_ms)}, floor {fmt_ms(result.floor_ms)}) "
-                               f"[{result.stopped}]")
+                               f"[{result.stopped}]", markup=False, highlight=False)
+            if kept:
+                self.console.print(f"  the default is kept: the best config, {fmt_config(kept['config'])} at "
+                                   f"{fmt_ms(kept['time_ms'])}, is not faster beyond noise", markup=False,
+                                   highlight=False)
 
     def summary(self, results: Sequence[Any]) -> None:
         from rich.table import Table

@@ -66,6 +66,7 @@ class StudyResult:
     default_ms: float | None
     floor_ms: float | None
     stopped: str = ""
+    default_kept: dict[str, Any] | None = None  # the best config, within noise of the default (kept)
 
 
 @dataclass
@@ -371,7 +372,7 @@ class Engine:
             return res
         old = attrs.get("winner")
         if old and old.get("trials") == c.done and attrs.get("default_time_ms") is not None:
-            res.winner, res.winner_ms = old["config"], old["time_ms"]
+            res.winner, res.winner_ms, res.default_kept = old["config"], old["time_ms"], old.get("default_kept")
             return res
 
         def retime(configs: Sequence[Mapping[str, Any]]) -> list[Timing] | None:
@@ -390,6 +391,7 @@ class Engine:
             ctx.study.set_user_attr("winner", winner)
             ctx.study.set_user_attr("default_time_ms", default_ms)
             res.winner, res.winner_ms, res.default_ms = winner["config"], winner["time_ms"], default_ms
+            res.default_kept = winner.get("default_kept")
         return res
 
 

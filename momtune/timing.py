@@ -10,6 +10,8 @@ as a replay of the captured launch (:func:`graph_replay`), as the model runs the
 """
 from __future__ import annotations
 
+import math
+
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -99,6 +101,24 @@ def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,
             except Exception:  # noqa: BLE001 - a candidate that fails now is out
                 dead[i] = True
     return [_summary(p) if p and not dead[i] else Timing(float("inf"), 0.0, 0) for i, p in enumerate(per)]
+
+
+#: a relative difference below this is noise whatever the measured spreads say
+NOISE_FLOOR = 0.02
+
+
+def judge(tuned_ms: float, default_ms: float, tuned_spread: float, default_spread: float) -> str:
+    """"faster", "slower" or "within noise": a config's time against the default's, both re-timed
+    interleaved in one process; noise is the larger relative spread of the two (at least
+    NOISE_FLOOR)."""
+    noise = max(tuned_spread, default_spread, NOISE_FLOOR)
+    if not (math.isfinite(tuned_ms) and math.isfinite(default_ms)) or default_ms <= 0:
+        return "within noise"
+    if tuned_ms > default_ms * (1 + noise):
+        return "slower"
+    if tuned_ms < default_ms / (1 + noise):
+        return "faster"
+    return "within noise"
 
 
 def pick_winner(candidates: Sequence[tuple[Mapping[str, Any], Timing]], rel_tol: float = 0.01,

@@ -3,7 +3,9 @@
 The top ``k`` distinct configs by their trial times (plus the default config when it passed its
 check) are the candidates; the default is re-timed with them for ``default_time_ms``. The winner
 is :func:`momtune.timing.pick_winner` over the re-timed medians (ties within noise go to the
-smallest canonical config), so every machine picks the same winner from equal timings.
+smallest canonical config), so every machine picks the same winner from equal timings; then a
+winner that is not faster than the default beyond noise (:func:`momtune.timing.judge`) is no
+win: the default is kept, and ``default_kept`` records the config that came within noise.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .space import canonical
-from .timing import Timing, pick_winner
+from .timing import Timing, judge, pick_winner
 
 Retimer = Callable[[Sequence[Mapping[str, Any]]], "list[Timing] | None"]
 
@@ -44,7 +46,15 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
         key: Timing(best.get(key, math.inf), 0.0, 1) for key in timed}
     win = cands[pick_winner([(configs[key], times[key]) for key in cands])]
     default_ms = times[dkey].median_ms if math.isfinite(times[dkey].median_ms) else None
+    kept = None
+    if retimed and win != dkey and dkey in best:
+        # a win within noise of the (checked) default is no win: the default is kept
+        w, d = times[win], times[dkey]
+        if judge(w.median_ms, d.median_ms, w.spread, d.spread) != "faster":
+            kept = {"config": configs[win], "time_ms": w.median_ms, "spread": w.spread}
+            win = dkey
     winner = {"config": configs[win], "time_ms": times[win].median_ms, "spread": times[win].spread,
-              "retimed": retimed, "trials": done,
-              "candidates": [{"config": configs[key], "time_ms": times[key].median_ms} for key in cands]}
+              "retimed": retimed, "trials": done, "default_kept": kept,
+              "candidates": [{"config": configs[key], "time_ms": times[key].median_ms,
+                              "spread": times[key].spread} for key in cands]}
     return winner, default_ms

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from momtune.commands import SEED_MAX, int_in, seconds
+from momtune.timing import NOISE_FLOOR, judge
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,24 +88,6 @@ def verify(path: str, policy: str, templates: list[str] | None, timeout: float |
     finally:
         worker.close()
     return rows
-
-
-#: a relative difference below this is noise whatever the measured spreads say
-NOISE_FLOOR = 0.02
-
-
-def judge(tuned_ms: float, default_ms: float, tuned_spread: float, default_spread: float) -> str:
-    """"faster", "slower" or "within noise": the tuned time against the default's, both re-timed
-    interleaved in one process; noise is the larger relative spread of the two (at least
-    NOISE_FLOOR)."""
-    noise = max(tuned_spread, default_spread, NOISE_FLOOR)
-    if not (math.isfinite(tuned_ms) and math.isfinite(default_ms)) or default_ms <= 0:
-        return "within noise"
-    if tuned_ms > default_ms * (1 + noise):
-        return "slower"
-    if tuned_ms < default_ms / (1 + noise):
-        return "faster"
-    return "within noise"
 
 
 def run(args: argparse.Namespace) -> int:
