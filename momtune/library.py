@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LibraryError, StorageError
+from .errors import InputError, LibraryError, StorageError
 from .provenance import git_commit, now_iso
 from .space import canonical
 
@@ -244,6 +244,12 @@ def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], N
 def export_library(storage_url: str, out: str | Path, templates: Sequence[str] | None = None,
                    gpu: str | None = None, prefix: str | None = None,
                    note: Callable[[str], None] = print) -> dict[str, Any]:
+    from .study import sqlite_path
+
+    db = sqlite_path(storage_url)
+    if db is not None and Path(out).resolve() == db:
+        raise InputError(f"--out: {out} is the study database of --storage {storage_url}; "
+                         "writing the library there would replace it")
     lib = build_library(storage_url, templates, gpu, prefix, note)
     atomic_write_json(out, lib)
     return lib

@@ -45,6 +45,12 @@ def absolute_url(url: str) -> str:
     return url
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite storage URL (resolved), None for other URLs and ``:memory:``."""
+    m = re.match(r"^sqlite(?:\+\w+)?:///(.+?)(\?.*)?$", absolute_url(url))
+    return None if not m or m.group(1) == ":memory:" else Path(m.group(1)).resolve()
+
+
 def open_storage(url: str, heartbeat_s: int | None = None, read_only: bool = False) -> Any:
     """An Optuna RDBStorage for any SQLAlchemy URL (SQLite, PostgreSQL, MySQL ...).
 

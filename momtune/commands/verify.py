@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
                       timed(r["default_ms"], r.get("default_spread")), speed,
                       fmt_ms(r["library_ms"]), "-" if err is None else f"{err:.1e}")
     console.print(table)
+    if not rows:
+        what = f" for --template {', '.join(args.template)}" if args.template else ""
+        console.print(f"no entries checked: the library has none{what}", markup=False)
+        return 1
     if bad:
         console.print(f"{bad} of {len(rows)} tuned configs failed their check on this machine", markup=False)
     if slower:

@@ -129,3 +129,20 @@ def test_a_library_never_imports_the_code_it_names(tmp_path: Path, capsys: pytes
     assert not marker.exists()
     assert main(["verify", str(path), "--template-spec", "planted"]) == 2
     assert "expected NAME=MODULE:ATTR" in capsys.readouterr().err
+
+
+def test_export_refuses_to_write_the_library_over_its_own_study_database(tmp_path: Path) -> None:
+    from momtune.errors import InputError
+    from momtune.library import export_library
+
+    db = tmp_path / "x.db"
+    db.write_bytes(b"not touched")
+    with pytest.raises(InputError, match=r"^--out: .*is the study database"):
+        export_library(f"sqlite:///{db}", tmp_path / "." / "x.db")
+    assert db.read_bytes() == b"not touched"
+
+
+def test_verify_with_nothing_to_check_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "none"})
+    assert main(["verify", str(path), "--template", "nosuch", "--template-spec", f"faulty={FAULTY}"]) == 1
+    assert "no entries checked: the library has none for --template nosuch" in capsys.readouterr().out
