@@ -42,14 +42,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     replaces, else gets the umask's (0644 under the usual 022), not mkstemp's private 0600:
     libraries and reports are meant to be shared."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise LibraryError(f"{path}: is a folder; give a file name to write the JSON to")
     try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a read-only or missing folder, a full disk, ...
+        raise LibraryError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
@@ -58,9 +63,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise LibraryError(f"{path}: writing failed ({exc.strerror or exc}); the old file, if any, is "
+                               "unchanged") from None
         raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)

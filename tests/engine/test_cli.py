@@ -146,3 +146,25 @@ def test_verify_with_nothing_to_check_fails(tmp_path: Path, capsys: pytest.Captu
     path = _library(tmp_path, {"BLOCK": 32, "num_warps": 1, "FAULT": "none"})
     assert main(["verify", str(path), "--template", "nosuch", "--template-spec", f"faulty={FAULTY}"]) == 1
     assert "no entries checked: the library has none for --template nosuch" in capsys.readouterr().out
+
+
+def test_writing_json_to_a_folder_is_a_clear_error(tmp_path: Path) -> None:
+    from momtune.errors import LibraryError
+    from momtune.library import atomic_write_json
+
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    with pytest.raises(LibraryError, match="lib: is a folder; give a file name"):
+        atomic_write_json(folder, {})
+    assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_writing_json_where_one_cannot_is_a_clear_error(tmp_path: Path) -> None:
+    from momtune.errors import LibraryError
+    from momtune.library import atomic_write_json
+
+    blocker = tmp_path / "file.txt"  # a file where the folder should be: fails even as root
+    blocker.write_text("mine")
+    with pytest.raises(LibraryError, match=r"file.txt/lib.json: cannot write here \("):
+        atomic_write_json(blocker / "lib.json", {})
+    assert blocker.read_text() == "mine"
