@@ -130,6 +130,8 @@ class SearchSpace:
 def space_names(directory: str | Path | None = None) -> list[str]:
     """Names of the search spaces found (``*.toml`` stems) in the package or a directory."""
     root = Path(directory) if directory is not None else resources.files("momtune.search_spaces")
+    if directory is not None and not Path(directory).is_dir():
+        raise SearchSpaceError(f"--space-dir {directory}: no such folder")
     return sorted(f.name[:-5] for f in root.iterdir() if f.name.endswith(".toml"))
 
 
@@ -140,6 +142,8 @@ def load_space(name: str, directory: str | Path | None = None, template: Any = N
     registered template of that name is used when it can be imported, else the keys of the shape sets.
     """
     if directory is not None:
+        if not Path(directory).is_dir():
+            raise SearchSpaceError(f"--space-dir {directory}: no such folder")
         path = Path(directory) / f"{name}.toml"
         if not path.is_file():
             raise SearchSpaceError(f"{path}: no search space for template {name!r} (known: {space_names(directory)})")

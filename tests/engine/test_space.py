@@ -147,3 +147,12 @@ def test_check_config_of_template_applies(tmp_path: Path) -> None:
     space = load_space("fake", write(tmp_path, GOOD), template=tmpl)
     assert space.is_valid({"BLOCK": 64, "num_warps": 2}, {"N": 4096, "C": 64}) == (False, "too many warps")
     assert space.size({"N": 4096, "C": 64}) == 3
+
+
+def test_a_missing_space_dir_is_named(tmp_path: Path) -> None:
+    from momtune.space import space_names
+
+    with pytest.raises(SearchSpaceError, match=r"^--space-dir .*nowhere: no such folder$"):
+        load_space("norm", tmp_path / "nowhere")
+    with pytest.raises(SearchSpaceError, match="no such folder"):
+        space_names(tmp_path / "nowhere")
