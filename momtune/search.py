@@ -34,6 +34,7 @@ from .worker import Worker, WorkerPool, prepare_environment, start_all
 
 
 INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
+KILLED_ATTEMPTS = 2  # a config whose worker is killed this many times in a row is recorded "killed"
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Engine:
         ctx = _Ctx(study, sampler, spec, space, dict(shape), dtype, valid, self.o.sampler in ("grid", "exhaustive"),
                    deadline, random.Random(f"{self.o.seed}:{name}:{os.getpid()}"),
                    InFlight(self.storage, self.o.heartbeat_s))
+        self._adopt_heartbeat(ctx, announce=True)
         optuna.storages.fail_stale_trials(study)
         c = count(trials_of(study))
         self.reporter.study_started(name, self.o.trials, len(valid), self.interpreter, c.done)
@@ -211,6 +213,20 @@ class Engine:
         self.reporter.study_finished(result)
         return result
 
+    def _adopt_heartbeat(self, ctx: _Ctx, announce: bool = False) -> None:
+        """Every process on a study beats and judges staleness with the heartbeat the study was
+        first searched with (a study attr): a process with a shorter grace would fail another's
+        live trials and lose their measurements."""
+        stored = ctx.study.user_attrs.get("heartbeat_s")
+        if not isinstance(stored, int) or isinstance(stored, bool) or stored < 1:
+            ctx.study.set_user_attr("heartbeat_s", self.o.heartbeat_s)
+            stored = ctx.study.user_attrs.get("heartbeat_s", self.o.heartbeat_s)  # a concurrent first writer wins
+        if announce and stored != self.o.heartbeat_s:
+            self.reporter.note(f"{ctx.study.study_name}: heartbeat {stored} s, the one the study was started with, "
+                               f"not --heartbeat {self.o.heartbeat_s}: every process on a study uses one")
+        ctx.in_flight.heartbeat_s = stored
+        self.storage.heartbeat_interval, self.storage.grace_period = stored, 3 * stored
+
     def _drive(self, ctx: _Ctx, bencher: Worker) -> None:
         import optuna
 
@@ -221,7 +237,8 @@ class Engine:
             # suggestions): 11 trials asked as one batch of 16 are a random search
             batch = min(batch, max(2, self.o.trials // 4))
         while True:
-            if time.monotonic() - last_stale > self.o.heartbeat_s:
+            if time.monotonic() - last_stale > ctx.in_flight.heartbeat_s:
+                self._adopt_heartbeat(ctx)
                 optuna.storages.fail_stale_trials(ctx.study)
                 last_stale = time.monotonic()
             trials = trials_of(ctx.study)
@@ -245,7 +262,7 @@ class Engine:
                 return
             room = self.o.trials - c.done - c.running
             if room <= 0 or (ctx.exhaustive and valid_keys <= claimed):
-                time.sleep(min(1.0, self.o.heartbeat_s / 4))  # others are finishing the last trials
+                time.sleep(min(1.0, ctx.in_flight.heartbeat_s / 4))  # others are finishing the last trials
                 continue
             free = len(valid_keys - claimed) if ctx.exhaustive else batch
             self._run_batch(ctx, bencher, min(batch, room, free))
@@ -309,8 +326,18 @@ class Engine:
 
         def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None) -> None:
             seed = (self.o.seed * 1_000_003 + trial.number * 7919 + 17) % (2**31 - 1)
-            reply = early or bencher.call({**base, "op": "trial", "config": config, "seed": seed,
-                                           "timing": self.timing().__dict__}, self.trial_timeout)
+            request = {**base, "op": "trial", "config": config, "seed": seed, "timing": self.timing().__dict__}
+            reply = early or bencher.call(request, self.trial_timeout)
+            attempts = 1
+            while reply.get("status") == "killed" and attempts < KILLED_ATTEMPTS and not ctx.stopped:
+                # killed from outside (the OOM killer may have picked the worker for another
+                # process's memory): not the config's fault until it happens again
+                self.reporter.note(f"  trial {trial.number}: {reply.get('reason')}; running it again")
+                reply = bencher.call(request, self.trial_timeout)
+                attempts += 1
+            if reply.get("status") == "killed":
+                reply["reason"] = f"{reply.get('reason')}, on each of {attempts} attempts"
+            reply["attempts"] = attempts
             reply["seed"] = seed
             self._tell(ctx, trial, config, reply)
 
@@ -335,26 +362,48 @@ class Engine:
         if ctx.stopped == "interrupted":  # the reply of a killed worker: not a result
             return
         status = str(reply.get("status", "error"))
-        attrs: dict[str, Any] = {"status": status, "reason": str(reply.get("reason", "")), "cached": cached,
+        attrs: dict[str, Any] = {"reason": str(reply.get("reason", "")), "cached": cached,
                                  "worker": f"{os.uname().nodename}:{os.getpid()}"}
         if config is not None:
             attrs["config"] = config
-        for k in ("time_ms", "max_abs_err", "max_rel_err", "rel_norm_err", "spread", "seed", "check"):
+        for k in ("time_ms", "max_abs_err", "max_rel_err", "rel_norm_err", "spread", "seed", "check", "attempts"):
             v = reply.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 attrs[k] = v
             elif k == "check" and isinstance(v, str) and v:
                 attrs[k] = v  # the gate's failure kind (momtune.gate.KINDS)
-        with Shield():  # attrs and state are written together, or the trial stays in flight
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
-            if status == "ok" and "time_ms" in attrs:
-                ctx.study.tell(trial, attrs["time_ms"])
-            elif status == "invalid_config":
-                ctx.study.tell(trial, state=TrialState.PRUNED)
-            else:
-                ctx.study.tell(trial, state=TrialState.FAIL)
-            ctx.in_flight.discard(trial._trial_id)
+        if status == "ok" and "time_ms" not in attrs:
+            status, attrs["reason"] = "error", f"the worker said ok without a finite time ({reply.get('time_ms')!r})"
+        # Written in this order: the other attributes, then the status, then the state. Each is its
+        # own transaction, so a process killed part-way leaves a RUNNING trial that the heartbeat
+        # fails; without a status (or with an "ok" it never told) it is lost, and its config runs
+        # again (momtune.study.is_done).
+        attrs["status"] = status
+        lost = False
+        with Shield():  # Ctrl-C waits until the trial is written
+            try:
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+                if status == "ok":
+                    ctx.study.tell(trial, attrs["time_ms"])
+                elif status == "invalid_config":
+                    ctx.study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    ctx.study.tell(trial, state=TrialState.FAIL)
+            except Exception:
+                # another process failed this live trial (its heartbeat grace ran out, e.g. a
+                # machine stalled): the result is lost, not an error of the search; the config
+                # is unclaimed again and runs again
+                if not ctx.study._storage.get_trial(trial._trial_id).state.is_finished():
+                    raise
+                lost = True
+            finally:
+                ctx.in_flight.discard(trial._trial_id)
+        if lost:
+            self.reporter.note(f"  trial {trial.number}: another process marked it failed (heartbeat grace "
+                               "passed) before its result was saved; the result is dropped and its config "
+                               "runs again")
+            return
         if status != "invalid_config":
             c = count(trials_of(ctx.study))
             best = ctx.study.best_value if c.ok else None

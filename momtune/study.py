@@ -102,7 +102,15 @@ def study_names(storage: Any) -> list[str]:
 
 
 def is_done(t: Any) -> bool:
-    return t.state.name == "COMPLETE" or (t.state.name == "FAIL" and "status" in t.user_attrs)
+    """A trial with a result: COMPLETE, or FAIL with the failure the search recorded.
+
+    The search writes a trial's ``status`` after its other attributes and before its state, so a
+    process killed in between leaves a RUNNING trial with a status, which the heartbeat then
+    fails. A failure kind is still that config's result; an "ok" (or "invalid_config", told as
+    PRUNED) on a FAIL trial is not, and the config is run again."""
+    if t.state.name == "COMPLETE":
+        return True
+    return t.state.name == "FAIL" and t.user_attrs.get("status") not in (None, "ok", "invalid_config")
 
 
 def trials_of(study: Any) -> list[Any]:

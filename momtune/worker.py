@@ -4,9 +4,10 @@ A :class:`Worker` is a long-lived process (``spawn`` context: CUDA and fork do n
 answers requests over a pipe. The driver waits at most ``timeout`` seconds per request; a
 worker that hangs is killed and restarted (the request is a ``timeout``), one that dies (an
 illegal memory access kills the CUDA context; so does ``os._exit``) is restarted and the request
-is an ``illegal_memory``. One benchmarking worker runs per GPU; on a GPU, a pool of compile
-workers first runs each candidate once so that Triton's on-disk cache is warm and the
-benchmarking worker only loads kernels from it.
+is an ``illegal_memory``, and one killed from outside (SIGKILL, SIGTERM: the out-of-memory
+killer) is ``killed``, which the search retries once. One benchmarking worker runs per GPU; on a
+GPU, a pool of compile workers first runs each candidate once so that Triton's on-disk cache is
+warm and the benchmarking worker only loads kernels from it.
 
 Requests (dicts): ``op`` = "trial" (check + time), "compile" (run once), "retime"
 (interleaved re-timing of several configs), with ``template`` (spec), ``shape``, ``dtype``,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +28,7 @@ from typing import Any
 from .errors import KernelError
 
 Reply = dict[str, Any]
+KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM)  # a worker that dies by one of these was killed
 STARTUP_TIMEOUT_S = 300.0
 
 
@@ -118,6 +121,11 @@ class Worker:
             code = self._proc.exitcode
             self.kill()
             self.restarts += 1
+            if code is not None and code < 0 and -code in KILL_SIGNALS:
+                # killed from outside (the out-of-memory killer, a person): says nothing of the
+                # config; the search runs it once more (momtune.search)
+                return {"status": "killed", "reason": f"worker process killed by {signal.Signals(-code).name} "
+                                                      "(the out-of-memory killer, or another process)"}
             return {"status": "illegal_memory",
                     "reason": f"worker process died (exit code {code}): illegal memory access or crash"}
         if reply.get("restart"):

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from momtune.errors import ReportError
+from momtune.study import is_done
 
 from .collect import MIN_IMPORTANCE_TRIALS, Importance, Study, Trial, norm_dtype, num_or_none
 
@@ -95,9 +96,12 @@ def _study_from_optuna(study: Any) -> Study | None:
 def _trial(t: Any) -> Trial:
     attrs = t.user_attrs
     state = t.state.name
-    # FAIL without a status: a trial lost with its process (Optuna's heartbeat check), not an outcome
+    # FAIL without a result (no status, or an "ok" its process died before telling): a trial lost
+    # with its process (Optuna's heartbeat check), not an outcome (momtune.study.is_done)
     default_status = {"COMPLETE": "ok", "FAIL": "lost", "PRUNED": "invalid_config"}.get(state, state.lower())
     status = str(attrs.get("status") or default_status)
+    if state == "FAIL" and not is_done(t):
+        status = "lost"
     time_ms = num_or_none(attrs.get("time_ms"))
     if time_ms is None and state == "COMPLETE" and t.values:
         time_ms = num_or_none(t.values[0])

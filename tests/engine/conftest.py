@@ -19,6 +19,7 @@ SPACES = str(Path(__file__).parent / "spaces")
 FAKE = "tests.engine.fake_template:FAKE"
 FAULTY = "tests.engine.fake_template:FAULTY"
 SLOW = "tests.engine.fake_template:SLOW"
+KILLER = "tests.engine.fake_template:KILLER"
 
 
 def cli_env() -> dict[str, str]:

@@ -3,13 +3,18 @@
 ``FAKE`` is a plain template. ``FAULTY`` adds a ``FAULT`` parameter whose values inject each kind
 of failure the engine must record and survive: a compilation error, out of resources, a hang, a
 crash of the process (what an illegal memory access does), a wrong answer, an unwritten element
-(left NaN), any other exception, and a right answer 20 ms late (``slow``).
+(left NaN), any other exception, and a right answer 20 ms late (``slow``). ``KILLER``'s worker
+is killed from outside (SIGKILL, as the out-of-memory killer does) on its first run of a config
+(``FAULT = "oom_once"``, a marker file in ``$MOMTUNE_TEST_MARKERS`` remembers it) or on every run
+(``"oom_always"``).
 """
 from __future__ import annotations
 
 import ast
 import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,3 +87,18 @@ def slow_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tensor
 
 SLOW = Template(name="slow", shape_keys=("N", "C"), make_inputs=make_inputs, launch=slow_launch, reference=reference,
                 default_config={"BLOCK": 32, "num_warps": 1}, cost=cost, sources=(__file__,))
+
+
+def killer_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    fault = config.get("FAULT", "none")
+    if fault != "none":
+        marker = Path(os.environ["MOMTUNE_TEST_MARKERS"]) / f"{fault}-{config['BLOCK']}"
+        if fault == "oom_always" or not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return launch(inputs, {**config, "FAULT": "none"}, out=out)
+
+
+KILLER = Template(name="killer", shape_keys=("N", "C"), make_inputs=make_inputs, launch=killer_launch,
+                  reference=reference, default_config={"BLOCK": 32, "num_warps": 1, "FAULT": "none"}, cost=cost,
+                  sources=(__file__,))

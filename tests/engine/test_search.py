@@ -165,7 +165,8 @@ def test_resume_after_kill_keeps_done_trials_and_reaches_target(tmp_path: os.Pat
     assert "done already" in rerun.stdout
     study = load(url, name)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(done) == 6
+    states = [(t.number, t.state.name, t.user_attrs.get("status"), t.user_attrs.get("reason")) for t in study.trials]
+    assert len(done) == 6, (states, rerun.stdout)
     configs = [canonical(t.params) for t in done]
     assert len(set(configs)) == 6  # nothing ran twice
     after = {t.number: t for t in done}
