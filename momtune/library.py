@@ -171,7 +171,7 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
     """The library dict of one GPU's studies (see module doc); notes go to ``note``."""
     import optuna
 
-    from .study import open_storage
+    from .study import open_storage, safe_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, read_only=True)
@@ -187,7 +187,7 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
         chosen = [s for s in chosen if s.user_attrs["template"] in templates]
     if not chosen:
         prefixes = sorted({s.study_name.split("/", 1)[0] for s in ours if "/" in s.study_name.split(":", 1)[0]})
-        raise StorageError(f"storage {storage_url!r}: no momtune studies"
+        raise StorageError(f"storage {safe_url(storage_url)!r}: no momtune studies"
                            f"{' with prefix ' + repr(prefix) if prefix else ''}"
                            f"{' of templates ' + ', '.join(templates) if templates else ''}"
                            f"{'; study prefixes present: ' + ', '.join(prefixes) if prefixes else ''}")
@@ -252,11 +252,11 @@ def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], N
 def export_library(storage_url: str, out: str | Path, templates: Sequence[str] | None = None,
                    gpu: str | None = None, prefix: str | None = None,
                    note: Callable[[str], None] = print) -> dict[str, Any]:
-    from .study import sqlite_path
+    from .study import safe_url, sqlite_path
 
     db = sqlite_path(storage_url)
     if db is not None and Path(out).resolve() == db:
-        raise InputError(f"--out: {out} is the study database of --storage {storage_url}; "
+        raise InputError(f"--out: {out} is the study database of --storage {safe_url(storage_url)}; "
                          "writing the library there would replace it")
     lib = build_library(storage_url, templates, gpu, prefix, note)
     atomic_write_json(out, lib)

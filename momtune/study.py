@@ -45,6 +45,46 @@ def absolute_url(url: str) -> str:
     return url
 
 
+def safe_url(url: str) -> str:
+    """``url`` for messages: a password in it is replaced by ``***``."""
+    return re.sub(r"^([\w+.-]+://[^/:@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _password(url: str) -> str | None:
+    m = re.match(r"^[\w+.-]+://[^/:@]*:([^@/]*)@", url)
+    return m.group(1) if m and m.group(1) else None
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message about ``url``) without the URL's password, raw or quoted."""
+    from urllib.parse import unquote
+
+    pw = _password(url)
+    for secret in {pw, unquote(pw)} if pw else ():
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+POSTGRES_DRIVERS = (("psycopg2", "psycopg2"), ("psycopg", "psycopg"), ("pg8000", "pg8000"))
+
+
+def with_driver(url: str) -> str:
+    """A ``postgresql://`` URL (SQLAlchemy's default driver, psycopg2) with a PostgreSQL driver
+    that is installed; other URLs as given. No driver installed: a StorageError saying what to
+    install."""
+    import importlib.util
+
+    m = re.match(r"^(postgres(?:ql)?)://", url)
+    if not m:
+        return url
+    for module, driver in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://" + url[m.end():]
+    raise StorageError(f"storage {safe_url(url)!r}: no PostgreSQL driver is installed; "
+                       "`pip install momtune[postgres]` (psycopg2-binary), or psycopg or pg8000")
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite storage URL (resolved), None for other URLs and ``:memory:``."""
     m = re.match(r"^sqlite(?:\+\w+)?:///(.+?)(\?.*)?$", absolute_url(url))
@@ -61,12 +101,14 @@ def open_storage(url: str, heartbeat_s: int | None = None, read_only: bool = Fal
 
     import optuna
 
-    url = absolute_url(url)
+    given = url
+    url = with_driver(absolute_url(url))
+    shown = safe_url(given)
     extra: dict[str, Any] = {}
     if read_only:
         m = re.match(r"^sqlite(?:\+\w+)?:///(.+?)(\?.*)?$", url)
         if m and m.group(1) != ":memory:" and not Path(m.group(1)).is_file():
-            raise StorageError(f"storage {url!r}: the SQLite file {m.group(1)} does not exist")
+            raise StorageError(f"storage {shown!r}: the SQLite file {m.group(1)} does not exist")
         if "skip_table_creation" in inspect.signature(optuna.storages.RDBStorage).parameters:
             extra["skip_table_creation"] = True
     kwargs: dict[str, Any] = {}
@@ -85,14 +127,14 @@ def open_storage(url: str, heartbeat_s: int | None = None, read_only: bool = Fal
             if "psycopg" in str(exc) or "No module named" in str(exc) or read_only:
                 break
             time.sleep(0.5 + attempt)
-    text = str(last).splitlines()[0] if last is not None and str(last) else ""
+    text = scrub(str(last).splitlines()[0] if last is not None and str(last) else "", url)
     hint = " (PostgreSQL needs `pip install psycopg2-binary`)" if "psycopg" in text else ""
     if read_only and not hint:
         cause = getattr(last, "__cause__", None) or getattr(last, "__context__", None)
-        detail = str(cause).splitlines()[0] if cause is not None and str(cause) else text
-        raise StorageError(f"storage {url!r} is not an Optuna storage, or cannot be read: {detail}; "
+        detail = scrub(str(cause).splitlines()[0], url) if cause is not None and str(cause) else text
+        raise StorageError(f"storage {shown!r} is not an Optuna storage, or cannot be read: {detail}; "
                            "nothing was written to it") from None
-    raise StorageError(f"storage {url!r} cannot be opened: {type(last).__name__}: {text}{hint}") from None
+    raise StorageError(f"storage {shown!r} cannot be opened: {type(last).__name__}: {text}{hint}") from None
 
 
 def study_names(storage: Any) -> list[str]:

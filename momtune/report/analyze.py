@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from momtune.study import safe_url
+
 from .collect import (BenchRow, Inputs, Library, ShapeId, Study, config_key, nearest, slug)
 
 # implementations in display order, with the labels every table and plot uses
@@ -383,11 +385,11 @@ def _missing(a: Analysis) -> list[Missing]:
     store = inp.storage or "URL"
     if not inp.studies:
         out.append(Missing("Optuna studies", "no search convergence, parameter importance, failure counts or "
-                           "dispatch quality", f"`momtune search --storage {store}` on the GPU, then pass "
-                           f"`--storage {store}`"))
+                           "dispatch quality", f"`momtune search --storage {safe_url(store)}` on the GPU, then pass "
+                           f"`--storage {safe_url(store)}`"))
     if inp.library is None:
         out.append(Missing("tuned library", "tuned times come from the studies' winners; no dispatch view",
-                           f"`momtune export --storage {store} --out library/<gpu>.json`, then pass `--library`"))
+                           f"`momtune export --storage {safe_url(store)} --out library/<gpu>.json`, then pass `--library`"))
     rows = [r for b in inp.benches for r in b.rows]
     if not inp.benches:
         out.append(Missing("bench file", "no fla or reference times, no end-to-end numbers",

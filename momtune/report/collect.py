@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from momtune.errors import ReportError
+from momtune.study import safe_url
 
 BENCH_SCHEMA = "momtune.bench/1"
 BENCH_KINDS = ("kernel", "layer_prefill", "layer_decode", "model_prefill", "model_decode")
@@ -295,9 +296,9 @@ def collect(storage: str | None, library: str | Path | None = None,
         except ReportError:
             if storage_required:
                 raise
-            warnings.append(f"storage {storage} could not be read; no studies")
+            warnings.append(f"storage {safe_url(storage)} could not be read; no studies")
     if not studies and not any(b.rows for b in bench_data) and not (lib and lib.entries):
-        where = f"the storage {storage} holds no momtune studies" if storage else "no --storage was given"
+        where = f"the storage {safe_url(storage)} holds no momtune studies" if storage else "no --storage was given"
         raise ReportError(f"nothing to report: {where}, and no bench rows or library entries were given; "
                           "run `momtune search` first, or pass --bench FILE.json from `momtune bench`")
     return Inputs(storage, studies, lib, bench_data, repo_commit(), warnings)

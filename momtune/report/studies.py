@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from momtune.errors import ReportError
-from momtune.study import is_done
+from momtune.study import is_done, safe_url, scrub
 
 from .collect import MIN_IMPORTANCE_TRIALS, Importance, Study, Trial, norm_dtype, num_or_none
 
@@ -46,7 +46,8 @@ def load_studies(url: str, importance: bool = True) -> tuple[list[Study], list[s
         storage = open_storage(url, read_only=True)
         summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
     except Exception as exc:  # noqa: BLE001 - any storage failure is a bad --storage argument
-        raise ReportError(f"--storage {url}: cannot read Optuna studies ({type(exc).__name__}: {exc})") from exc
+        raise ReportError(f"--storage {safe_url(url)}: cannot read Optuna studies "
+                          f"({type(exc).__name__}: {scrub(str(exc), url)})") from None
     studies: list[Study] = []
     warnings: list[str] = []
     for summary in sorted(summaries, key=lambda s: s.study_name):

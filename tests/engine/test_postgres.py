@@ -21,7 +21,7 @@ import pytest
 
 from momtune.space import canonical
 
-from .conftest import ROOT, SLOW, SPACES, cli_env, momtune_cmd
+from .conftest import ROOT, SLOW, SPACES, cli_env, momtune_cmd, run_cli
 
 pytestmark = pytest.mark.postgres
 
@@ -102,3 +102,19 @@ def test_two_processes_share_one_study(postgres_url: str) -> None:
     assert study.user_attrs["winner"]["config"] in [t.params for t in complete]
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     assert all(t.user_attrs["status"] == "invalid_config" for t in pruned)  # a lost claim race, never run
+
+
+def test_plain_postgresql_url_with_a_password_works_and_is_never_echoed(postgres_url: str, tmp_path) -> None:  # noqa: ANN001
+    """The form the help shows (``postgresql://user:password@host/db``, no driver named) opens with
+    the installed driver; a mistake in it is reported with the password hidden."""
+    from momtune.study import open_storage
+
+    plain = postgres_url.replace("postgresql+psycopg2://momtune@", "postgresql://momtune:s3cret@")
+    assert plain.startswith("postgresql://momtune:s3cret@")
+    storage = open_storage(plain)  # the server trusts loopback: the password is accepted, unused
+    optuna.create_study(study_name="plain-url", storage=storage)
+    assert "plain-url" in [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
+    missing = plain.rsplit("/", 1)[0] + "/no_such_db"
+    proc = run_cli("export", "--storage", missing, "--out", str(tmp_path / "lib.json"), timeout=120)
+    assert proc.returncode != 0 and "no_such_db" in proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr and "momtune:***@" in proc.stderr
