@@ -25,7 +25,7 @@ from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
 from .study import (SAMPLERS, InFlight, Shield, claim_config, count, is_done, make_sampler, measured_result,
-                    pinning_sampler, study_name, trials_of)
+                    pinning_sampler, storage_failure, study_name, trials_of)
 from .templates import resolve_template
 from .timing import Timing, TimingOptions, floor_ms
 from .winner import choose_winner
@@ -472,6 +472,11 @@ def search(templates: Sequence[str], shape_set: str, options: SearchOptions,
             dtype, shapes = space.shape_sets[shape_set]
             for shape in shapes:
                 results.append(engine.run_study(spec, space, shape, dtype, shape_set))
+    except Exception as exc:
+        failure = storage_failure(options.storage, exc)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         engine.close()
         engine.reporter.close()

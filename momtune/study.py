@@ -85,6 +85,32 @@ def with_driver(url: str) -> str:
                        "`pip install momtune[postgres]` (psycopg2-binary), or psycopg or pg8000")
 
 
+def storage_failure(url: str, exc: BaseException) -> StorageError | None:
+    """A StorageError naming the storage and the database's own reason (disk full, read-only,
+    server gone) for a failed read or write of the storage, or None when ``exc`` is not one.
+    Optuna wraps a failed commit in a StorageInternalError that blames "invalid data ... exceeding
+    max length"; the driver's error underneath says what happened."""
+    names = {"StorageInternalError", "OperationalError", "DatabaseError", "InterfaceError", "DisconnectionError"}
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(type(x).__name__ in names for x in chain):
+        return None
+    root = chain[-1]
+    detail = (str(getattr(root, "orig", None) or root).splitlines() or [type(root).__name__])[0]
+    detail = re.sub(r"^\(\S+\)\s*", "", detail)  # SQLAlchemy's "(sqlite3.OperationalError) " prefix
+    where = sqlite_path(url)
+    hint = ""
+    if re.search(r"disk is full|No space left", detail, re.I):
+        hint = f"; free space on the disk of {where or 'the server'}"
+    elif re.search(r"readonly|read-only|read only", detail, re.I):
+        hint = f"; make {where or 'the database'} writable, or pass another --storage"
+    return StorageError(f"storage {safe_url(url)!r}: the database refused a write or read: "
+                        f"{scrub(detail, url)} ({type(root).__name__}){hint}; trials saved before this are kept")
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite storage URL (resolved), None for other URLs and ``:memory:``."""
     m = re.match(r"^sqlite(?:\+\w+)?:///(.+?)(\?.*)?$", absolute_url(url))
