@@ -29,7 +29,7 @@ from .study import (SAMPLERS, InFlight, Shield, claim_config, count, is_done, ma
 from .templates import resolve_template
 from .timing import Timing, TimingOptions, floor_ms
 from .winner import choose_winner
-from .worker import Worker, WorkerPool, prepare_environment, start_all
+from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_environment, start_all
 
 
 
@@ -462,6 +462,13 @@ def search(templates: Sequence[str], shape_set: str, options: SearchOptions,
             raise InputError(f"--shapes: template {t.name!r} has no shape set {shape_set!r}; "
                              f"its sets: {', '.join(space.shape_sets)}")
         plans.append((spec, space))
+    for spec, space in plans:
+        dtype = space.shape_sets[shape_set][0]
+        if engine.interpreter and dtype in INTERPRETER_WRONG_DTYPES:
+            raise InputError(f"--shapes {shape_set}: template {resolve_template(spec).name!r} runs it in {dtype}, "
+                             "and without a GPU the kernels run in Triton's interpreter, whose bfloat16 dots are "
+                             "wrong (a search would check and tune garbage); use a float32 or float16 shape set "
+                             "(--shapes tiny) or a CUDA GPU")
     if engine.interpreter and shape_set != "tiny":
         engine.reporter.note(f"[yellow]no GPU: running shape set {shape_set!r} in the Triton interpreter "
                              "(slow; use --shapes tiny)[/]")

@@ -29,6 +29,7 @@ from .errors import KernelError
 
 Reply = dict[str, Any]
 KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM)  # a worker that dies by one of these was killed
+INTERPRETER_WRONG_DTYPES = ("bfloat16",)  # Triton's interpreter computes tl.dot on these wrongly
 STARTUP_TIMEOUT_S = 300.0
 
 
@@ -244,6 +245,9 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     from .validate import poison_, poison_like
 
     t = resolve_template(req["template"])
+    if not device.startswith("cuda") and req["dtype"] in INTERPRETER_WRONG_DTYPES:
+        return {"status": "error", "reason": f"{req['dtype']} cannot run in Triton's interpreter (its {req['dtype']} "
+                                             "dots are wrong): not checked; run it on a CUDA GPU"}
     dtype = getattr(torch, req["dtype"])
     shape = req["shape"]
     sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

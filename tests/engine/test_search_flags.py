@@ -57,3 +57,24 @@ def test_other_commands_check_their_numbers(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_bf16_shape_sets_are_refused_in_the_interpreter(tmp_path, monkeypatch, capsys):
+    """Without a GPU the kernels run in Triton's interpreter, whose bf16 dots are wrong: a search of
+    a bf16 shape set would check and tune garbage (issue 15, item 7). Refused before any worker
+    starts or any storage is created."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    db = tmp_path / "s.db"
+    code = main(["search", "--template", "recurrence", "--shapes", "mom-340m-prefill", "--trials", "1",
+                 "--storage", f"sqlite:///{db}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--shapes mom-340m-prefill" in err and "bfloat16" in err and "--shapes tiny" in err
+    assert not db.exists()
+
+
+def test_a_worker_in_the_interpreter_refuses_bf16_and_says_why():
+    from momtune.worker import _handle
+
+    reply = _handle({"op": "trial", "template": "merge", "shape": {"B": 1, "T": 4, "H": 2, "V": 8, "S": 1},
+                     "dtype": "bfloat16", "config": {}, "seed": 0, "timing": {}}, "cpu", {})
+    assert reply["status"] == "error" and "interpreter" in reply["reason"] and "not checked" in reply["reason"]
