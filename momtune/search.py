@@ -51,6 +51,8 @@ class SearchOptions:
     retime: int = 3
     rounds: int | None = None  # interleaved re-timing rounds (default 5 GPU, 2 interpreter)
     heartbeat_s: int = 10
+    devices: Sequence[int] | None = None  # GPU indices to benchmark on (None: every visible GPU); without a
+    # GPU, each listed device is one more interpreter worker on the same studies (tests the scheduling)
 
 
 @dataclass
@@ -115,7 +117,7 @@ class Engine:
         self.storage = open_storage(self.o.storage, heartbeat_s=self.o.heartbeat_s)
         env = {"TRITON_INTERPRET": "1"} if self.interpreter else {}
         if self.interpreter:  # nothing to compile; explicit --workers still pre-run candidates (tests the pipeline)
-            self.benchers = [Worker("cpu", env, "momtune-bench")]
+            self.benchers = [Worker("cpu", env, f"momtune-bench-cpu{d}") for d in (self.o.devices or [0])]
             if self.o.workers:
                 self.pool = WorkerPool([Worker("cpu", env, f"momtune-compile{k}") for k in range(self.o.workers)])
         else:
@@ -123,12 +125,23 @@ class Engine:
 
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            if self.o.devices:
+                missing = [d for d in self.o.devices if d >= len(ids)]
+                if missing:
+                    raise InputError(f"--devices: GPU {missing[0]} is not visible; this machine shows "
+                                     f"{len(ids)} (0 .. {len(ids) - 1}), or 'all'")
+                ids = [ids[d] for d in self.o.devices]
             self.benchers = [Worker("cuda", {**env, "CUDA_VISIBLE_DEVICES": i}, f"momtune-bench-gpu{i}") for i in ids]
             n = self.o.workers or min(os.cpu_count() or 1, 8)
             self.pool = WorkerPool([Worker("cuda", {**env, "CUDA_VISIBLE_DEVICES": ids[k % len(ids)]},
                                            f"momtune-compile{k}") for k in range(max(1, n))])
         start_all(self.benchers + (self.pool.workers if self.pool else []))
         self.info = self.benchers[0].info
+        kinds = sorted({str(w.info.get("gpu")) for w in self.benchers})
+        if len(kinds) > 1:  # a study is one GPU model's: its times would mix
+            self.close()
+            raise InputError(f"--devices: the GPUs differ ({', '.join(kinds)}); search one model at a time "
+                             "(--devices with the indices of one model)")
 
     def close(self) -> None:
         for w in self.benchers:
@@ -339,6 +352,7 @@ class Engine:
                 reply["reason"] = f"{reply.get('reason')}, on each of {attempts} attempts"
             reply["attempts"] = attempts
             reply["seed"] = seed
+            reply["device"] = bencher.name
             self._tell(ctx, trial, config, reply)
 
         if self.pool is not None and todo:
@@ -372,6 +386,8 @@ class Engine:
                 attrs[k] = v
             elif k == "check" and isinstance(v, str) and v:
                 attrs[k] = v  # the gate's failure kind (momtune.gate.KINDS)
+        if isinstance(reply.get("device"), str):
+            attrs["device"] = reply["device"]  # the benchmark worker (one per GPU) that measured it
         if status == "ok" and "time_ms" not in attrs:
             status, attrs["reason"] = "error", f"the worker said ok without a finite time ({reply.get('time_ms')!r})"
         # Written in this order: the other attributes, then the status, then the state. Each is its

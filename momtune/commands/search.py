@@ -33,7 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int_in(1), default=None, help="interleaved re-timing rounds (5 GPU, 3 interpreter)")
     p.add_argument("--heartbeat", type=int_in(1), default=10, metavar="S",
                    help="trial heartbeat; a trial silent for 3*S seconds (its process died) is failed and redone (10)")
+    p.add_argument("--devices", type=device_list, default=None, metavar="LIST",
+                   help="GPUs to benchmark on, one worker each, all on the same studies: 'all' (every visible "
+                        "GPU, the default) or indices such as 0,1. Without a GPU, each listed index is one more "
+                        "interpreter worker (to test the scheduling)")
     p.set_defaults(func=run)
+
+
+def device_list(text: str) -> list[int] | None:
+    """'all' -> None (every visible GPU); '0,2' -> [0, 2] (distinct indices >= 0)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or GPU indices such as 0,1, got {text!r}") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU indices >= 0 such as 0,1, got {text!r}")
+    return out
 
 
 def template_specs(requested: list[str], space_dir: str | None, note: object = print) -> list[str]:
@@ -89,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                          storage=args.storage or settings.load().storage, study_prefix=args.study,
                          workers=args.workers, seed=args.seed, space_dir=args.space_dir,
                          trial_timeout_s=args.trial_timeout, retime=args.retime, rounds=args.rounds,
-                         heartbeat_s=args.heartbeat)
+                         heartbeat_s=args.heartbeat, devices=args.devices)
     results = search(specs, args.shapes, opts, reporter)
     reporter.summary(results)
     failed = [r.study for r in results if r.winner is None]
