@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import pattern
 from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
@@ -90,6 +91,7 @@ class _Ctx:
     lock: threading.Lock = field(default_factory=threading.Lock)
     invalid_streak: int = 0
     stopped: str = ""
+    pattern: Any = None  # momtune.pattern.PatternSearch of this study (--sampler pattern)
 
 
 class Engine:
@@ -187,7 +189,8 @@ class Engine:
         for k, v in attrs.items():
             study.set_user_attr(k, v)
         deadline = time.monotonic() + self.o.timeout_s if self.o.timeout_s else math.inf
-        ctx = _Ctx(study, sampler, spec, space, dict(shape), dtype, valid, self.o.sampler in ("grid", "exhaustive"),
+        ctx = _Ctx(study, sampler, spec, space, dict(shape), dtype, valid,
+                   self.o.sampler in ("grid", "exhaustive", "pattern"),
                    deadline, random.Random(f"{self.o.seed}:{name}:{os.getpid()}"),
                    InFlight(self.storage, self.o.heartbeat_s))
         self._adopt_heartbeat(ctx, announce=True)
@@ -285,8 +288,9 @@ class Engine:
         with Shield():  # a trial is never created without being tracked (Ctrl-C waits for this)
             trial = ctx.study.ask()
             ctx.in_flight.add(trial._trial_id)
-        if ctx.exhaustive:
-            config = claim_config(ctx.study, trial, ctx.valid, ctx.rng, ctx.lock)
+        if ctx.exhaustive:  # grid: every config in order; pattern: in the order of a local search
+            config = claim_config(ctx.study, trial, self._pattern_order(ctx) if self.o.sampler == "pattern"
+                                  else ctx.valid, ctx.rng, ctx.lock)
             if config is None:
                 self._tell(ctx, trial, None, {"status": "invalid_config",
                                               "reason": "no unclaimed valid config left (claimed concurrently)"})
@@ -312,6 +316,19 @@ class Engine:
             return trial, None
         ctx.invalid_streak = 0
         return trial, config
+
+    def _pattern_order(self, ctx: _Ctx) -> list[dict[str, Any]]:
+        """The unmeasured valid configs, best candidate first (momtune.pattern), from the study's trials."""
+        trials = trials_of(ctx.study)
+        times: dict[str, float] = {}
+        for t in trials:
+            if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok" and "config" in t.user_attrs:
+                key = canonical(t.user_attrs["config"])
+                times[key] = min(times.get(key, math.inf), float(t.value))
+        if ctx.pattern is None:
+            ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, ctx.space.default_config(), self.o.seed)
+        claimed = sum(t.state.name == "RUNNING" for t in trials)
+        return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64)
 
     def _run_batch(self, ctx: _Ctx, bencher: Worker, n: int) -> None:
         """Ask until ``n`` configs to run (invalid suggestions are told at once and do not take a

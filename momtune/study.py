@@ -24,7 +24,7 @@ from .errors import InputError, StorageError
 from .space import canonical
 
 DONE_STATES = ("COMPLETE", "FAIL")
-SAMPLERS = ("tpe", "random", "grid", "exhaustive")
+SAMPLERS = ("tpe", "random", "grid", "exhaustive", "pattern")
 
 
 def shape_key(shape: Mapping[str, int], keys: Sequence[str], dtype: str) -> str:
@@ -260,7 +260,7 @@ def make_sampler(name: str, seed: int, trials: int) -> Any:
         # constant liar: trials asked together (a batch, other GPUs) are steered apart
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)),
                                           constant_liar=True)
-    if name in ("random", "grid", "exhaustive"):
+    if name in ("random", "grid", "exhaustive", "pattern"):  # grid and pattern pin every config (momtune.search)
         return optuna.samplers.RandomSampler(seed=seed)
     raise InputError(f"--sampler: {name!r} is not accepted; use one of {', '.join(SAMPLERS)} "
                      "(CMA-ES does not handle categorical parameters)")

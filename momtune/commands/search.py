@@ -6,6 +6,14 @@ import argparse
 from momtune.commands import SEED_MAX, int_in, seconds
 
 
+# --effort presets (per study, i.e. per template and shape): quick answers within half a minute
+# from the default's neighbourhood; full searches for two minutes
+EFFORT: dict[str, dict] = {
+    "quick": {"sampler": "pattern", "trials": 40, "timeout": 30.0},
+    "full": {"sampler": "pattern", "trials": 400, "timeout": 120.0},
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search", help="autotune templates on a shape set; resumable (a rerun continues the same studies)",
@@ -16,9 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="template name (repeatable), 'all' for every template with a search space, or "
                         "module:ATTR for an unregistered template")
     p.add_argument("--shapes", required=True, metavar="SET", help="shape set of the search space (e.g. tiny, decode)")
-    p.add_argument("--trials", type=int_in(1), default=20, help="trials per study, those already done included (20)")
+    p.add_argument("--trials", type=int_in(1), default=None,
+                   help="trials per study, those already done included (20; --effort sets its own)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="no new trials in a study after S seconds")
-    p.add_argument("--sampler", default="tpe", help="tpe | random | grid (= exhaustive: every valid config once)")
+    p.add_argument("--sampler", default=None,
+                   help="tpe (default) | random | grid (= exhaustive: every valid config once) | pattern (a local "
+                        "search from the default config: its neighbours first, then two-parameter moves, then "
+                        "the rest)")
+    p.add_argument("--effort", choices=sorted(EFFORT), default=None,
+                   help="a preset of sampler, trials and time per study: "
+                        + "; ".join(f"{k}: {v['sampler']}, up to {v['trials']} trials and {v['timeout']:g} s"
+                                    for k, v in EFFORT.items())
+                        + " (flags given explicitly win)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL (MOMTUNE_STORAGE, default sqlite:///momtune.db; postgresql://... works)")
     p.add_argument("--study", default=None, metavar="PREFIX", help="prefix study names with PREFIX/")
@@ -51,6 +68,15 @@ def device_list(text: str) -> list[int] | None:
     if not out or min(out) < 0 or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"expected distinct GPU indices >= 0 such as 0,1, got {text!r}")
     return out
+
+
+def effort(args: argparse.Namespace) -> tuple[int, float | None, str]:
+    """Trials, timeout per study and sampler: the flags given, else the --effort preset's, else
+    the defaults (20 trials, no timeout, tpe)."""
+    preset = EFFORT.get(args.effort or "", {})
+    trials = args.trials or preset.get("trials", 20)
+    timeout = args.timeout if args.timeout is not None else preset.get("timeout")
+    return trials, timeout, args.sampler or preset.get("sampler", "tpe")
 
 
 def template_specs(requested: list[str], space_dir: str | None, note: object = print) -> list[str]:
@@ -102,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         specs = keep
     if not specs:
         raise InputError("--template: no template to search")
-    opts = SearchOptions(trials=args.trials, timeout_s=args.timeout, sampler=args.sampler,
+    trials, timeout, sampler = effort(args)
+    opts = SearchOptions(trials=trials, timeout_s=timeout, sampler=sampler,
                          storage=args.storage or settings.load().storage, study_prefix=args.study,
                          workers=args.workers, seed=args.seed, space_dir=args.space_dir,
                          trial_timeout_s=args.trial_timeout, retime=args.retime, rounds=args.rounds,

@@ -78,3 +78,18 @@ def test_a_worker_in_the_interpreter_refuses_bf16_and_says_why():
     reply = _handle({"op": "trial", "template": "merge", "shape": {"B": 1, "T": 4, "H": 2, "V": 8, "S": 1},
                      "dtype": "bfloat16", "config": {}, "seed": 0, "timing": {}}, "cpu", {})
     assert reply["status"] == "error" and "interpreter" in reply["reason"] and "not checked" in reply["reason"]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], (20, None, "tpe")),
+    (["--effort", "quick"], (40, 30.0, "pattern")),
+    (["--effort", "full"], (400, 120.0, "pattern")),
+    (["--effort", "quick", "--trials", "7", "--sampler", "random"], (7, 30.0, "random")),
+    (["--effort", "full", "--timeout", "5"], (400, 5.0, "pattern")),
+])
+def test_effort_presets_and_explicit_flags_win(extra, expected):
+    from momtune.cli import build_parser
+    from momtune.commands.search import effort
+
+    args = build_parser().parse_args(["search", "--template", "merge", "--shapes", "tiny", *extra])
+    assert effort(args) == expected

@@ -1,0 +1,135 @@
+"""Pattern search: a local search over a template's search space that starts at the default
+config (as Helion's autotuner does), for ``momtune search --sampler pattern``.
+
+A kernel's speed is mostly smooth along each parameter (a block size one step up or down, a
+warp count doubled): the next configs worth measuring are the neighbours of the best one so
+far. The order of candidates, best first, is recomputed from the study's trials at every ask,
+so the search is stateless: it resumes, and several processes or GPUs on one study share it
+(each claims the first candidate nobody else claims, :func:`momtune.study.claim_config`).
+
+1. the neighbours of the best measured config (the default until one is measured): one
+   parameter moved one step (a numeric parameter to the nearest valid choice up or down, a
+   named one to each other choice);
+2. once none is left (a local optimum), the neighbours of the next-best measured configs;
+3. then two parameters moved together from the best, which steps over a ridge that no single
+   move crosses (a larger tile pays only with more warps);
+4. then every other valid config, in a seeded random order (a restart: the search never runs
+   dry before the space does).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .space import SearchSpace, canonical
+
+BEAM = 4  # best measured configs whose neighbours are searched before moving two parameters
+
+
+def _numeric(choices: Sequence[Any]) -> bool:
+    return all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+
+
+def _steps(config: Mapping[str, Any], name: str, space: SearchSpace) -> list[Any]:
+    """The values one step from ``config[name]``: the adjacent numbers, or every other name."""
+    choices = list(space.parameters[name].choices)
+    if config[name] not in choices:
+        return []
+    if not _numeric(choices):
+        return [c for c in choices if c != config[name]]
+    ranked = sorted(choices)
+    pos = ranked.index(config[name])
+    return [ranked[j] for j in (pos + 1, pos - 1) if 0 <= j < len(ranked)]
+
+
+def neighbours(config: Mapping[str, Any], space: SearchSpace, valid: Mapping[str, Mapping[str, Any]],
+               order: Sequence[str]) -> list[dict[str, Any]]:
+    """Valid configs one parameter away from ``config``, parameters in ``order``."""
+    out: list[dict[str, Any]] = []
+    for name in order:
+        choices = list(space.parameters[name].choices)
+        if config[name] not in choices:
+            continue
+        i = choices.index(config[name])
+        if _numeric(choices):
+            ranked = sorted(range(len(choices)), key=lambda k: choices[k])
+            pos = ranked.index(i)
+            for step in (1, -1):  # the nearest valid choice on each side (a constraint may skip some)
+                j = pos + step
+                while 0 <= j < len(ranked):
+                    cand = {**config, name: choices[ranked[j]]}
+                    if canonical(cand) in valid:
+                        out.append(dict(valid[canonical(cand)]))
+                        break
+                    j += step
+        else:
+            for c in choices:
+                cand = {**config, name: c}
+                if c != config[name] and canonical(cand) in valid:
+                    out.append(dict(valid[canonical(cand)]))
+    return out
+
+
+class PatternSearch:
+    """Pattern search over the valid configs of one study (keys and the restart order computed
+    once: an ask costs a few neighbour lookups, not a pass over a space of 16k configs)."""
+
+    def __init__(self, space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
+                 seed: int) -> None:
+        self.space = space
+        self.by_key = {canonical(c): dict(c) for c in valid}
+        self.default = dict(default)
+        rng = random.Random(seed)
+        self.order = list(space.parameters)
+        rng.shuffle(self.order)  # which parameter moves first: seeded, so seeds explore differently
+        self.restart = list(self.by_key)
+        rng.shuffle(self.restart)
+
+    def candidates(self, times: Mapping[str, float], done: set[str], limit: int | None = None) -> list[dict[str, Any]]:
+        """The valid configs not yet measured, in the order pattern search would measure them (at
+        most ``limit``). ``times``: canonical config -> its measured time (ok trials); ``done``:
+        canonical configs with any result (a config that failed is not tried again)."""
+        by_key = self.by_key
+        ranked = sorted((t, k) for k, t in times.items() if k in by_key and math.isfinite(t))
+        best = [by_key[k] for _, k in ranked]
+        if not best and canonical(self.default) in by_key:
+            best = [self.default]
+        out: list[dict[str, Any]] = []
+        seen = set(done)
+        cap = math.inf if limit is None else limit
+
+        def add(configs: Sequence[Mapping[str, Any]]) -> bool:
+            for c in configs:
+                key = canonical(c)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(dict(c))
+                    if len(out) >= cap:
+                        return True
+            return False
+
+        if canonical(self.default) in by_key and add([self.default]):
+            return out
+        for center in best[:BEAM]:
+            if add(neighbours(center, self.space, by_key, self.order)):
+                return out
+        if best:
+            center = best[0]
+            for a, b in itertools.combinations(self.order, 2):
+                for va, vb in itertools.product(_steps(center, a, self.space), _steps(center, b, self.space)):
+                    key = canonical({**center, a: va, b: vb})
+                    if key in by_key and add([by_key[key]]):
+                        return out
+        for key in self.restart:
+            if key not in seen and add([by_key[key]]):
+                return out
+        return out
+
+
+def candidates(space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
+               times: Mapping[str, float], done: set[str], seed: int, limit: int | None = None) -> list[dict[str, Any]]:
+    """:meth:`PatternSearch.candidates` for a one-off call."""
+    return PatternSearch(space, valid, default, seed).candidates(times, done, limit)
