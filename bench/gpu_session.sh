@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh finish              # mom-1.3b and LM bench, export + verify,
 #                                                 # recurrence STATES split, layer profile       (~9 min)
 #   bash bench/gpu_session.sh search / sampler    # longer versions of tune's two halves
+#   bash bench/gpu_session.sh effort              # --effort quick on the recurrence (pattern search)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
 # from the committed H100 report's), next to every log and JSON file; copy it back to .bench/
@@ -71,8 +72,9 @@ stage() {
       search merge mom-340m-prefill 12 10
       search conv mom-340m-prefill 12 10
       search routing mom-340m-prefill 10 8 ;;
-    sampler)  # ground truth = every config of the reduced 56-config space; TPE and random at 11 (<= 20%)
-      for s in grid:56:0 tpe:11:0 tpe:11:1 tpe:11:2 random:11:0 random:11:1 random:11:2; do
+    sampler)  # ground truth = every config of the reduced 56-config space; TPE, random, pattern at 11 (<= 20%)
+      for s in grid:56:0 tpe:11:0 tpe:11:1 tpe:11:2 random:11:0 random:11:1 random:11:2 \
+               pattern:11:0 pattern:11:1 pattern:11:2; do
         IFS=: read sampler trials seed <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
         timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
@@ -80,6 +82,11 @@ stage() {
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
+    effort)  # --effort quick on the full recurrence space, every mom-340m prefill shape: configs per
+      # minute, time to the first result, and the winner against bench/gpu_recurrence.py's hand-listed best
+      timeout 300 momtune search --template recurrence --shapes mom-340m-prefill --effort quick --study quick \
+        --storage $DB --workers 16 > $OUT/effort-quick.log 2>&1; echo "effort quick: rc $?"
+      grep -E "winner|stopped|trials" $OUT/effort-quick.log | tail -8 ;;
     finish)
       timeout 150 momtune bench --presets mom-1.3b --prefill 8x2048 --batches 1 32 --impls momtune fla \
         --out $OUT/bench-1.3b.json > $OUT/bench-1.3b.log 2>&1; echo "bench rc $?"; tail -16 $OUT/bench-1.3b.log
@@ -98,7 +105,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests benchsuite bench340 tune search sampler finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests benchsuite bench340 tune search sampler effort finish report"; return 2 ;;
   esac
 }
 
