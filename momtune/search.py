@@ -196,7 +196,7 @@ class Engine:
         self._adopt_heartbeat(ctx, announce=True)
         optuna.storages.fail_stale_trials(study)
         c = count(trials_of(study))
-        self.reporter.study_started(name, self.o.trials, len(valid), self.interpreter, c.done)
+        self.reporter.study_started(name, self.o.trials, len(valid), self.interpreter, c.done, self.o.timeout_s)
         ctx.in_flight.start()
         try:
             if len(self.benchers) == 1:
@@ -505,6 +505,7 @@ def search(templates: Sequence[str], shape_set: str, options: SearchOptions,
     if engine.interpreter and shape_set != "tiny":
         engine.reporter.note(f"[yellow]no GPU: running shape set {shape_set!r} in the Triton interpreter "
                              "(slow; use --shapes tiny)[/]")
+    engine.reporter.plan(sum(len(space.shape_sets[shape_set][1]) for _, space in plans))
     results: list[StudyResult] = []
     engine.start()
     try:

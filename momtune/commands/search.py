@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GPUs to benchmark on, one worker each, all on the same studies: 'all' (every visible "
                         "GPU, the default) or indices such as 0,1. Without a GPU, each listed index is one more "
                         "interpreter worker (to test the scheduling)")
+    p.add_argument("--json", action="store_true",
+                   help="print each study's result as JSON on stdout (progress and tables go to stderr)")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="print only each study's winner and the summary")
+    talk.add_argument("-v", "--verbose", action="store_true", help="print every trial, also on a terminal")
     p.set_defaults(func=run)
 
 
@@ -68,6 +73,19 @@ def device_list(text: str) -> list[int] | None:
     if not out or min(out) < 0 or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"expected distinct GPU indices >= 0 such as 0,1, got {text!r}")
     return out
+
+
+def finite(obj: object) -> object:
+    """``obj`` with NaN and infinities as None (JSON has neither)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def effort(args: argparse.Namespace) -> tuple[int, float | None, str]:
@@ -117,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     prepare_environment()  # before any kernel module is imported
-    reporter = RichReporter()
+    reporter = RichReporter(verbosity=-1 if args.quiet else 1 if args.verbose else 0, stderr=args.json)
     specs = template_specs(args.template, args.space_dir, reporter.note)
     if "all" in args.template:  # 'all' means every template that has this shape set
         from momtune.space import load_space
@@ -136,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
                          heartbeat_s=args.heartbeat, devices=args.devices)
     results = search(specs, args.shapes, opts, reporter)
     reporter.summary(results)
+    if args.json:
+        import dataclasses
+        import json
+
+        print(json.dumps([finite(dataclasses.asdict(r)) for r in results], indent=1, allow_nan=False, default=str))
     failed = [r.study for r in results if r.winner is None]
     if failed:
         reporter.note(f"[red]no config passed the check in: {', '.join(failed)}[/]")
