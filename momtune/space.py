@@ -9,7 +9,10 @@ Format (docs/CONVENTIONS.md)::
 
 Every problem raises :class:`~momtune.errors.SearchSpaceError` naming the file and the key.
 Constraint expressions are parsed with :mod:`ast` and only a safe subset is accepted: names,
-numbers, comparisons, ``and``/``or``/``not``, arithmetic and calls of ``min``/``max``.
+numbers, comparisons, ``and``/``or``/``not``, arithmetic and calls of ``min``/``max``. Their cost
+is bounded (:mod:`momtune.bounded`): a short expression, arithmetic on numbers only, no power in
+an exponent, no integer past ``MAX_INT_BITS`` bits (refused before it is computed); a breach is an
+error naming the file and the constraint (``BLOCK ** (V ** 99)`` hung the search).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import bounded
 from .errors import SearchSpaceError
 
 Config = dict[str, Any]
@@ -67,9 +71,18 @@ class Constraint:
     why: str
     names: frozenset[str]
     code: Any = field(repr=False, compare=False)
+    where: str = field(default="", compare=False)  # the file and key, for errors
+    key: str = field(default="", compare=False)
 
     def holds(self, env: Mapping[str, Any]) -> bool:
-        return bool(eval(self.code, {"__builtins__": {}, **_FUNCS}, dict(env)))  # noqa: S307 - AST checked
+        scope = {**env, "__builtins__": {}, **_FUNCS, bounded.ARITH: bounded.arith}
+        try:
+            return bool(eval(self.code, scope))  # the AST is checked and its arithmetic bounded
+        except bounded.Unbounded as exc:
+            at = ", ".join(f"{k}={env[k]!r}" for k in sorted(self.names) if k in env)
+            raise SearchSpaceError(f"{self.where}: {self.key}.expr: {self.expr!r} at {at}: {exc}; constraint "
+                                   f"arithmetic is limited to numbers and integers below "
+                                   f"2**{bounded.MAX_INT_BITS}") from None
 
 
 @dataclass
@@ -135,11 +148,14 @@ def space_names(directory: str | Path | None = None) -> list[str]:
     return sorted(f.name[:-5] for f in root.iterdir() if f.name.endswith(".toml"))
 
 
-def load_space(name: str, directory: str | Path | None = None, template: Any = None) -> SearchSpace:
+def load_space(name: str, directory: str | Path | None = None, template: Any = None, *,
+               check: bool = True) -> SearchSpace:
     """Load and validate ``<name>.toml`` from ``momtune.search_spaces`` or ``directory``.
 
     ``template`` (a Template, optional) supplies ``shape_keys`` and ``check_config``; without it the
     registered template of that name is used when it can be imported, else the keys of the shape sets.
+    ``check=False`` skips the satisfiability checks (every constraint and shape set admits a
+    config), which enumerate the space: for run-time lookups of a space already searched.
     """
     if directory is not None:
         if not Path(directory).is_dir():
@@ -157,8 +173,21 @@ def load_space(name: str, directory: str | Path | None = None, template: Any = N
     if template is None:
         template = _registered_template(name)
     shape_keys = tuple(template.shape_keys) if template is not None else None
-    check = getattr(template, "check_config", None) if template is not None else None
-    return parse_space(text, where, name=name, shape_keys=shape_keys, check_config=check)
+    check_fn = getattr(template, "check_config", None) if template is not None else None
+    return parse_space(text, where, name=name, shape_keys=shape_keys, check_config=check_fn, check=check)
+
+
+def find_space(name: str, directory: str | Path | None = None, template: Any = None, *,
+               check: bool = True) -> SearchSpace | None:
+    """The search space of template ``name``: ``directory``'s ``<name>.toml`` if it has one, else
+    momtune's own, else None (a template momtune does not ship, and no ``directory`` holding it)."""
+    if directory is not None and not Path(directory).is_dir():
+        raise SearchSpaceError(f"--space-dir {directory}: no such folder")
+    if directory is not None and (Path(directory) / f"{name}.toml").is_file():
+        return load_space(name, directory, template, check=check)
+    if (resources.files("momtune.search_spaces") / f"{name}.toml").is_file():
+        return load_space(name, None, template, check=check)
+    return None
 
 
 def _registered_template(name: str) -> Any:
@@ -171,7 +200,7 @@ def _registered_template(name: str) -> Any:
 
 
 def parse_space(text: str, where: str, *, name: str | None = None, shape_keys: Sequence[str] | None = None,
-                check_config: Any = None) -> SearchSpace:
+                check_config: Any = None, check: bool = True) -> SearchSpace:
     """Parse and validate the TOML text of a search space (``where`` names it in errors)."""
 
     def fail(key: str, msg: str) -> SearchSpaceError:
@@ -200,10 +229,12 @@ def parse_space(text: str, where: str, *, name: str | None = None, shape_keys: S
     raw_constraints = data.get("constraints", [])
     if not isinstance(raw_constraints, list):
         raise fail("constraints", "must be an array of tables ([[constraints]])")
-    constraints = [_parse_constraint(c, i, set(params) | set(keys), fail) for i, c in enumerate(raw_constraints)]
+    constraints = [_parse_constraint(c, i, set(params) | set(keys), fail, where)
+                   for i, c in enumerate(raw_constraints)]
     space = SearchSpace(space_name, where, str(tmpl.get("description", "")), params, constraints, sets, keys,
                         check_config)
-    _check_satisfiable(space, fail)
+    if check:
+        _check_satisfiable(space, fail)
     return space
 
 
@@ -290,7 +321,7 @@ def _parse_shape_sets(table: dict[str, Any], shape_keys: Sequence[str] | None, f
     return sets
 
 
-def _parse_constraint(raw: Any, i: int, names: set[str], fail: Any) -> Constraint:
+def _parse_constraint(raw: Any, i: int, names: set[str], fail: Any, where: str = "") -> Constraint:
     key = f"constraints[{i}]"
     raw = _table(raw, key, fail)
     _no_unknown(raw, CONSTRAINT_FIELDS, f"{key}.", fail)
@@ -300,10 +331,14 @@ def _parse_constraint(raw: Any, i: int, names: set[str], fail: Any) -> Constrain
     why = raw.get("why", "")
     if not isinstance(why, str):
         raise fail(f"{key}.why", "must be a string")
+    if len(expr) > bounded.MAX_EXPR_CHARS:
+        raise fail(f"{key}.expr", f"{len(expr)} characters; a constraint has at most {bounded.MAX_EXPR_CHARS}")
     try:
         tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError as exc:
         raise fail(f"{key}.expr", f"{expr!r} does not parse: {exc.msg}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise fail(f"{key}.expr", f"{expr!r} does not parse: {type(exc).__name__}") from None
     used: set[str] = set()
     for node in ast.walk(tree):
         if not isinstance(node, _NODES):
@@ -319,10 +354,17 @@ def _parse_constraint(raw: Any, i: int, names: set[str], fail: Any) -> Constrain
             raise fail(f"{key}.expr", f"{expr!r}: constant {node.value!r} is not allowed")
         elif isinstance(node, ast.Name) and not (node.id in _FUNCS and _is_callee(tree, node)):
             used.add(node.id)
+        problem = bounded.static_problem(node)
+        if problem:
+            raise fail(f"{key}.expr", f"{expr!r}: {problem}")
     unknown = sorted(used - names)
     if unknown:
         raise fail(f"{key}.expr", f"{expr!r} uses unknown names {unknown}; known: {sorted(names)}")
-    return Constraint(expr, why, frozenset(used), compile(tree, f"<{key}>", "eval"))
+    try:
+        code = compile(bounded.guard(tree), f"<{key}>", "eval")
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise fail(f"{key}.expr", f"{expr!r} cannot be compiled: {type(exc).__name__}") from None
+    return Constraint(expr, why, frozenset(used), code, where, key)
 
 
 def _is_callee(tree: ast.AST, name: ast.Name) -> bool:

@@ -156,3 +156,61 @@ def test_a_missing_space_dir_is_named(tmp_path: Path) -> None:
         load_space("norm", tmp_path / "nowhere")
     with pytest.raises(SearchSpaceError, match="no such folder"):
         space_names(tmp_path / "nowhere")
+
+
+# ---- constraints are evaluated at bounded cost (issue 15: BLOCK_T ** (V ** 99) > 0 hung the search)
+
+GOOD_EXPR = 'expr = "BLOCK <= max(16, N * C) and num_warps * 16 <= BLOCK"'
+UNBOUNDED = [
+    ("power-tower", "BLOCK ** (N ** 99) > 0", "a power in an exponent"),
+    ("power-tower-literal", "2 ** 3 ** 4 > BLOCK", "a power in an exponent"),
+    ("large-power", "(BLOCK ** 60) ** 60 > 0", "has more than 256 bits"),
+    ("large-power-of-a-shape", "N ** 300 > BLOCK", "has more than 256 bits"),
+    ("large-product", "BLOCK * 10 ** 70 * 10 ** 70 > 0", "has more than 256 bits"),
+    ("huge-literal", f"BLOCK < {10 ** 100}", "constant of 333 bits"),
+    ("string-repeat", "'ab' * 1000000000 == 'x' or BLOCK > 0", "arithmetic on a string"),
+    ("string-format", "'%0999999999d' % BLOCK == 'x' or BLOCK > 0", "arithmetic on a string"),
+    ("long-expression", "BLOCK > 0" + " and BLOCK > 0" * 100, "a constraint has at most 1000"),
+]
+
+
+@pytest.mark.parametrize("expr,msg", [u[1:] for u in UNBOUNDED], ids=[u[0] for u in UNBOUNDED])
+def test_constraints_of_unbounded_cost_are_refused(tmp_path: Path, expr: str, msg: str) -> None:
+    path = write(tmp_path, GOOD.replace(GOOD_EXPR, f'expr = "{expr}"'))
+    with pytest.raises(SearchSpaceError) as err:
+        load_space("fake", path, template=FAKE)
+    text = str(err.value)
+    assert text.startswith(f"{path / 'fake.toml'}: constraints[0].expr: ") and msg in text, text
+
+
+def test_arithmetic_on_a_string_parameter_is_refused_when_evaluated(tmp_path: Path) -> None:
+    text = GOOD.replace("[[constraints]]", '[parameters.MODE]\nchoices = ["a", "b"]\ndefault = "a"\n\n[[constraints]]')
+    path = write(tmp_path, text.replace(GOOD_EXPR, 'expr = "MODE * 1000000000 != \'x\' or BLOCK > 0"'))
+    with pytest.raises(SearchSpaceError, match=r"fake.toml: constraints\[0\].expr: .* at BLOCK=16, MODE='a': "
+                                               r"'\*' on str 'a': arithmetic takes numbers only"):
+        load_space("fake", path, template=FAKE)
+
+
+def test_powers_within_the_bounds_still_work(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace(GOOD_EXPR, 'expr = "2 ** num_warps <= BLOCK // 2 and BLOCK ** 2 <= 2 ** 12 '
+                                                   'and (N * C) ** 0.5 >= 1"'))
+    space = load_space("fake", path, template=FAKE)
+    assert space.is_valid({"BLOCK": 32, "num_warps": 4}, {"N": 7, "C": 3}) == (True, "")
+    assert not space.is_valid({"BLOCK": 16, "num_warps": 4}, {"N": 7, "C": 3})[0]  # 16 > 8
+    assert not space.is_valid({"BLOCK": 64, "num_warps": 1}, {"N": 0, "C": 3})[0]  # 0 ** 0.5 < 1
+    assert space.size({"N": 7, "C": 3}) == 8  # only BLOCK 16 with 4 warps is out
+
+
+def test_the_hostile_constraint_fails_fast_instead_of_hanging(tmp_path: Path) -> None:
+    """Run where a hang can be cut off: before the fix this took forever (2 ** (2 ** 396))."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, cli_env
+
+    path = write(tmp_path, GOOD.replace(GOOD_EXPR, 'expr = "BLOCK ** (BLOCK ** 99) > 0"'))
+    code = ("import sys; from momtune.space import load_space\n"
+            "try:\n    load_space('fake', sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.stdout.startswith(f"SearchSpaceError {path / 'fake.toml'}: constraints[0].expr:"), proc.stdout
