@@ -8,7 +8,15 @@ or ``"default"`` (the template's default config). Lookups are cached and never t
 A library from another GPU, another Triton, or for a template whose source changed since the
 search does not fit this machine. Policy ``"warn"`` warns once and uses the defaults, ``"strict"``
 raises :class:`~momtune.errors.LibraryError`, ``"ignore"`` uses the library anyway. A missing or
-corrupt library raises under ``"strict"`` and warns once (defaults) otherwise.
+corrupt library raises under ``"strict"`` and warns once (defaults) otherwise. ``"strict"`` also
+needs every provenance field present (a missing ``source_hash`` or ``triton`` is an error).
+
+A library is data, checked before use: an entry whose config is not a config of the template's
+search space (a parameter not in it, a value not among its choices, a constraint failing for the
+entry's shape; momtune's ``search_spaces/`` or ``space_dir``) runs the default under ``"warn"``,
+said once per template, and raises under ``"strict"``; so do unknown fields (typos such as
+``confg``), reported once. A nearest bucket lends its config only to a shape it is valid for.
+``"ignore"`` uses the entries as they are.
 """
 from __future__ import annotations
 
@@ -19,8 +27,14 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from .errors import ConfigError, LibraryError
-from .library import Library, load_library
+from .errors import ConfigError, LibraryError, SearchSpaceError
+from .library import (
+    Library,
+    config_problem,
+    load_library,
+    provenance_problems,
+    source_problem,
+)
 from .settings import POLICIES
 
 # shape keys that measure problem size (a nearest bucket may differ in these); every other key
@@ -51,9 +65,12 @@ class Dispatcher:
     """Config lookup from one library (or none: every lookup gives the template's default)."""
 
     def __init__(self, library_path: str | None = None, policy: str = "warn",
-                 machine: Mapping[str, Any] | None = None, template_specs: Mapping[str, str] | None = None) -> None:
+                 machine: Mapping[str, Any] | None = None, template_specs: Mapping[str, str] | None = None,
+                 space_dir: str | None = None) -> None:
         """``template_specs``: name -> ``module:ATTR`` of unregistered templates a lookup by name may
-        load (a library's own recorded specs are never imported)."""
+        load (a library's own recorded specs are never imported). ``space_dir``: a folder of search
+        spaces (``<name>.toml``) for templates momtune does not ship; without one, such a template's
+        configs are only checked for its parameter names."""
         if policy not in POLICIES:
             raise ConfigError(f"policy {policy!r} is not accepted; use one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -62,9 +79,12 @@ class Dispatcher:
         self._warned: set[str] = set()
         self._cache: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
         self._usable: dict[str, bool] = {}
+        self._bad: dict[str, set[int]] = {}  # template -> indices of entries whose config is refused
+        self._spaces: dict[str, Any] = {}
         self.mismatch: list[str] = []
         self._lock = threading.Lock()
         self.template_specs = dict(template_specs or {})
+        self.space_dir = space_dir
         if library_path is None:
             return
         try:
@@ -74,12 +94,16 @@ class Dispatcher:
                 raise
             self._warn("load", f"momtune: {exc}; using the default configs")
             return
+        if self.library.unknown and policy != "ignore":
+            msg = (f"momtune: tuned library {library_path}: " + "; ".join(self.library.unknown[:5])
+                   + (f" (and {len(self.library.unknown) - 5} more)" if len(self.library.unknown) > 5 else ""))
+            if policy == "strict":
+                raise LibraryError(msg + " [policy strict]")
+            self._warn("unknown", msg + "; these fields are ignored")
         self._machine = dict(machine) if machine is not None else this_machine()
-        from .provenance import mismatches
-
-        self.mismatch = mismatches(self.library.provenance, self._machine)
+        self.mismatch = provenance_problems(self.library.provenance, self._machine, strict=policy == "strict")
         if self.mismatch:
-            msg = (f"momtune: tuned library {library_path} was made on another machine ("
+            msg = (f"momtune: tuned library {library_path} does not fit this machine ("
                    + "; ".join(self.mismatch) + ")")
             if policy == "strict":
                 raise LibraryError(msg + " [policy strict]")
@@ -98,19 +122,56 @@ class Dispatcher:
         usable = self.library is not None and name in self.library.templates
         if usable and self.mismatch and self.policy != "ignore":
             usable = False
-        if usable:
-            recorded = self.library.templates[name].get("source_hash")  # type: ignore[union-attr]
-            current = template.source_hash() if hasattr(template, "source_hash") else recorded
-            if recorded and current != recorded:
-                msg = (f"momtune: template {name!r} has changed since library {self.path} was tuned (source hash "
-                       f"{recorded}, now {current})")
+        if usable and self.policy != "ignore":
+            tmpl = self.library.templates[name]  # type: ignore[union-attr]
+            current = template.source_hash() if hasattr(template, "source_hash") else None
+            problem = source_problem(name, tmpl, current, strict=self.policy == "strict")
+            if problem:
+                msg = f"momtune: template {name!r} of library {self.path} does not fit this checkout ({problem})"
+                if tmpl.get("source_hash"):
+                    msg = (f"momtune: template {name!r} has changed since library {self.path} was tuned (source "
+                           f"hash {tmpl['source_hash']}, now {current})")
                 if self.policy == "strict":
                     raise LibraryError(msg + " [policy strict]")
-                if self.policy == "warn":
-                    self._warn(f"source:{name}", msg + "; using its default config")
-                    usable = False
+                self._warn(f"source:{name}", msg + "; using its default config")
+                usable = False
+        if usable and self.policy != "ignore":
+            self._bad[name] = self._refused_entries(name, template)
         self._usable[name] = usable
         return usable
+
+    def _space(self, name: str, template: Any) -> Any:
+        if name not in self._spaces:
+            from .space import find_space
+
+            self._spaces[name] = find_space(name, self.space_dir, template, check=False)
+        return self._spaces[name]
+
+    def _searched(self, name: str) -> Any:
+        return self.library.templates[name].get("choices") if self.library else None
+
+    def _refused_entries(self, name: str, template: Any) -> set[int]:
+        """Indices of ``name``'s entries whose config is not one of the template's for the entry's
+        shape; strict raises on the first, warn says once which ones run the default."""
+        try:
+            space = self._space(name, template)
+        except SearchSpaceError as exc:
+            space, problems = None, {i: f"its search space cannot be loaded: {exc}"
+                                     for i in range(len(self.library.entries(name)))}  # type: ignore[union-attr]
+        else:
+            problems = {}
+            for i, e in enumerate(self.library.entries(name)):  # type: ignore[union-attr]
+                why = config_problem(e["config"], e["shape"], template, space, self._searched(name))
+                if why:
+                    problems[i] = f"entries[{i}] ({_fmt_shape(e)}): config {_fmt_config(e['config'])}: {why}"
+        if problems:
+            msg = f"momtune: tuned library {self.path}, template {name!r}: " + "; ".join(list(problems.values())[:3])
+            if len(problems) > 3:
+                msg += f" (and {len(problems) - 3} more entries)"
+            if self.policy == "strict":
+                raise LibraryError(msg + " [policy strict]")
+            self._warn(f"config:{name}", msg + "; those shapes run the default config")
+        return set(problems)
 
     def config(self, template: Any, shape: Mapping[str, int], dtype: Any) -> tuple[dict[str, Any], str]:
         """(config, source) for a template (name or Template), a shape dict and a dtype."""
@@ -130,14 +191,18 @@ class Dispatcher:
             recorded = self.library.templates.get(name, {}).get("spec") if self.library else None
             template = resolve_template(library_spec(name, recorded, self.template_specs))
         if self._template_usable(name, template):
-            entries = [e for e in self.library.entries(name) if e.get("dtype") == dtype]  # type: ignore[union-attr]
+            bad = self._bad.get(name, set())
+            entries = [e for i, e in enumerate(self.library.entries(name))  # type: ignore[union-attr]
+                       if e.get("dtype") == dtype and i not in bad]
             shape = dict(shape)
-            for e in entries:
-                if dict(e["shape"]) == shape:
-                    return dict(e["config"]), "exact"
+            exact = [e for i, e in enumerate(self.library.entries(name))  # type: ignore[union-attr]
+                     if e.get("dtype") == dtype and dict(e["shape"]) == shape]
+            if exact:  # a refused exact entry runs the default, not a neighbour's config
+                return (dict(exact[0]["config"]), "exact") if exact[0] in entries else self._default(template, dtype)
             size = set(getattr(template, "size_keys", SIZE_KEYS))
             near = [e for e in entries if set(e["shape"]) == set(shape)
-                    and all(e["shape"][k] == v for k, v in shape.items() if k not in size)]
+                    and all(e["shape"][k] == v for k, v in shape.items() if k not in size)
+                    and self._fits(name, template, e["config"], shape)]
             if near:
                 def dist(e: Mapping[str, Any]) -> tuple[float, str]:
                     d = sum((math.log(max(e["shape"][k], 1)) - math.log(max(v, 1))) ** 2
@@ -145,8 +210,29 @@ class Dispatcher:
                     return d, str(sorted(e["shape"].items()))
 
                 return dict(min(near, key=dist)["config"]), "nearest"
+        return self._default(template, dtype)
+
+    def _fits(self, name: str, template: Any, config: Mapping[str, Any], shape: Mapping[str, int]) -> bool:
+        """A nearest bucket's config is valid for this shape too (its constraints may not hold here)."""
+        if self.policy == "ignore":
+            return True
+        try:
+            return config_problem(config, shape, template, self._space(name, template), self._searched(name)) is None
+        except SearchSpaceError:
+            return False
+
+    @staticmethod
+    def _default(template: Any, dtype: str) -> tuple[dict[str, Any], str]:
         default_for = getattr(template, "default_for", None)
         return (default_for(dtype) if default_for else dict(template.default_config)), "default"
+
+
+def _fmt_shape(entry: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}{v}" for k, v in entry["shape"].items()) + f" {entry.get('dtype')}"
+
+
+def _fmt_config(config: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
 
 
 @lru_cache(maxsize=1)

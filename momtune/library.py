@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,12 @@ from .space import canonical
 SCHEMA = "momtune.library/1"
 PROVENANCE_KEYS = ("gpu", "capability", "sm_count", "driver", "cuda", "torch", "triton", "momtune", "created",
                    "commit")
+# every field a library may hold (docs/DATA_FORMATS.md); any other is reported as unknown (a typo)
+TOP_FIELDS = ("schema", "provenance", "templates")
+PROVENANCE_FIELDS = (*PROVENANCE_KEYS, "searched")
+TEMPLATE_FIELDS = ("source_hash", "default_config", "spec", "choices", "entries")
+ENTRY_FIELDS = ("shape", "dtype", "config", "time_ms", "default_time_ms", "max_abs_err", "max_rel_err", "trials",
+                "study", "retimed", "floor_ms", "shape_set", "also_searched")
 
 
 def _clean(obj: Any) -> Any:
@@ -85,9 +91,17 @@ class Library:
     path: str
     provenance: dict[str, Any]
     templates: dict[str, dict[str, Any]]
+    unknown: list[str] = field(default_factory=list)  # "templates.x.entries[0].confg: unknown field ..."
 
     def entries(self, template: str) -> list[dict[str, Any]]:
         return list(self.templates.get(template, {}).get("entries", []))
+
+    def size(self) -> int:
+        return sum(len(t.get("entries", [])) for t in self.templates.values())
+
+
+def _unknown(obj: Mapping[str, Any], known: Sequence[str], where: str) -> list[str]:
+    return [f"{where}{k}: unknown field (known: {', '.join(known)})" for k in obj if k not in known]
 
 
 def load_library(path: str | Path) -> Library:
@@ -115,7 +129,69 @@ def load_library(path: str | Path) -> Library:
                   and all(isinstance(v, int) and not isinstance(v, bool) for v in e["shape"].values()))
             if not ok:
                 raise LibraryError(f"{where}.entries[{i}]: needs 'shape' (ints), 'dtype' (str), 'config' (object)")
-    return Library(str(p), prov, templates)
+    unknown = _unknown(data, TOP_FIELDS, "") + _unknown(prov, PROVENANCE_FIELDS, "provenance.")
+    for name, tmpl in templates.items():
+        unknown += _unknown(tmpl, TEMPLATE_FIELDS, f"templates.{name}.")
+        for i, e in enumerate(tmpl["entries"]):
+            unknown += _unknown(e, ENTRY_FIELDS, f"templates.{name}.entries[{i}].")
+    return Library(str(p), prov, templates, unknown)
+
+
+# ---------------------------------------------------------------------------------------------
+# does a library fit this machine and this checkout (verify and dispatch share these rules)
+
+
+def provenance_problems(provenance: Mapping[str, Any], machine: Mapping[str, Any], strict: bool) -> list[str]:
+    """Why a library's provenance does not fit ``machine``: a matched field (GPU, capability, Triton)
+    that differs, and under ``strict`` every provenance field that is missing, named."""
+    from .provenance import MATCH_KEYS, mismatches
+
+    missing = [k for k in PROVENANCE_KEYS if k not in provenance] if strict else []
+    what = (f"provenance field{'s' * (len(missing) > 1)} {', '.join(missing)} missing (policy strict needs every "
+            f"one of {', '.join(PROVENANCE_KEYS)})")
+    return ([what] if missing else []) + mismatches(provenance, machine, tuple(k for k in MATCH_KEYS if k not in missing))
+
+
+def source_problem(name: str, tmpl: Mapping[str, Any], current: str | None, strict: bool) -> str | None:
+    """Why a template's entries do not fit this checkout: its source hash differs from ``current``
+    (the template's now), or is missing (a problem under ``strict`` only)."""
+    recorded = tmpl.get("source_hash")
+    if not recorded:
+        return (f"templates.{name}.source_hash missing (policy strict needs it to tell whether the template "
+                "changed since the search)") if strict else None
+    if current is not None and current != recorded:
+        return f"template {name}: source hash library {recorded}, this checkout {current}"
+    return None
+
+
+def config_problem(config: Mapping[str, Any], shape: Mapping[str, int], template: Any, space: Any,
+                   searched: Mapping[str, Sequence[Any]] | None = None) -> str | None:
+    """Why ``config`` is not a config of ``template`` for ``shape``, or None if it is one. With its
+    search space (``space``): a parameter not in it, a value not among its choices, a constraint or
+    the template's check failing for the shape. Without one (a template momtune does not ship and no
+    --space-dir): a parameter the template's default config lacks or one it has that is missing,
+    and a value not among the choices the library records as searched (``searched``)."""
+    from .errors import SearchSpaceError
+
+    if space is not None:
+        try:
+            ok, why = space.is_valid(config, shape)
+        except SearchSpaceError as exc:
+            return str(exc)
+        return None if ok else f"outside the search space {space.path}: {why}"
+    params = set(getattr(template, "default_config", {}) or {})
+    unknown = sorted(set(config) - params) if params else []
+    missing = sorted(params - set(config))
+    if unknown:
+        return f"parameters {unknown} are not the template's (its parameters: {', '.join(sorted(params))})"
+    if missing:
+        return f"parameters {missing} missing (the template's parameters: {', '.join(sorted(params))})"
+    for k, v in config.items():
+        choices = (searched or {}).get(k)
+        if isinstance(choices, list) and v not in choices:
+            return (f"{k}={v!r} is not one of {choices}, the choices the library records as searched (no search "
+                    "space file at hand; give --space-dir DIR to check against one)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,10 +218,17 @@ def _select_gpu(by_gpu: Mapping[str, list[Any]], gpu: str | None, note: Callable
     return chosen
 
 
-def _entry(study: Any, attrs: Mapping[str, Any]) -> dict[str, Any] | None:
-    from .study import count, trials_of
+def _searched_choices(trials: Sequence[Any], into: dict[str, list[Any]]) -> None:
+    """Add each parameter's choices as the trials' distributions hold them (the search space searched)."""
+    for t in trials:
+        for name, dist in getattr(t, "distributions", {}).items():
+            known = into.setdefault(name, [])
+            known.extend(c for c in getattr(dist, "choices", ()) if c not in known)
 
-    trials = trials_of(study)
+
+def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[str, Any] | None:
+    from .study import count
+
     c = count(trials)
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok"]
     if not ok:
@@ -171,7 +254,7 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
     """The library dict of one GPU's studies (see module doc); notes go to ``note``."""
     import optuna
 
-    from .study import open_storage, safe_url
+    from .study import open_storage, safe_url, trials_of
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, read_only=True)
@@ -210,10 +293,12 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
         attrs = s.user_attrs
         name = str(attrs["template"])
         study = optuna.load_study(study_name=s.study_name, storage=storage)
-        entry = _entry(study, attrs)
+        trials = trials_of(study)
+        entry = _entry(study, attrs, trials)
         sprov = attrs.get("provenance", {})
         tmpl = out.setdefault(name, {"source_hash": sprov.get("source_hash"),
-                                     "default_config": attrs.get("default_config"), "entries": []})
+                                     "default_config": attrs.get("default_config"), "choices": {}, "entries": []})
+        _searched_choices(trials, tmpl["choices"])
         if attrs.get("template_spec") and attrs["template_spec"] != name:
             tmpl["spec"] = attrs["template_spec"]
         if sprov.get("source_hash") != tmpl["source_hash"]:
@@ -243,8 +328,8 @@ def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], N
         try:
             current = resolve_template(library_spec(name, tmpl.get("spec"))).source_hash()
         except Exception:  # noqa: BLE001 - a template that cannot be imported here is not checked
-            continue
-        if tmpl.get("source_hash") and current != tmpl["source_hash"]:
+            current = None
+        if current and tmpl.get("source_hash") and current != tmpl["source_hash"]:
             note(f"warning: template {name!r} has changed since it was searched (source hash now {current}, "
                  f"searched {tmpl['source_hash']}); strict dispatch will refuse these entries")
 

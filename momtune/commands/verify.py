@@ -11,51 +11,74 @@ from momtune.timing import NOISE_FLOOR, judge
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-run a library's configs against the reference and re-time tuned vs default",
-                       description="Checks the library's provenance against this machine, runs every entry's "
-                                   "config on fresh inputs against the float64 reference, and re-times tuned vs "
-                                   "default (interleaved; each time with its spread). Exit status 1 if any tuned config fails its "
-                                   "check or is slower than the default beyond noise.")
+                       description="Checks the library's provenance against this machine and every entry's "
+                                   "config against the template's search space, runs each config on fresh inputs "
+                                   "against the float64 reference, and re-times tuned vs default (interleaved; each "
+                                   "time with its spread). Exit status 1 if any tuned config is outside its search "
+                                   "space, fails its check or is slower than the default beyond noise, or if no "
+                                   "entry was checked.")
     p.add_argument("library", metavar="FILE", help="library JSON written by momtune export")
     p.add_argument("--policy", default=None, choices=("strict", "warn", "ignore"),
-                   help="provenance mismatch: strict = refuse, warn = report and go on (MOMTUNE_POLICY, warn)")
+                   help="provenance mismatch: strict = refuse (also a missing provenance field or source_hash, "
+                        "or an unknown field), warn = report and go on (MOMTUNE_POLICY, warn)")
     p.add_argument("--template", action="append", default=None, metavar="NAME", help="only these templates")
     p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S", help="per run (120 GPU, 300 interpreter)")
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=12345, help=f"input seed, 0 .. {SEED_MAX} (12345)")
     p.add_argument("--template-spec", action="append", default=[], metavar="NAME=MODULE:ATTR",
                    help="load the library's unregistered template NAME from MODULE:ATTR (a library never names "
                         "code to import; registered templates need nothing)")
+    p.add_argument("--space-dir", default=None, metavar="DIR",
+                   help="search spaces (<name>.toml) of templates momtune does not ship; the entries' configs are "
+                        "checked against them (momtune's own search_spaces/ for registered templates)")
     p.set_defaults(func=run)
 
 
 def verify(path: str, policy: str, templates: list[str] | None, timeout: float | None, seed: int,
-           note: Any = print, allowed: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """One row per library entry: status of the tuned and default configs, times, speed-up."""
+           note: Any = print, allowed: dict[str, str] | None = None,
+           space_dir: str | None = None) -> list[dict[str, Any]]:
+    """One row per library entry: status of the tuned and default configs, times, speed-up. An
+    entry whose config is not in its template's search space is an ``invalid_config`` row, not run."""
     from momtune.dispatch import this_machine
     from momtune.errors import LibraryError
-    from momtune.library import load_library
-    from momtune.provenance import mismatches
-    from momtune.worker import prepare_environment
+    from momtune.library import (
+        config_problem,
+        load_library,
+        provenance_problems,
+        source_problem,
+    )
+    from momtune.space import find_space
     from momtune.templates import library_spec, resolve_template
     from momtune.timing import TimingOptions
-    from momtune.worker import Worker
+    from momtune.worker import Worker, prepare_environment
 
     interpreter = prepare_environment()
     lib = load_library(path)
-    problems = mismatches(lib.provenance, this_machine())
+    strict = policy == "strict"
+    problems = provenance_problems(lib.provenance, this_machine(), strict)
+    spaces: dict[str, Any] = {}
     for name, tmpl in lib.templates.items():
         if templates and name not in templates:
             continue
         try:
-            current = resolve_template(library_spec(name, tmpl.get("spec"), allowed)).source_hash()
+            template = resolve_template(library_spec(name, tmpl.get("spec"), allowed))
         except Exception as exc:  # noqa: BLE001
             problems.append(f"template {name}: cannot be loaded here ({exc})")
             continue
-        if tmpl.get("source_hash") and current != tmpl["source_hash"]:
-            problems.append(f"template {name}: source hash library {tmpl['source_hash']}, this checkout {current}")
+        problem = source_problem(name, tmpl, template.source_hash(), strict)
+        if problem:
+            problems.append(problem)
+        spaces[name] = find_space(name, space_dir, template)
+        if spaces[name] is None and tmpl["entries"]:
+            note(f"note: template {name}: no search space {name}.toml in momtune's search_spaces/"
+                 f"{' or --space-dir ' + space_dir if space_dir else ''}; its configs are checked against the "
+                 "template's parameters and the choices the library records as searched (give --space-dir DIR to "
+                 "check them against the space file)")
+    for u in lib.unknown:
+        note(f"{'error' if strict else 'warning'}: library {path}: {u}")
     for p in problems:
         note(f"provenance mismatch: {p}")
-    if problems and policy == "strict":
-        raise LibraryError(f"library {path}: {len(problems)} provenance mismatches [policy strict]")
+    if strict and (problems or lib.unknown):
+        raise LibraryError(f"library {path}: " + "; ".join(problems + lib.unknown) + " [policy strict]")
     timing = TimingOptions(interpreter=True, runs=3, rounds=2) if interpreter else TimingOptions(interpreter=False)
     t_out = timeout or (300.0 if interpreter else 120.0)
     worker = Worker("cpu" if interpreter else "cuda", {"TRITON_INTERPRET": "1"} if interpreter else {}, "momtune-verify")
@@ -65,8 +88,16 @@ def verify(path: str, policy: str, templates: list[str] | None, timeout: float |
             if templates and name not in templates:
                 continue
             spec = library_spec(name, tmpl.get("spec"), allowed)
-            default = dict(resolve_template(spec).default_config)
+            template = resolve_template(spec)
+            default = dict(template.default_config)
             for e in tmpl["entries"]:
+                outside = config_problem(e["config"], e["shape"], template, spaces.get(name), tmpl.get("choices"))
+                if outside:
+                    rows.append({"template": name, "shape": e["shape"], "dtype": e["dtype"], "config": e["config"],
+                                 "status": "invalid_config", "reason": outside, "default_status": None,
+                                 "library_ms": e.get("time_ms"), "max_rel_err": None, "tuned_ms": None,
+                                 "default_ms": None})
+                    continue
                 base = {"template": spec, "shape": e["shape"], "dtype": e["dtype"], "seed": seed,
                         "timing": timing.__dict__}
                 tuned = worker.call({**base, "op": "trial", "config": e["config"]}, t_out)
@@ -107,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--template-spec: expected NAME=MODULE:ATTR, got {item!r}")
         allowed[name] = spec
     rows = verify(args.library, policy, args.template, args.trial_timeout, args.seed,
-                  note=lambda m: console.print(m, markup=False, highlight=False), allowed=allowed)
+                  note=lambda m: console.print(m, markup=False, highlight=False), allowed=allowed,
+                  space_dir=args.space_dir)
     table = Table(title=f"momtune verify {args.library}")
     for col in ("template", "shape", "dtype", "config", "check", "tuned", "default", "speed-up", "library", "rel err"):
         table.add_column(col)
@@ -130,8 +162,12 @@ def run(args: argparse.Namespace) -> int:
                       fmt_ms(r["library_ms"]), "-" if err is None else f"{err:.1e}")
     console.print(table)
     if not rows:
+        from momtune.library import load_library
+
         what = f" for --template {', '.join(args.template)}" if args.template else ""
-        console.print(f"no entries checked: the library has none{what}", markup=False)
+        held = {n: len(t["entries"]) for n, t in load_library(args.library).templates.items()}
+        holds = ", ".join(f"{n} ({k} entries)" for n, k in sorted(held.items())) or "no templates"
+        console.print(f"no entries checked: the library has none{what} (it holds {holds})", markup=False)
         return 1
     if bad:
         console.print(f"{bad} of {len(rows)} tuned configs failed their check on this machine", markup=False)

@@ -16,6 +16,8 @@ from .conftest import FAKE as FAKE_SPEC
 from .fake_template import FAKE
 
 HERE = {"gpu": "interpreter", "capability": None, "triton": triton.__version__}
+PROV = {**HERE, "sm_count": None, "driver": None, "cuda": None, "torch": "2.13.0", "momtune": "0.1.0",
+        "created": "2026-11-28T00:00:00+00:00", "commit": None}  # every field a library has
 DEFAULT = {"BLOCK": 32, "num_warps": 1}
 
 
@@ -27,7 +29,7 @@ def entry(n: int, c: int, block: int, dtype: str = "float32") -> dict[str, Any]:
 def write_lib(tmp_path: Path, gpu: str = "interpreter", triton_version: str | None = None,
               source_hash: str | None = None) -> str:
     lib = {"schema": SCHEMA,
-           "provenance": {"gpu": gpu, "capability": None, "triton": triton_version or triton.__version__},
+           "provenance": {**PROV, "gpu": gpu, "capability": None, "triton": triton_version or triton.__version__},
            "templates": {"fake": {"source_hash": source_hash or FAKE.source_hash(), "default_config": DEFAULT,
                                   "spec": FAKE_SPEC,
                                   "entries": [entry(64, 3, 16), entry(128, 3, 64), entry(64, 8, 128),
@@ -134,10 +136,8 @@ def test_unusable_library_file(tmp_path: Path, content: str | None, policy: str)
         with pytest.raises(LibraryError, match=str(path)):
             Dispatcher(str(path), policy, machine=HERE)
         return
-    with pytest.warns(RuntimeWarning, match=str(path)) as rec:
-        d = Dispatcher(str(path), policy, machine=HERE)
-        assert d.config(FAKE, {"N": 64, "C": 3}, "float32") == (DEFAULT, "default")
-    assert len([w for w in rec if "momtune" in str(w.message)]) == 1
+    got, msgs = _caught(lambda: Dispatcher(str(path), policy, machine=HERE).config(FAKE, {"N": 64, "C": 3}, "float32"))
+    assert got == (DEFAULT, "default") and len(msgs) == 1 and str(path) in msgs[0]
 
 
 def test_get_dispatcher_reads_settings_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,3 +163,140 @@ def test_get_dispatcher_reads_settings_once(tmp_path: Path, monkeypatch: pytest.
 def test_bad_policy_rejected() -> None:
     with pytest.raises(ConfigError, match="strict, warn, ignore"):
         Dispatcher(None, "loose")
+
+
+# ---- strict provenance: every field present (issue 15)
+
+
+@pytest.mark.parametrize("field", ["source_hash", "triton", "gpu", "capability", "driver", "commit"])
+def test_strict_needs_every_provenance_field(tmp_path: Path, field: str) -> None:
+    """A library missing a provenance field (or its template's source_hash) was accepted by strict
+    when the field was absent rather than different (capability None == None; no source_hash: no
+    check at all)."""
+    import json
+
+    path = Path(write_lib(tmp_path))
+    lib = json.loads(path.read_text())
+    (lib["templates"]["fake"] if field == "source_hash" else lib["provenance"]).pop(field)
+    path.write_text(json.dumps(lib))
+    with pytest.raises(LibraryError, match=rf"{field}.* missing.*\[policy strict\]"):
+        Dispatcher(str(path), "strict", machine=HERE).config(FAKE, {"N": 64, "C": 3}, "float32")
+    if field in ("source_hash", "driver", "commit"):  # warn: not a mismatch, the library is used
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = Dispatcher(str(path), "warn", machine=HERE).config(FAKE, {"N": 64, "C": 3}, "float32")
+        assert got == ({"BLOCK": 16, "num_warps": 2}, "exact")
+
+
+# ---- a library is data: configs outside the search space, unknown fields (issue 15)
+
+SPACED = [({"N": 64, "C": 3}, {"BLOCK": 64, "num_warps": 2}),  # valid
+          ({"N": 128, "C": 3}, {"BLOCK": 256, "num_warps": 1}),  # 256 is not a choice
+          ({"N": 64, "C": 8}, {"BLOCK": 64, "num_warps": 2, "EXTRA": 1}),  # not a parameter
+          ({"N": 2, "C": 1}, {"BLOCK": 128, "num_warps": 1}),  # fails BLOCK <= max(16, 2 * N * C) at its shape
+          ({"N": 64, "C": 5}, {"BLOCK": 64})]  # num_warps missing: launching it raises KeyError
+
+
+def spaced_lib(tmp_path: Path) -> str:
+    import json
+
+    path = Path(write_lib(tmp_path))
+    lib = json.loads(path.read_text())
+    lib["templates"]["fake"]["entries"] = [{**entry(1, 1, 1), "shape": s, "config": c} for s, c in SPACED]
+    path.write_text(json.dumps(lib))
+    return str(path)
+
+
+def _caught(fn: Any) -> tuple[Any, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if "momtune" in str(w.message)]
+
+
+def test_configs_outside_the_search_space_run_the_default_under_warn(tmp_path: Path) -> None:
+    from .conftest import SPACES
+
+    d = Dispatcher(spaced_lib(tmp_path), "warn", machine=HERE, space_dir=SPACES)
+    shapes = [s for s, _ in SPACED] + [{"N": 100, "C": 3}, {"N": 3, "C": 3}] * 2
+    got, msgs = _caught(lambda: [d.config(FAKE, s, "float32") for s in shapes])
+    assert got[0] == ({"BLOCK": 64, "num_warps": 2}, "exact")
+    assert got[1:5] == [(DEFAULT, "default")] * 4  # the refused entries: the default, not a neighbour's config
+    assert got[5] == ({"BLOCK": 64, "num_warps": 2}, "nearest")  # N128 (refused) is not lent
+    assert got[6] == (DEFAULT, "default")  # BLOCK 64 > max(16, 18): the nearest config does not fit N3 C3
+    assert len(msgs) == 1, msgs  # said once
+    assert "BLOCK=256 is not one of [16, 32, 64, 128]" in msgs[0] and "EXTRA" in msgs[0]
+    assert "fake.toml" in msgs[0] and "run the default config" in msgs[0]
+
+
+def test_configs_outside_the_search_space_raise_under_strict(tmp_path: Path) -> None:
+    from .conftest import SPACES
+
+    d = Dispatcher(spaced_lib(tmp_path), "strict", machine=HERE, space_dir=SPACES)
+    with pytest.raises(LibraryError, match=r"entries\[1\] \(N128 C3 float32\): config BLOCK=256 num_warps=1: "
+                                           r"outside the search space .*fake.toml: BLOCK=256 is not one of"):
+        d.config(FAKE, {"N": 64, "C": 3}, "float32")
+
+
+def test_without_a_space_file_the_parameters_and_the_recorded_choices_are_checked(tmp_path: Path) -> None:
+    import json
+
+    path = spaced_lib(tmp_path)
+    got, msgs = _caught(lambda: [Dispatcher(path, "warn", machine=HERE).config(FAKE, s, "float32")
+                                 for s, _ in SPACED])
+    assert [g[1] for g in got] == ["exact", "exact", "default", "exact", "default"]  # names only: EXTRA, no num_warps
+    assert "['EXTRA'] are not the template's" in msgs[0] and "['num_warps'] missing" in msgs[0]
+    lib = json.loads(Path(path).read_text())
+    lib["templates"]["fake"]["choices"] = {"BLOCK": [16, 32, 64, 128], "num_warps": [1, 2, 4]}  # export records them
+    Path(path).write_text(json.dumps(lib))
+    got, msgs = _caught(lambda: [Dispatcher(path, "warn", machine=HERE).config(FAKE, s, "float32")
+                                 for s, _ in SPACED])
+    assert [g[1] for g in got] == ["exact", "default", "default", "exact", "default"]
+    assert "BLOCK=256 is not one of [16, 32, 64, 128], the choices the library records as searched" in msgs[0]
+
+
+def test_an_invalid_entry_does_not_make_every_forward_raise_under_warn(tmp_path: Path) -> None:
+    """A matching entry without num_warps: the dispatched config used to raise KeyError at every
+    launch; under warn it is refused once and the default runs."""
+    import torch
+
+    d = Dispatcher(spaced_lib(tmp_path), "warn", machine=HERE)
+    shape = {"N": 64, "C": 5}
+    inputs = FAKE.make_inputs(shape, torch.float32, "cpu", 0)
+    (_cfg, source), msgs = _caught(lambda: [d.config(FAKE, shape, torch.float32) for _ in range(3)][-1])
+    assert len(msgs) == 1 and "num_warps" in msgs[0] and source == "default"
+    for _ in range(3):  # every forward runs
+        y = FAKE.launch(inputs, d.config(FAKE, shape, torch.float32)[0])["y"]
+    assert torch.allclose(y.double(), FAKE.reference(inputs)["y"])
+    with pytest.raises(KeyError):  # what the entry's own config does
+        FAKE.launch(inputs, SPACED[4][1])
+
+
+@pytest.mark.parametrize("policy", ["warn", "strict", "ignore"])
+def test_unknown_fields_are_reported(tmp_path: Path, policy: str) -> None:
+    import json
+
+    path = Path(write_lib(tmp_path))
+    lib = json.loads(path.read_text())
+    lib["templates"]["fake"]["entries"][0]["confg"] = {"BLOCK": 64}  # a typo of config
+    lib["templates"]["fake"]["sorce_hash"] = "x"
+    path.write_text(json.dumps(lib))
+    if policy == "strict":
+        with pytest.raises(LibraryError, match=r"templates\.fake\.entries\[0\]\.confg: unknown field"):
+            Dispatcher(str(path), policy, machine=HERE)
+        return
+    got, msgs = _caught(lambda: Dispatcher(str(path), policy, machine=HERE).config(FAKE, {"N": 64, "C": 3},
+                                                                                   "float32"))
+    assert got == ({"BLOCK": 16, "num_warps": 2}, "exact")
+    if policy == "warn":
+        assert len(msgs) == 1 and "entries[0].confg: unknown field" in msgs[0] and "fake.sorce_hash" in msgs[0]
+    else:
+        assert msgs == []
+
+
+def test_ignore_uses_the_entries_as_they_are(tmp_path: Path) -> None:
+    from .conftest import SPACES
+
+    d = Dispatcher(spaced_lib(tmp_path), "ignore", machine=HERE, space_dir=SPACES)
+    got, msgs = _caught(lambda: d.config(FAKE, {"N": 128, "C": 3}, "float32"))
+    assert got == ({"BLOCK": 256, "num_warps": 1}, "exact") and msgs == []

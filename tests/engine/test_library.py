@@ -9,7 +9,13 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 
 from momtune.errors import LibraryError, StorageError
-from momtune.library import SCHEMA, atomic_write_json, build_library, export_library, load_library
+from momtune.library import (
+    SCHEMA,
+    atomic_write_json,
+    build_library,
+    export_library,
+    load_library,
+)
 from momtune.search import SearchOptions, search
 
 from .conftest import FAKE, SPACES
@@ -167,3 +173,90 @@ def test_atomic_write_gives_a_shareable_mode_and_keeps_an_existing_one(tmp_path)
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+# ---- a library is data: verify checks every field it relies on (issue 15)
+
+
+def _edited(searched: tuple[str, list], tmp_path: Path, edit) -> str:  # type: ignore[no-untyped-def]
+    url, _ = searched
+    path = tmp_path / "lib.json"
+    export_library(url, path, note=lambda m: None)
+    lib = json.loads(path.read_text())
+    edit(lib)
+    path.write_text(json.dumps(lib))
+    return str(path)
+
+
+@pytest.mark.parametrize("field", ["source_hash", "triton", "driver", "created"])
+def test_verify_strict_names_a_missing_provenance_field(searched: tuple[str, list], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], field: str) -> None:
+    from momtune.cli import main
+
+    def drop(lib: dict) -> None:
+        (lib["templates"]["fake"] if field == "source_hash" else lib["provenance"]).pop(field)
+
+    path = _edited(searched, tmp_path, drop)
+    assert main(["verify", path, "--policy", "strict", "--template-spec", f"fake={FAKE}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{field} missing" in err and "policy strict" in err and "Traceback" not in err
+
+
+def test_verify_refuses_configs_outside_the_search_space(searched: tuple[str, list], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """BLOCK=256 runs right (so verify passed it), but it was never searched: refused without running."""
+    from momtune.cli import main
+    from momtune.commands.verify import verify
+
+    def edit(lib: dict) -> None:
+        a, b = lib["templates"]["fake"]["entries"]
+        a["config"] = {**a["config"], "BLOCK": 256}
+        b["config"] = {**b["config"], "num_wraps": 2}  # a mistyped parameter
+
+    path = _edited(searched, tmp_path, edit)
+    assert json.loads(Path(path).read_text())["templates"]["fake"]["choices"]["BLOCK"] == [16, 32, 64, 128]
+    notes: list[str] = []
+    rows = verify(path, "warn", None, None, 1, note=notes.append, allowed={"fake": FAKE}, space_dir=SPACES)
+    assert [r["status"] for r in rows] == ["invalid_config"] * 2 and notes == []
+    assert "spaces/fake.toml: BLOCK=256 is not one of [16, 32, 64, 128]" in rows[0]["reason"]
+    assert "unknown parameters ['num_wraps']" in rows[1]["reason"]
+    # without the space file: the template's parameters and the choices the library records
+    rows = verify(path, "warn", None, None, 1, note=notes.append, allowed={"fake": FAKE})
+    assert "BLOCK=256 is not one of [16, 32, 64, 128], the choices the library records" in rows[0]["reason"]
+    assert "['num_wraps'] are not the template's" in rows[1]["reason"] and "--space-dir" in notes[0]
+    assert main(["verify", path, "--template-spec", f"fake={FAKE}", "--space-dir", SPACES]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 2 tuned configs failed their check" in out and "invalid_config" in out and "BLOCK=256" in out
+
+
+def test_verify_reports_unknown_fields(searched: tuple[str, list], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from momtune.cli import main
+    from momtune.commands.verify import verify
+
+    path = _edited(searched, tmp_path, lambda lib: lib["templates"]["fake"]["entries"][0].update(confg={"BLOCK": 32}))
+    assert main(["verify", path, "--policy", "strict", "--template-spec", f"fake={FAKE}"]) == 2
+    assert "templates.fake.entries[0].confg: unknown field (known: shape, dtype, config" in capsys.readouterr().err
+    notes: list[str] = []
+    assert verify(path, "warn", ["none"], None, 1, note=notes.append, allowed={"fake": FAKE}) == []
+    assert [n for n in notes if "confg: unknown field" in n and n.startswith("warning: ")]
+
+
+def test_verify_a_template_filter_matching_nothing_says_what_the_library_holds(
+        searched: tuple[str, list], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from momtune.cli import main
+
+    path = _edited(searched, tmp_path, lambda lib: None)
+    assert main(["verify", path, "--template", "recurence", "--template-spec", f"fake={FAKE}"]) == 1
+    assert "the library has none for --template recurence (it holds fake (2 entries))" in capsys.readouterr().out
+    path = _edited(searched, tmp_path, lambda lib: lib["templates"].clear())
+    assert main(["verify", path]) == 1
+    assert "the library has none (it holds no templates)" in capsys.readouterr().out
+
+
+def test_load_reports_unknown_fields_at_every_level(tmp_path: Path) -> None:
+    path = tmp_path / "lib.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "note": 1, "provenance": {"gpu": "x", "trition": "3"},
+                                "templates": {"fake": {"entries": [], "sorce_hash": "a"}}}))
+    assert [u.split(":")[0] for u in load_library(path).unknown] == ["note", "provenance.trition",
+                                                                      "templates.fake.sorce_hash"]
