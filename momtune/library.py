@@ -336,7 +336,10 @@ def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], N
 
 def export_library(storage_url: str, out: str | Path, templates: Sequence[str] | None = None,
                    gpu: str | None = None, prefix: str | None = None,
-                   note: Callable[[str], None] = print) -> dict[str, Any]:
+                   note: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
+    """Build the library and write it to ``out``. Refused, ``out`` untouched: ``out`` is the storage's
+    own database; the library has no entry; and, unless ``force``, ``out`` holds something this
+    export would destroy (see :func:`check_replace`)."""
     from .study import safe_url, sqlite_path
 
     db = sqlite_path(storage_url)
@@ -344,5 +347,40 @@ def export_library(storage_url: str, out: str | Path, templates: Sequence[str] |
         raise InputError(f"--out: {out} is the study database of --storage {safe_url(storage_url)}; "
                          "writing the library there would replace it")
     lib = build_library(storage_url, templates, gpu, prefix, note)
+    if not any(t["entries"] for t in lib["templates"].values()):
+        raise LibraryError(f"nothing to export: no study of {', '.join(sorted(lib['templates']))} on GPU "
+                           f"{lib['provenance']['gpu']!r} has a config that passed its check; {out} not written")
+    if not force:
+        check_replace(out, lib)
     atomic_write_json(out, lib)
     return lib
+
+
+def _fmt_prov(prov: Mapping[str, Any]) -> str:
+    return f"GPU {prov.get('gpu')!r}, Triton {prov.get('triton')}"
+
+
+def check_replace(out: str | Path, lib: Mapping[str, Any]) -> None:
+    """Raise InputError (naming ``out``, what it holds and ``--force``) if writing ``lib`` over
+    ``out`` would destroy what this export did not make: a file that is not a momtune library, a
+    library of another GPU or Triton version (its provenance differs), or one holding entries of
+    templates ``lib`` lacks (an export with --template over a fuller library)."""
+    from .provenance import MATCH_KEYS, mismatches
+
+    path = Path(out)
+    if not path.is_file():
+        return
+    advice = "give --force to replace it, or choose another --out"
+    try:
+        old = load_library(path)
+    except LibraryError as exc:
+        raise InputError(f"--out {out}: exists and is not a momtune library ({exc}); {advice}") from None
+    new_prov = lib["provenance"]
+    if mismatches(old.provenance, new_prov, MATCH_KEYS):
+        raise InputError(f"--out {out}: holds the library of {_fmt_prov(old.provenance)} ({old.size()} entries); "
+                         f"this export is of {_fmt_prov(new_prov)}, and replacing it would lose those; {advice}")
+    lost = sorted(n for n, t in old.templates.items() if t.get("entries") and not lib["templates"].get(n, {}).get(
+        "entries"))
+    if lost:
+        raise InputError(f"--out {out}: holds entries of templates {', '.join(lost)} ({_fmt_prov(old.provenance)}) "
+                         f"that this export has none of; replacing it would lose them; {advice}")

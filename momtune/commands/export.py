@@ -15,6 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="export the studies of this GPU name (default: the only one, else this machine's, else the "
                         "one with most studies, with a warning)")
     p.add_argument("--study", default=None, metavar="PREFIX", help="export studies named PREFIX/... ('*': every study, the fastest per shape)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds what this export would lose: the library of another GPU "
+                        "or Triton version, entries of templates this export lacks, or a file that is not a "
+                        "momtune library (refused without it, the file untouched)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     lib = export_library(args.storage or settings.load().storage, args.out, args.template, args.gpu, args.study,
-                         note=lambda m: console.print(m, markup=False, highlight=False))
+                         note=lambda m: console.print(m, markup=False, highlight=False), force=args.force)
     n = sum(len(t["entries"]) for t in lib["templates"].values())
     gpu = lib["provenance"]["gpu"]
     extra = " (interpreter timings: not GPU performance)" if gpu == "interpreter" else ""
