@@ -21,7 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--library", metavar="FILE", help="tuned library JSON from `momtune export`")
     p.add_argument("--bench", metavar="FILE", nargs="+", action="extend", default=[],
                    help="bench JSON files from `momtune bench --out FILE` (repeatable)")
-    p.add_argument("--out", metavar="DIR", required=True, help="output folder (replaced file by file, atomically)")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="output folder: the report is built whole next to it and swapped in atomically (a kill "
+                        "leaves the old report or the new one); a folder holding files momtune did not write "
+                        "needs --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds files momtune did not write (they are deleted)")
     p.add_argument("--title", metavar="T", help="report title (default: names the GPU and dtype)")
     p.set_defaults(func=run)
 
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     storage = args.storage or load().storage
     report = build_report(args.out, storage=storage, library=args.library, benches=args.bench,
-                          title=args.title, storage_required=args.storage is not None)
+                          title=args.title, storage_required=args.storage is not None, force=args.force)
     a = report.analysis
     console = Console()
     if a.interpreter:

@@ -7,17 +7,19 @@ stored Optuna studies, a tuned library and bench files alone — nothing is re-r
     sections*.py       the report's sections as document blocks
     render.py          blocks -> Markdown and one HTML page (inline CSS, base64 PNGs, no script)
 
-The report is written atomically: everything is built in a temporary folder next to the output
-folder, then moved in file by file with ``os.replace`` (report.html last).
+    folder.py          the output folder: built whole next to ``--out``, then swapped in
+
+The report is written atomically (folder.py): the whole folder is built next to the output
+folder with a manifest of its files, then swapped in with one atomic exchange, so a kill leaves
+the old report or the new one. A folder holding files momtune did not write is replaced only
+with ``force``.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
     from .collect import Library
 
 __all__ = ["Report", "build_report"]
-FIGURE_PREFIXES = ("kernels_", "convergence_", "importance_", "end_to_end")
 
 
 @dataclass
@@ -36,50 +37,60 @@ class Report:
     out: Path
     files: list[Path]
     title: str
-    analysis: "Analysis"
+    analysis: Analysis
 
 
 def build_report(out: str | Path, storage: str | None = None, library: str | Path | None = None,
                  benches: Sequence[str | Path] = (), title: str | None = None, storage_required: bool = True,
-                 dispatcher_factory: Callable[["Library"], Any] | None = None) -> Report:
-    """Read the inputs, write ``out/report.md``, ``out/report.html`` and ``out/*.png``.
+                 dispatcher_factory: Callable[[Library], Any] | None = None, force: bool = False) -> Report:
+    """Read the inputs, write ``out/report.md``, ``out/report.html``, ``out/*.png`` and the manifest.
 
-    Raises ReportError for unreadable or wrong inputs and when there is nothing to report on;
-    on any error an existing report in ``out`` is left untouched.
+    Raises ReportError for unreadable or wrong inputs, when there is nothing to report on, when
+    ``out`` is a file, holds an input or the working folder, or (unless ``force``) holds files
+    momtune did not write; on any error an existing report in ``out`` is left untouched.
     """
     from momtune import __version__
 
     from . import render, sections
     from .analyze import analyze
     from .collect import collect
+    from .folder import write_folder
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out}: exists and is not a folder")
+    out = Path(os.path.abspath(out))
+    _check_out(out, storage, library, benches)
     inputs = collect(storage, library, benches, storage_required=storage_required)
     analysis = analyze(inputs, dispatcher_factory)
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise ReportError(f"--out {out}: cannot create a folder next to it ({exc})") from exc
-    try:
-        built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    titles: list[str] = []
+
+    def build(tmp: Path) -> list[str]:
         subtitle, doc = sections.build(analysis, tmp, built, __version__)
-        title = title or sections.default_title(analysis)
+        titles.append(title or sections.default_title(analysis))
         blocks = [render.Para(subtitle, "sub"), *doc.blocks]
-        (tmp / "report.md").write_text(render.to_markdown(title, blocks), encoding="utf-8")
+        (tmp / "report.md").write_text(render.to_markdown(titles[0], blocks), encoding="utf-8")
         footer = (f"momtune {__version__} · built {built} · figures: "
                   + ", ".join(f"`{p}`" for p in doc.pngs) if doc.pngs else f"momtune {__version__} · built {built}")
-        (tmp / "report.html").write_text(render.to_html(title, subtitle, doc.blocks, tmp, footer), encoding="utf-8")
-        names = [*doc.pngs, "report.md", "report.html"]
-        out.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for stale in out.glob("*.png"):
-        if stale.name.startswith(FIGURE_PREFIXES) and stale.name not in names:
-            stale.unlink(missing_ok=True)
-    return Report(out, [out / n for n in names], title, analysis)
+        (tmp / "report.html").write_text(render.to_html(titles[0], subtitle, doc.blocks, tmp, footer),
+                                         encoding="utf-8")
+        return [*doc.pngs, "report.md", "report.html"]
+
+    names = write_folder(out, build, force, {"momtune": __version__, "built": built})
+    return Report(out, [out / n for n in names], titles[0], analysis)
+
+
+def _check_out(out: Path, storage: str | None, library: str | Path | None, benches: Sequence[str | Path]) -> None:
+    """``out`` is replaced whole: it must not be, or hold, the working folder or an input."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: exists and is not a folder; give a folder for the report")
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise ReportError(f"--out {out}: is the working folder or holds it; a report replaces its whole folder, "
+                          "so give a folder of its own (e.g. --out report)")
+    from momtune.study import sqlite_path
+
+    db = sqlite_path(storage) if storage else None
+    for what, path in [("--storage", db), ("--library", library), *(("--bench", b) for b in benches)]:
+        if path is not None and real in Path(os.path.abspath(path)).resolve().parents:
+            raise ReportError(f"--out {out}: holds {what} {path}; a report replaces its whole folder, so give a "
+                              "folder of its own")
