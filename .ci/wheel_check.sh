@@ -56,8 +56,11 @@ begin "install torch==2.13.0 (CPU build)"
 "$VPY" -m pip install -q torch==2.13.0
 end
 
-begin "install the wheel and its dependencies"
+begin "install the wheel alone (no extras: what runs the model)"
 "$VPY" -m pip install -q "$WHEEL"
+for m in optuna rich matplotlib; do
+  if "$VPY" -c "import $m" 2>/dev/null; then fail "the bare wheel pulled in $m (only the tune/report extras should)"; fi
+done
 end
 
 mkdir "$TMP/run"
@@ -74,6 +77,28 @@ while IFS= read -r f; do
 done <<< "$where"
 end
 
+begin "the fast model runs without the tune and report extras"
+"$VPY" - <<'EOF' || fail "the model path needs a tuning or report package"
+import sys, torch
+from momtune import MoMForCausalLM
+from momtune.reference.config import MoMConfig
+cfg = MoMConfig.from_preset("tiny")
+model = MoMForCausalLM(cfg, backend="triton").eval()
+with torch.no_grad():
+    out = model.generate(torch.randint(0, cfg.vocab_size, (1, 5)), max_new_tokens=3)
+loaded = [m for m in ("optuna", "rich", "matplotlib", "sqlalchemy") if m in sys.modules]
+assert not loaded, f"imported {loaded}"
+print(f"  generated {tuple(out.shape)} tokens in the interpreter; optuna, rich, matplotlib not imported")
+EOF
+out="$(momtune search --template merge --shapes tiny --trials 1 --storage "sqlite:///$TMP/x.db" 2>&1)" \
+  && fail "momtune search ran without optuna"
+grep -q "momtune\[tune\]" <<< "$out" || fail "momtune search without optuna does not say to install momtune[tune]: $out"
+end
+
+begin "install the tune and report extras"
+"$VPY" -m pip install -q "$WHEEL[tune,report]"
+end
+
 begin "momtune --help"
 out="$(momtune --help)"
 for c in "${COMMANDS[@]}"; do
@@ -85,7 +110,7 @@ begin "momtune list"
 out="$(momtune list)"
 for t in "${TEMPLATES[@]}"; do
   # the template's module and its search space (package data) on the template's row
-  grep -Eq "momtune\.kernels\.$t\.template .*\b$t\.toml\b" <<< "$out" \
+  grep -Eq "momtune\.kernels\.$t\.template[[:space:]].*\b$t\.toml\b" <<< "$out" \
     || fail "'momtune list' has no row for template $t with module momtune.kernels.$t.template and $t.toml:"$'\n'"$out"
 done
 end

@@ -11,6 +11,8 @@ from . import __version__
 from .errors import MomtuneError
 
 COMMANDS = ("search", "export", "verify", "bench", "report", "list")
+# optional packages (pyproject's extras): the model runs without them, commands may need them
+EXTRAS = {"optuna": "tune", "sqlalchemy": "tune", "rich": "tune", "matplotlib": "report"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"momtune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"momtune {args.command}: error: needs {top}, which `pip install momtune` leaves out; "
+              f"install it with `pip install 'momtune[{EXTRAS[top]}]'`", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `momtune ... | head`: the reader left; not an error of ours
         import os
 

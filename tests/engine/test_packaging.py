@@ -5,6 +5,8 @@ installed and run outside the checkout by ``.ci/wheel_check.sh``."""
 from __future__ import annotations
 
 import ast
+import os
+import re
 import fnmatch
 import importlib
 import importlib.util
@@ -140,3 +142,44 @@ def test_cli_process_exits_non_zero_on_a_missing_command_module() -> None:
     assert proc.returncode == 2, proc
     assert "momtune: error: subcommand 'ghost': module momtune.commands.ghost is missing" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_the_model_needs_none_of_the_tuning_and_report_packages() -> None:
+    """`pip install momtune` (no extras) runs the fast model: its path imports no optuna, rich,
+    matplotlib or SQLAlchemy (issue 13, item 4). Imports of them are made to fail, then the LM
+    is built, run and made to generate in the interpreter."""
+    code = ("import sys\n"
+            "for m in ('optuna', 'rich', 'matplotlib', 'sqlalchemy'): sys.modules[m] = None\n"
+            "import torch\n"
+            "from momtune import MoMForCausalLM\n"
+            "from momtune.reference.config import MoMConfig\n"
+            "cfg = MoMConfig.from_preset('tiny')\n"
+            "model = MoMForCausalLM(cfg, backend='triton').eval()\n"
+            "with torch.no_grad():\n"
+            "    out = model.generate(torch.randint(0, cfg.vocab_size, (2, 5)), max_new_tokens=3)\n"
+            "print(tuple(out.shape))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(2, 8)"
+
+
+def test_a_command_without_its_extra_says_which_to_install() -> None:
+    code = ("import sys\nsys.modules['optuna'] = None\nfrom momtune.cli import main\n"
+            "sys.exit(main(['export', '--storage', 'sqlite:///nowhere.db', '--out', 'x.json']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert "needs optuna" in proc.stderr and "pip install 'momtune[tune]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_extras_hold_what_the_base_leaves_out() -> None:
+    meta = _pyproject()["project"]
+    base = {re.split(r"[<>=\[ ]", d)[0] for d in meta["dependencies"]}
+    assert base == {"torch", "triton", "numpy"}
+    extras = {k: {re.split(r"[<>=\[ ]", d)[0] for d in v} for k, v in meta["optional-dependencies"].items()}
+    assert {"optuna", "rich"} <= extras["tune"] and {"optuna", "rich", "matplotlib"} <= extras["report"]
+    assert extras["report"] <= extras["all"] and extras["tune"] <= extras["all"]
+    assert extras["all"] <= extras["test"] | {"psycopg2-binary"}
