@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-PEAK_BW = 3.0e12
+PEAK_BW = 3.0e12  # nominal H100; main() measures this GPU\'s
 LAYERS = 10  # steps per captured graph, each on its own cache
 SWEEP = [
     dict(merge="split", BV=8),
@@ -87,6 +87,12 @@ def graph_time_us(inp: dict, config: dict, do_bench) -> float:
 
 
 def main() -> int:
+    global PEAK_BW
+    from momtune.timing import measure_peaks
+
+    peaks = measure_peaks()  # floors from this GPU's own copy bandwidth and bf16 GEMM rate
+    PEAK_BW = peaks["bytes_per_s"]
+    print(f"measured peaks: {peaks['bytes_per_s'] / 1e12:.2f} TB/s copy, {peaks['flops_per_s'] / 1e12:.0f} TFLOP/s bf16 GEMM ({peaks['how']})", flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="default config only")
     ap.add_argument("--batches", default="1,8,32,128", help="comma-separated batch sizes")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_BW = 3.0e12
+PEAK_BW = 3.0e12  # nominal H100; main() measures this GPU\'s
 REPS = 10  # launches per captured graph
 OPS = ("routing", "merge", "conv")
 SETS = ("mom-340m-prefill", "mom-1.3b-prefill")
@@ -134,6 +134,12 @@ def run_problem(op: str, shape: dict, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PEAK_BW
+    from momtune.timing import measure_peaks
+
+    peaks = measure_peaks()  # floors from this GPU's own copy bandwidth and bf16 GEMM rate
+    PEAK_BW = peaks["bytes_per_s"]
+    print(f"measured peaks: {peaks['bytes_per_s'] / 1e12:.2f} TB/s copy, {peaks['flops_per_s'] / 1e12:.0f} TFLOP/s bf16 GEMM ({peaks['how']})", flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help="comma list of routing, merge, conv")
     ap.add_argument("--sets", default=",".join(SETS), help="comma list of shape sets")

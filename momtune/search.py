@@ -28,7 +28,7 @@ from .space import SearchSpace, canonical, load_space
 from .study import (SAMPLERS, InFlight, Shield, claim_config, count, is_done, make_sampler, measured_result,
                     pinning_sampler, storage_failure, study_name, trials_of)
 from .templates import resolve_template
-from .timing import Timing, TimingOptions, floor_ms
+from .timing import NOMINAL_PEAKS, Timing, TimingOptions, floor_ms
 from .winner import choose_winner
 from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_environment, start_all
 
@@ -105,6 +105,7 @@ class Engine:
         self.pool: WorkerPool | None = None
         self.storage: Any = None
         self.info: dict[str, Any] = {}
+        self.peaks: dict[str, Any] | None = None  # this GPU's measured copy B/s and bf16 FLOP/s
 
     def start(self) -> None:
         import optuna
@@ -139,6 +140,16 @@ class Engine:
                                            f"momtune-compile{k}") for k in range(max(1, n))])
         start_all(self.benchers + (self.pool.workers if self.pool else []))
         self.info = self.benchers[0].info
+        if not self.interpreter:  # floors from this GPU's own peaks, measured once per run
+            reply = self.benchers[0].call({"op": "peaks"}, 300.0)
+            if reply.get("status") == "ok":
+                self.peaks = reply["peaks"]
+                self.reporter.note(f"peaks measured on {self.peaks['gpu']}: "
+                                   f"{self.peaks['bytes_per_s'] / 1e12:.2f} TB/s copy, "
+                                   f"{self.peaks['flops_per_s'] / 1e12:.0f} TFLOP/s bf16 GEMM (the floors use them)")
+            else:
+                self.reporter.note(f"warning: measuring the GPU's peaks failed ({reply.get('reason')}); "
+                                   "floors use the nominal H100 SXM peaks")
         kinds = sorted({str(w.info.get("gpu")) for w in self.benchers})
         if len(kinds) > 1:  # a study is one GPU model's: its times would mix
             self.close()
@@ -184,8 +195,8 @@ class Engine:
                  "timing_mode": "interpreter" if self.interpreter else
                  ("cuda graph replay" if getattr(t, "cuda_graph", False) else "eager launches"),
                  "space_size": len(valid), "provenance": {**self.info, "source_hash": t.source_hash()},
-                 "default_config": default, "floor_ms": floor_ms(flops, nbytes),
-                 "floor_peak": {"flops_per_s": 685e12, "bytes_per_s": 3.0e12, "gpu": "H100 SXM"}}
+                 "default_config": default, "floor_ms": floor_ms(flops, nbytes, self.peaks),
+                 "floor_peak": dict(self.peaks or NOMINAL_PEAKS)}
         for k, v in attrs.items():
             study.set_user_attr(k, v)
         deadline = time.monotonic() + self.o.timeout_s if self.o.timeout_s else math.inf

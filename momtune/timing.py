@@ -20,8 +20,9 @@ from typing import Any
 
 from .space import canonical
 
-FLOP_PEAK = 685e12  # H100 SXM dense bf16 FLOP/s (floor_ms)
-BYTES_PEAK = 3.0e12  # H100 SXM HBM3 B/s
+FLOP_PEAK = 685e12  # H100 SXM dense bf16 FLOP/s: the floor's nominal peak where none is measured
+BYTES_PEAK = 3.0e12  # H100 SXM HBM3 B/s (the interpreter; a GPU's own are measured: measure_peaks)
+NOMINAL_PEAKS = {"flops_per_s": FLOP_PEAK, "bytes_per_s": BYTES_PEAK, "gpu": "H100 SXM", "measured": False}
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,32 @@ def pick_winner(candidates: Sequence[tuple[Mapping[str, Any], Timing]], rel_tol:
     return min(tied, key=lambda i: canonical(candidates[i][0]))
 
 
-def floor_ms(flops: float, nbytes: float) -> float:
-    """The roofline floor on an H100: max(flops / 685 TFLOP/s, bytes / 3.0 TB/s), in ms."""
-    return max(flops / FLOP_PEAK, nbytes / BYTES_PEAK) * 1e3
+def floor_ms(flops: float, nbytes: float, peaks: Mapping[str, Any] | None = None) -> float:
+    """The roofline floor in ms: max(flops / peak FLOP/s, bytes / peak B/s), with ``peaks`` measured
+    on this GPU (:func:`measure_peaks`), else the nominal H100 SXM ones (685 TFLOP/s, 3.0 TB/s)."""
+    p = peaks or NOMINAL_PEAKS
+    return max(flops / float(p["flops_per_s"]), nbytes / float(p["bytes_per_s"])) * 1e3
+
+
+def measure_peaks(device: str = "cuda", copy_bytes: int = 1 << 30, gemm: int = 8192) -> dict[str, Any]:
+    """This GPU's copy bandwidth (a ``copy_bytes`` device-to-device copy: read + write) and dense
+    bf16 GEMM rate (``gemm``^3), each the median of ``do_bench`` after warm-up: the peaks every
+    floor of the run is computed from (a few seconds)."""
+    import torch
+    import triton
+
+    def copy_ms() -> float:
+        src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+
+    def gemm_time_ms() -> float:
+        a = torch.randn(gemm, gemm, device=device, dtype=torch.bfloat16)
+        b = torch.randn(gemm, gemm, device=device, dtype=torch.bfloat16)
+        return triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
+
+    copy, gemm_ms = copy_ms(), gemm_time_ms()  # each frees its buffers on return
+    torch.cuda.empty_cache()
+    return {"flops_per_s": 2.0 * gemm**3 / (gemm_ms * 1e-3), "bytes_per_s": 2.0 * copy_bytes / (copy * 1e-3),
+            "gpu": torch.cuda.get_device_name(), "measured": True,
+            "how": f"copy of {copy_bytes / 2**30:g} GiB (read + write); bf16 GEMM {gemm}^3; do_bench medians"}

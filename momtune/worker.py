@@ -244,6 +244,10 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     from .timing import Timing, TimingOptions, graph_replay, measure, retime_interleaved
     from .validate import poison_, poison_like
 
+    if req["op"] == "peaks":  # this GPU's copy bandwidth and bf16 GEMM rate, for every floor of the run
+        from .timing import measure_peaks
+
+        return {"status": "ok", "reason": "", "peaks": measure_peaks(device)}
     t = resolve_template(req["template"])
     if not device.startswith("cuda") and req["dtype"] in INTERPRETER_WRONG_DTYPES:
         return {"status": "error", "reason": f"{req['dtype']} cannot run in Triton's interpreter (its {req['dtype']} "

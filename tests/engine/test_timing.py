@@ -91,3 +91,23 @@ def test_graph_replay_times_the_decode_step_without_launch_overhead() -> None:
     opts = TimingOptions(interpreter=False)
     eager = measure(lambda: t.launch(eager_in, cfg), opts).median_ms
     assert measure(replay, opts).median_ms < eager
+
+
+def test_floor_uses_the_measured_peaks_when_given():
+    from momtune.timing import NOMINAL_PEAKS
+
+    # 1 GFLOP and 1 GB: compute-bound on neither at H100 nominal (1.46 us vs 333 us)
+    assert floor_ms(1e9, 1e9) == pytest.approx(1e9 / NOMINAL_PEAKS["bytes_per_s"] * 1e3)
+    h200 = {"flops_per_s": 790e12, "bytes_per_s": 4.3e12}
+    assert floor_ms(1e9, 1e9, h200) == pytest.approx(1e9 / 4.3e12 * 1e3)
+    assert floor_ms(1e15, 1.0, h200) == pytest.approx(1e15 / 790e12 * 1e3)
+
+
+@pytest.mark.gpu
+def test_measured_peaks_are_those_of_a_datacenter_gpu():
+    from momtune.timing import measure_peaks
+
+    p = measure_peaks()
+    assert p["measured"] and p["gpu"]
+    assert 0.5e12 < p["bytes_per_s"] < 10e12, p  # H100 ~3.0, H200 ~4.3 TB/s copy
+    assert 50e12 < p["flops_per_s"] < 2500e12, p  # H100 ~685, H200 ~790 TFLOP/s bf16
