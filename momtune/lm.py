@@ -11,6 +11,10 @@ One block, x [N = B*T, D] on the Triton backend:
 
 so a decode step of one block is 12 launches (6 of them the attention's) where the reference's
 PyTorch ops take over 30, and ``generate`` replays the whole model step as one CUDA graph.
+
+Nothing here caches a weight: norms and MLP weights are read at every call, the attention keeps
+its projection weights as views of its fused weight (:mod:`momtune.model`), and the CUDA graph is
+captured anew by each ``generate`` call, so a weight changed between calls is always seen.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
 :mod:`momtune.dispatch`, cached per shape, never tuned at run time); ``"reference"`` runs the
 pure-PyTorch reference; ``"auto"`` (default, or ``MOMTUNE_BACKEND``) picks Triton for CUDA
 tensors and the reference elsewhere (and says so once). With ``TRITON_INTERPRET=1`` the Triton
-backend also runs on CPU tensors (that is how CI tests it).
+backend also runs on CPU tensors (that is how CI tests it), in float32 and float16: the
+interpreter's bfloat16 dots are wrong, so there bfloat16 is an error under ``"triton"`` and runs
+the reference under ``"auto"`` (said once).
 
 The fast prefill of one layer, x [B, T, D]:
 
@@ -14,6 +16,10 @@ The fast prefill of one layer, x [B, T, D]:
     gate_prep g, beta of every packed row
     recurrence chunked gated delta rule over all segments (routed + shared) in one launch
     merge     weighted sum over the slots + gated RMSNorm, then o_proj
+
+The projection weights are views of the fused weight of that GEMM (as cuDNN RNN's
+``flatten_parameters``): changing a weight in place changes the fused weight, and a weight that
+stopped being its view (``to()``, a new Parameter, ...) is noticed and the fused weight rebuilt.
 
 A decode step (T = 1 with a cache) is one GEMM, top-k routing (no packed layout) and the decode
 kernels that update the routed memories' conv windows and states in place and return the mixed,
@@ -40,6 +46,7 @@ from momtune.reference.cache import LayerCache, MoMCache
 
 BACKENDS = settings.BACKENDS
 ALIGN = 16  # columns: 32 bytes in bf16/fp16, 64 in fp32
+INTERPRETER_WRONG_DTYPES = frozenset({torch.bfloat16})  # Triton's interpreter computes tl.dot on these wrongly
 _said: set[str] = set()
 
 
@@ -105,7 +112,9 @@ def run_fitting(store: dict, template: str, shape: dict[str, int], dtype: torch.
 def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None) -> str:
     """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. The Triton
     kernels are forward-only: while autograd records for ``module``'s parameters, 'auto' runs the
-    reference (and says so once) and 'triton' is an error rather than silently lost gradients."""
+    reference (and says so once) and 'triton' is an error rather than silently lost gradients.
+    Triton's interpreter computes bfloat16 dots wrongly: there, with bfloat16 ``x`` or weights,
+    'auto' runs the reference (said once) and 'triton' is an error rather than garbage."""
     if module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         if backend == "auto":
             _say_once("auto-grad", "momtune: autograd is recording, and the Triton kernels are forward-only: "
@@ -116,6 +125,19 @@ def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | Non
             raise InputError("backend: 'triton' runs forward-only kernels, but autograd is recording gradients "
                              "for this module's parameters; call it under torch.no_grad() or "
                              "torch.inference_mode(), or use backend='reference' (or 'auto') to train")
+    if backend != "reference" and settings.interpreter_mode():
+        wrong = _interpreter_wrong_dtype(x, module)
+        if wrong is not None and backend == "auto":
+            _say_once("auto-interpreter-dtype",
+                      f"momtune: Triton's interpreter (TRITON_INTERPRET=1) computes {wrong} dots wrongly: "
+                      f"backend 'auto' runs the PyTorch reference for {wrong} (the interpreter runs float32 and "
+                      f"float16; {wrong} kernels need a CUDA GPU)")
+            return "reference"
+        if wrong is not None:
+            raise InputError(f"backend: 'triton' cannot run {wrong} in Triton's interpreter (TRITON_INTERPRET=1), "
+                             f"whose {wrong} dots are wrong (it would return garbage); the interpreter accepts "
+                             f"float32 and float16, {wrong} needs a CUDA GPU without TRITON_INTERPRET; or use "
+                             "backend='reference' (or 'auto')")
     if backend == "auto":
         if x.is_cuda or settings.interpreter_mode():
             return "triton"
@@ -128,6 +150,14 @@ def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | Non
     return backend
 
 
+def _interpreter_wrong_dtype(x: torch.Tensor, module: torch.nn.Module | None) -> str | None:
+    """The name of the dtype of ``x`` or of ``module``'s floating parameters that Triton's
+    interpreter computes wrongly (its ``tl.dot`` on bfloat16 returns garbage), or None."""
+    dtypes = {x.dtype} | ({p.dtype for p in module.parameters()} if module is not None else set())
+    wrong = sorted(str(d).removeprefix("torch.") for d in dtypes & INTERPRETER_WRONG_DTYPES)
+    return wrong[0] if wrong else None
+
+
 class MoMAttention(ref_layer.MoMAttention):
     """fla-compatible MoM layer (same constructor, parameters and outputs as the reference) with
     ``backend="auto"|"triton"|"reference"``."""
@@ -137,8 +167,11 @@ class MoMAttention(ref_layer.MoMAttention):
         env = settings.load()
         self.backend = check_choice("backend", backend or env.backend, BACKENDS)
         self.checks = env.checks  # MOMTUNE_CHECKS: whether a call checks that its input is finite
-        self._packed: tuple[tuple, torch.Tensor] | None = None
         self._configs: dict[tuple, dict] = {}
+        # the projection weights become views of one fused weight (see _fused_weight)
+        self._fused: torch.Tensor | None = None
+        self._fused_views: list[tuple[int, torch.Size]] = []
+        self._fused_weight()
 
     # ---------------------------------------------------------------- weights and configs
     def _layout(self) -> tuple[list[tuple[str, int, int]], int, int]:
@@ -161,24 +194,98 @@ class MoMAttention(ref_layer.MoMAttention):
         n_blocks = 1 if self.single_kv_proj else self.num_slots
         return blocks, (0 if self.single_kv_proj else slot_w), slot0 + n_blocks * slot_w
 
-    def _fused_weight(self) -> torch.Tensor:
-        """[q | gate_proj | router | per memory slot (k, v, b, a)] stacked along the output axis,
-        each block zero-padded to the aligned layout of :meth:`_layout`; rebuilt only when a
-        parameter changed (version counters)."""
-        params = [self.q_proj.weight, self.g_proj.weight, self.gate.weight]
+    def _projection_weights(self) -> list[torch.Tensor]:
+        """The weights of the fused projection in :meth:`_layout` order: q_proj, g_proj, gate (the
+        router), then k, v, b, a of each memory slot (one set with ``single_kv_proj``)."""
+        lins = [self.q_proj, self.g_proj, self.gate]
+        if not self.single_kv_proj:  # memory_linears(m) of every slot, without its per-call cost
+            for per_memory in zip(self.k_proj, self.v_proj, self.b_proj, self.a_proj, strict=True):
+                lins += per_memory
+        if self.single_kv_proj or self.shared_mem:
+            lins += [self.shared_k, self.shared_v, self.shared_b, self.shared_a]
+        # the registered Parameter (or the tensor functional_call put there) without Module.__getattr__;
+        # a computed weight (a parametrization) through the attribute
+        return [lin._parameters.get("weight") if "weight" in lin._parameters else lin.weight for lin in lins]
+
+    def _projection_rows(self) -> tuple[list[int], int]:
+        """The first row of each weight of :meth:`_projection_weights` in the fused weight, and
+        its total rows (the GEMM output's columns of :meth:`_layout`)."""
+        blocks, slot_stride, total = self._layout()
+        slot0 = blocks[2][1] + _align(blocks[2][2])
+        rows = [off for _, off, _ in blocks[:3]]
         for m in range(1 if self.single_kv_proj else self.num_slots):
-            params += [lin.weight for lin in self.memory_linears(m)]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._packed is None or self._packed[0] != key:
-            with torch.no_grad():
-                parts = []
-                for p in params:
-                    parts.append(p)
-                    pad = _align(p.shape[0]) - p.shape[0]
-                    if pad:
-                        parts.append(p.new_zeros(pad, p.shape[1]))
-                self._packed = (key, torch.cat(parts, dim=0).contiguous())
-        return self._packed[1]
+            rows += [slot0 + m * slot_stride + off for _, off, _ in blocks[3:]]
+        return rows, total
+
+    def _fused_weight(self) -> torch.Tensor:
+        """The fused projection weight [rows, D]: [q | g_proj | gate | per memory slot (k, v, b, a)]
+        in the aligned layout of :meth:`_layout`, padding rows zero.
+
+        The projection weights are views of it (as cuDNN RNN's ``flatten_parameters``), so an
+        in-place change of a weight (``.data.mul_``, ``copy_``, ``load_state_dict``, an optimizer
+        step) is a change of this buffer and nothing goes stale, with no copy per call. A weight
+        that is no longer its view at its row (``to()``/``half()``/``cuda()``, a new Parameter,
+        ``load_state_dict(assign=True)``, ``.data = ...``, a parametrization) is noticed by its
+        address, and the buffer is rebuilt from the weights (every call, if it never stays a view)."""
+        weights = self._projection_weights()
+        fused = self._fused
+        if fused is not None:
+            base = fused.data_ptr()
+            if all(w.data_ptr() - base == off and w.shape == shape
+                   for w, (off, shape) in zip(weights, self._fused_views, strict=True)):
+                return fused
+        return self._flatten(weights)
+
+    def _flatten(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """A new fused weight holding ``weights``' values; each weight that is a Parameter then
+        points its ``.data`` at its rows (its identity, ``requires_grad`` and grad are kept).
+        During a CUDA graph capture the weights are left as they are (a copy for that graph)."""
+        w0 = weights[0]
+        odd = [i for i, w in enumerate(weights) if (w.dtype, w.device) != (w0.dtype, w0.device)]
+        if odd:
+            names = [n for n, _ in self._projection_names()]
+            raise InputError("parameters: the projection weights must share one dtype and device; "
+                             f"{names[0]} is {w0.dtype} on {w0.device}, but "
+                             + ", ".join(f"{names[i]} is {weights[i].dtype} on {weights[i].device}" for i in odd)
+                             + "; convert the layer with .to()")
+        rows, total = self._projection_rows()
+        # never an inference tensor (a buffer first built under inference_mode would break training later)
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.zeros(total, w0.shape[1], dtype=w0.dtype, device=w0.device)
+            for w, r in zip(weights, rows):
+                fused[r:r + w.shape[0]].copy_(w)
+        if fused.is_cuda and torch.cuda.is_current_stream_capturing():
+            return fused  # parameters never point into a graph's private memory pool
+        views = []
+        for w, r in zip(weights, rows):
+            view = fused[r:r + w.shape[0]]
+            if isinstance(w, torch.nn.Parameter):
+                w.data = view
+            views.append((view.data_ptr() - fused.data_ptr(), view.shape))
+        self._fused, self._fused_views = fused, views
+        return fused
+
+    def _projection_names(self) -> list[tuple[str, torch.Tensor]]:
+        """(state_dict name, weight) of :meth:`_projection_weights`, in that order."""
+        names = ["q_proj", "g_proj", "gate"]
+        for m in range(1 if self.single_kv_proj else self.num_slots):
+            shared = self.single_kv_proj or m == self.num_memories
+            names += [f"shared_{p}" if shared else f"{p}_proj.{m}" for p in "kvba"]
+        return [(f"{n}.weight", w) for n, w in zip(names, self._projection_weights(), strict=True)]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoMAttention:
+        """``to()``, ``cuda()``, ``half()``, ... give the weights new tensors: the fused weight is
+        rebuilt on the new device/dtype right away (the old one is freed, not kept until a call)."""
+        out = super()._apply(fn, recurse)
+        if len({(w.dtype, w.device) for w in self._projection_weights()}) == 1:  # else: an error at the call
+            self._fused_weight()
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (torch.load of a module): views of the fused weight stay views; a module
+        pickled before the fused weight existed gets one at its first Triton call."""
+        state.pop("_packed", None)
+        super().__setstate__({"_fused": None, "_fused_views": [], **state})
 
     @classmethod
     def wrap(cls, ref: ref_layer.MoMAttention, backend: str | None = None) -> MoMAttention:
