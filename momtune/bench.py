@@ -1,16 +1,22 @@
 """End-to-end benchmarks: the MoM layer (prefill, decode) and the causal LM (decode), momtune vs
 flash-linear-attention 0.6.0 vs the PyTorch reference, side by side in one run.
 
-Rows follow ``docs/DATA_FORMATS.md`` (bench file). Times are medians of
-``triton.testing.do_bench`` on random inputs; peak memory is ``max_memory_allocated`` above what
-was allocated before the call. fla's chunk backward refuses Triton < 3.7.1 on Hopper, so only
-forward and decode are compared.
+Rows follow ``docs/DATA_FORMATS.md`` (bench file). Every implementation is timed the same way
+(:func:`stable_time`): called until two successive rounds' medians agree within 3% (fla autotunes
+each new shape on its first calls; a first call also compiles), then at least 30 calls timed one
+by one with CUDA events; a row gives the median and the min-max spread. The headline compares
+eager calls with eager calls; where both sides can be captured, CUDA graph replays are compared
+with CUDA graph replays (``graph_ms``; a side that cannot be captured says why in ``note``). Peak
+memory is ``max_memory_allocated`` above what was allocated before the call. fla's chunk backward
+refuses Triton < 3.7.1 on Hopper, so only forward and decode are compared.
 """
 from __future__ import annotations
 
 import gc
 import inspect
+import statistics
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,12 +25,59 @@ from momtune.errors import InputError
 
 IMPLS = ("momtune", "fla", "reference")
 KINDS = ("layer_prefill", "layer_decode", "model_decode")
+STABLE = 0.03  # two successive warm-up medians within 3%: warm
+MIN_CALLS = 30  # timed calls per measurement
+
+
+@dataclass(frozen=True)
+class Measured:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    calls: int
+    warmup_rounds: int  # rounds of calls before two medians agreed within STABLE
+
+    def fields(self, prefix: str = "") -> dict[str, Any]:
+        """Row fields: ``ms`` (or ``<prefix>_ms``), its min, max, number of calls, warm-up rounds."""
+        p = f"{prefix}_" if prefix else ""
+        return {f"{p}ms": self.median_ms, f"{p}ms_min": self.min_ms, f"{p}ms_max": self.max_ms,
+                f"{p}calls": self.calls, f"{p}warmup_rounds": self.warmup_rounds}
+
+
+def cuda_call_ms(fn: Callable[[], Any]) -> float:
+    """One call of ``fn`` timed with CUDA events (the GPU's time from the first launch to the end)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))
+
+
+def stable_time(fn: Callable[[], Any], calls: int = MIN_CALLS, tol: float = STABLE, max_rounds: int = 20,
+                budget_ms: float = 60_000.0, timer: Callable[[Callable[[], Any]], float] = cuda_call_ms) -> Measured:
+    """Warm ``fn`` until two successive rounds' medians agree within ``tol``, then time ``calls``
+    calls one by one; median and min-max of those. A round is ``calls`` calls, fewer for a slow
+    ``fn`` (at least 3, about ``budget_ms / (2 * max_rounds)`` per round); after ``max_rounds``
+    rounds without agreement the last round is used and ``warmup_rounds`` says so (= max_rounds)."""
+    timer(fn)  # compiles, autotunes: never counted
+    second = timer(fn)  # sizes the rounds (the first call's compile time would make them too short)
+    per_round = max(3, min(calls, int(budget_ms / (2 * max_rounds) / max(second, 1e-3))))
+    prev: float | None = None
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
+        med = statistics.median(timer(fn) for _ in range(per_round))
+        if prev is not None and abs(med - prev) <= tol * max(prev, 1e-9):
+            break
+        prev = med
+    times = [timer(fn) for _ in range(max(calls, 3))]
+    return Measured(statistics.median(times), min(times), max(times), len(times), rounds)
 
 
 def _median_ms(fn: Callable[[], Any], warmup: int = 10, rep: int = 50) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    """Kept for scripts under bench/: ``stable_time(fn).median_ms``."""
+    return stable_time(fn).median_ms
 
 
 def _peak_mb(fn: Callable[[], Any]) -> float:
@@ -110,10 +163,9 @@ def bench_layer_prefill(preset: str, B: int, T: int, impls: Iterable[str], dtype
             layer = make_layer(impl, cfg, dtype, state)
             fn = lambda: layer(x)  # noqa: E731
             outs[impl] = fn()[0].float()
-            rep = 5 if impl == "reference" else 50
-            ms = _median_ms(fn, warmup=2 if impl == "reference" else 10, rep=rep)
-            rows.append(_row("layer_prefill", preset, dict(B=B, T=T), dtype, impl, ms=ms,
-                             tokens_per_s=B * T / ms * 1e3, peak_mem_mb=_peak_mb(fn)))
+            m = stable_time(fn, calls=MIN_CALLS if impl != "reference" else 5)  # the reference: seconds a call
+            rows.append(_row("layer_prefill", preset, dict(B=B, T=T), dtype, impl, **m.fields(),
+                             tokens_per_s=B * T / m.median_ms * 1e3, peak_mem_mb=_peak_mb(fn)))
         except Exception as exc:  # one impl failing must not lose the others' numbers
             rows.append(_row("layer_prefill", preset, dict(B=B, T=T), dtype, impl, note=f"failed: {exc!s:.200}"))
         finally:
@@ -150,12 +202,10 @@ def bench_layer_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
                 layer(x[:, :prompt], past_key_values=cache)
             xt = x[:, prompt:]
             step = lambda: layer(xt, past_key_values=cache, use_cache=True)  # noqa: E731
-            ms = _median_ms(step, warmup=3, rep=20 if impl != "momtune" else 100)
-            extra: dict[str, Any] = {}
-            if impl == "momtune":
-                extra["graph_ms"] = _graph_ms(step)
-            rows.append(_row("layer_decode", preset, dict(B=B), dtype, impl, ms=ms,
-                             tokens_per_s=B / ms * 1e3, peak_mem_mb=_peak_mb(step), **extra))
+            m = stable_time(step)
+            extra = _graph_fields(step)  # graph against graph, where this impl can be captured
+            rows.append(_row("layer_decode", preset, dict(B=B), dtype, impl, **m.fields(),
+                             tokens_per_s=B / m.median_ms * 1e3, peak_mem_mb=_peak_mb(step), **extra))
         except Exception as exc:
             rows.append(_row("layer_decode", preset, dict(B=B), dtype, impl, note=f"failed: {exc!s:.200}"))
         finally:
@@ -165,8 +215,8 @@ def bench_layer_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
     return rows
 
 
-def _graph_ms(step: Callable[[], Any]) -> float:
-    """Per-call time of ``step`` captured in a CUDA graph (10 calls per replay)."""
+def _graph_ms(step: Callable[[], Any]) -> Measured:
+    """``step`` captured in a CUDA graph, 10 calls per replay: per-call times."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -176,7 +226,18 @@ def _graph_ms(step: Callable[[], Any]) -> float:
     with torch.cuda.graph(g):
         for _ in range(10):
             step()
-    return _median_ms(g.replay, warmup=5, rep=50) / 10
+    m = stable_time(g.replay)
+    return Measured(m.median_ms / 10, m.min_ms / 10, m.max_ms / 10, m.calls * 10, m.warmup_rounds)
+
+
+def _graph_fields(step: Callable[[], Any]) -> dict[str, Any]:
+    """``graph_ms`` (and spread) of ``step`` in a CUDA graph, or a note saying why it cannot be
+    captured (an implementation that syncs with the host or allocates, e.g.)."""
+    try:
+        return _graph_ms(step).fields("graph")
+    except Exception as exc:  # noqa: BLE001 - the reason is the result
+        torch.cuda.synchronize()
+        return {"note": f"no CUDA graph: capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"}
 
 
 @torch.no_grad()
@@ -199,20 +260,22 @@ def bench_model_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
             model = make_model(impl, cfg, dtype, state)
             if state is None:
                 state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+            extra: dict[str, Any] = {}
             if impl == "fla":
                 cache = model(ids[:, :prompt], use_cache=True).past_key_values
                 step = lambda: model(ids[:, prompt:], past_key_values=cache, use_cache=True)  # noqa: E731
+                m = stable_time(step)  # eager, the headline
+                extra = _graph_fields(step)
             else:
                 cache = MoMCache()
                 model(ids[:, :prompt], past_key_values=cache)
-                if impl == "momtune":
+                step = lambda: model(ids[:, prompt:], past_key_values=cache)  # noqa: E731
+                m = stable_time(step)  # eager, the headline
+                if impl == "momtune":  # the whole step as one graph replay, as generate runs it
                     graph = DecodeGraph(model, cache, B, ids.dtype)
-                    step = lambda: graph.step(ids[:, prompt:])  # noqa: E731
-                else:
-                    step = lambda: model(ids[:, prompt:], past_key_values=cache)  # noqa: E731
-            ms = _median_ms(step, warmup=2, rep=10 if impl != "momtune" else 50)
-            rows.append(_row("model_decode", preset, dict(B=B, layers=cfg.num_hidden_layers), dtype, impl, ms=ms,
-                             tokens_per_s=B / ms * 1e3, peak_mem_mb=_peak_mb(step)))
+                    extra = stable_time(lambda: graph.step(ids[:, prompt:])).fields("graph")
+            rows.append(_row("model_decode", preset, dict(B=B, layers=cfg.num_hidden_layers), dtype, impl,
+                             **m.fields(), tokens_per_s=B / m.median_ms * 1e3, peak_mem_mb=_peak_mb(step), **extra))
         except Exception as exc:
             rows.append(_row("model_decode", preset, dict(B=B, layers=cfg.num_hidden_layers), dtype, impl,
                              note=f"failed: {exc!s:.200}"))

@@ -79,22 +79,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spread(r: dict, prefix: str = "") -> str:
+    """'1.234 (1.20-1.31)': the median and the min-max of the timed calls."""
+    ms, lo, hi = r.get(f"{prefix}ms"), r.get(f"{prefix}ms_min"), r.get(f"{prefix}ms_max")
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" + (f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else "")
+
+
+def ratios(rows: list[dict]) -> list[tuple[str, str]]:
+    """Per row: (eager ratio, graph ratio) = impl / momtune, eager against eager and CUDA graph
+    against CUDA graph; '' where one side has no such time (never graph against eager)."""
+    eager = {(r["kind"], r["name"], str(r["shape"])): r.get("ms") for r in rows if r["impl"] == "momtune"}
+    graph = {(r["kind"], r["name"], str(r["shape"])): r.get("graph_ms") for r in rows if r["impl"] == "momtune"}
+    out = []
+    for r in rows:
+        key = (r["kind"], r["name"], str(r["shape"]))
+        e, g = eager.get(key), graph.get(key)
+        own = r["impl"] == "momtune"
+        out.append((f"{r['ms'] / e:.2f}x" if not own and r.get("ms") and e else "",
+                    f"{r['graph_ms'] / g:.2f}x" if not own and r.get("graph_ms") and g else ""))
+    return out
+
+
 def _print(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="momtune bench (median ms; ratio = impl / momtune)")
-    for col in ("kind", "preset", "shape", "impl", "ms", "tokens/s", "peak MB", "x momtune", "note"):
-        table.add_column(col, justify="right" if col in ("ms", "tokens/s", "peak MB", "x momtune") else "left")
-    base = {(r["kind"], r["name"], str(r["shape"])): r.get("graph_ms", r.get("ms")) for r in rows if r["impl"] == "momtune"}
-    for r in rows:
-        b = base.get((r["kind"], r["name"], str(r["shape"])))
-        ms = r.get("ms")
-        ratio = f"{ms / b:.1f}x" if ms and b and r["impl"] != "momtune" else ""
-        shown = f"{ms:.3f}" if ms is not None else "-"
-        if "graph_ms" in r:
-            shown += f" (graph {r['graph_ms']:.3f})"
-        table.add_row(r["kind"], r["name"], str(r["shape"]), r["impl"], shown,
+    table = Table(title="momtune bench: median ms (min-max of >= 30 calls after warm-up); x momtune = impl / "
+                        "momtune, eager against eager and graph against graph")
+    cols = ("kind", "preset", "shape", "impl", "eager ms", "graph ms", "tokens/s", "peak MB", "x momtune eager",
+            "x momtune graph", "note")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("kind", "preset", "shape", "impl", "note") else "right")
+    for r, (er, gr) in zip(rows, ratios(rows)):
+        table.add_row(r["kind"], r["name"], str(r["shape"]), r["impl"], _spread(r), _spread(r, "graph_"),
                       f"{r['tokens_per_s']:.3g}" if r.get("tokens_per_s") else "-",
-                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-", ratio, r.get("note", ""))
+                      f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-", er, gr,
+                      r.get("note", ""))
     Console().print(table)

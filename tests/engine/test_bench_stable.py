@@ -1,0 +1,57 @@
+"""momtune.bench.stable_time, the timing every benchmark row uses (issue 12, item 1): warm until
+two successive medians agree within 3%, then at least 30 calls; median and min-max spread."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from momtune.bench import MIN_CALLS, Measured, stable_time
+
+
+def fake_timer(times: Iterator[float]) -> Callable[[Callable[[], Any]], float]:
+    def timer(fn: Callable[[], Any]) -> float:
+        fn()
+        return next(times)
+    return timer
+
+
+def test_warm_up_lasts_until_two_medians_agree_then_30_calls_are_timed() -> None:
+    calls = []
+    # first call 500 ms (compile), then an autotuner's slow rounds 10 -> 4 -> 2.1 -> 2.0 ms
+    seq = iter([500.0, 10.0] + [10.0] * 30 + [4.0] * 30 + [2.1] * 30 + [2.0] * 30 + [2.0 + 0.01 * (i % 5) for i in range(60)])
+    m = stable_time(lambda: calls.append(1), timer=fake_timer(seq))
+    assert m.warmup_rounds == 5  # 10, then 4 (no), 2.1 (no), 2.0 (4.8% off: no), 2.0 (yes)
+    assert m.calls == MIN_CALLS and m.median_ms == pytest.approx(2.02) and m.min_ms == 2.0 and m.max_ms == 2.04
+    assert len(calls) == 2 + 5 * 30 + MIN_CALLS  # nothing timed was thrown away silently
+
+
+def test_a_time_that_never_settles_is_reported_as_such() -> None:
+    seq = iter([1.0, 1.0] + [1.0 + 0.1 * i for i in range(10_000)])  # keeps drifting by more than 3%
+    m = stable_time(lambda: None, max_rounds=5, timer=fake_timer(seq))
+    assert m.warmup_rounds == 5 and m.calls == MIN_CALLS and m.max_ms > m.min_ms
+
+
+def test_slow_calls_use_short_rounds_but_at_least_three() -> None:
+    seq = iter([2000.0] * 1000)  # 2 s a call: rounds of 3, not 30
+    m = stable_time(lambda: None, calls=5, budget_ms=60_000.0, timer=fake_timer(seq))
+    assert m.warmup_rounds == 2 and m.calls == 5 and m.median_ms == 2000.0
+
+
+def test_fields_name_every_number_of_a_row() -> None:
+    m = Measured(1.5, 1.4, 1.9, 30, 3)
+    assert m.fields() == {"ms": 1.5, "ms_min": 1.4, "ms_max": 1.9, "calls": 30, "warmup_rounds": 3}
+    assert m.fields("graph")["graph_ms"] == 1.5 and m.fields("graph")["graph_ms_max"] == 1.9
+
+
+def test_bench_ratios_compare_eager_with_eager_and_graph_with_graph() -> None:
+    """The README once divided fla's eager time by momtune's graph time (252x); the table's ratios
+    never mix the two."""
+    from momtune.commands.bench import ratios
+
+    key = {"kind": "model_decode", "name": "mom-340m", "shape": {"B": 1}}
+    rows = [{**key, "impl": "momtune", "ms": 0.79, "graph_ms": 0.026},
+            {**key, "impl": "fla", "ms": 9.10},  # fla: no graph
+            {**key, "impl": "reference", "ms": 7.9, "graph_ms": 0.26}]
+    assert ratios(rows) == [("", ""), ("11.52x", ""), ("10.00x", "10.00x")]
