@@ -5,8 +5,8 @@
 non-size keys such as H/K/V/E/topk; nearest by log-distance over the size keys N, B, T, S ...)
 or ``"default"`` (the template's default config). Lookups are cached and never tune.
 
-A library from another GPU, another Triton, or for a template whose source changed since the
-search does not fit this machine. Policy ``"warn"`` warns once and uses the defaults, ``"strict"``
+A library from another GPU, another Triton (major.minor: a patch release fits), or for a template
+whose source changed since the search does not fit this machine. Policy ``"warn"`` warns once and uses the defaults, ``"strict"``
 raises :class:`~momtune.errors.LibraryError`, ``"ignore"`` uses the library anyway. A missing or
 corrupt library raises under ``"strict"`` and warns once (defaults) otherwise. ``"strict"`` also
 needs every provenance field present (a missing ``source_hash`` or ``triton`` is an error).
@@ -25,6 +25,7 @@ import threading
 import warnings
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, LibraryError, SearchSpaceError
@@ -35,6 +36,7 @@ from .library import (
     provenance_problems,
     source_problem,
 )
+from .provenance import triton_minor
 from .settings import POLICIES
 
 # shape keys that measure problem size (a nearest bucket may differ in these); every other key
@@ -235,13 +237,49 @@ def _fmt_config(config: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in config.items())
 
 
+def shipped_dir() -> Path:
+    """The folder of the libraries that ship with momtune (package data)."""
+    from importlib import resources
+
+    return Path(str(resources.files("momtune.libraries")))
+
+
+def pick_shipped(machine: Mapping[str, Any] | None = None, folder: Path | None = None) -> str | None:
+    """The shipped library for this machine: same GPU name and compute capability, the same Triton
+    major.minor if one has it, else none (its configs were measured with another compiler); None
+    when momtune ships none for this GPU. Unreadable files are skipped."""
+    machine = dict(machine) if machine is not None else this_machine()
+    found = []
+    for path in sorted((folder or shipped_dir()).glob("*.json")):
+        try:
+            prov = load_library(path).provenance
+        except LibraryError:
+            continue
+        cap = prov.get("capability")
+        if prov.get("gpu") != machine.get("gpu") or (list(cap) if cap else cap) != machine.get("capability"):
+            continue
+        if triton_minor(prov.get("triton")) == triton_minor(machine.get("triton")):
+            found.append(str(path))
+    return found[-1] if found else None
+
+
+def library_path(setting: str | None, machine: Mapping[str, Any] | None = None) -> str | None:
+    """The library file MOMTUNE_LIBRARY means: unset or ``auto`` -> the shipped one for this GPU
+    (or none), ``none`` -> none (every template's defaults), anything else -> that path."""
+    if setting is None or setting.strip().lower() == "auto":
+        return pick_shipped(machine)
+    if setting.strip().lower() == "none":
+        return None
+    return setting
+
+
 @lru_cache(maxsize=1)
 def get_dispatcher() -> Dispatcher:
     """The process-wide dispatcher from MOMTUNE_LIBRARY / MOMTUNE_POLICY (read once)."""
     from .settings import load
 
     s = load()
-    return Dispatcher(s.library, s.policy)
+    return Dispatcher(library_path(s.library), s.policy)
 
 
 def reset_dispatcher() -> None:

@@ -92,6 +92,15 @@ def mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any],
         a, b = recorded.get(key), current.get(key)
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
             a, b = list(a), list(b)
+        if key == "triton" and a != b and triton_minor(a) is not None and triton_minor(a) == triton_minor(b):
+            continue  # a patch release: same code generation, the tuned configs hold
         if a != b:
             out.append(f"{key}: library {a!r}, this machine {b!r}")
     return out
+
+
+def triton_minor(version: Any) -> tuple[int, int] | None:
+    """``"3.6.0"`` -> ``(3, 6)``: libraries match Triton on major.minor (a patch release keeps the
+    code generation a tuned config was measured with); None for an unreadable version."""
+    m = re.match(r"^(\d+)\.(\d+)", str(version or ""))
+    return (int(m.group(1)), int(m.group(2))) if m else None

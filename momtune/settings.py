@@ -2,7 +2,9 @@
 list of valid ones.
 
     MOMTUNE_BACKEND   auto | triton | reference      default backend of the fast model (auto)
-    MOMTUNE_LIBRARY   path to a tuned library JSON   (unset: the defaults of each template)
+    MOMTUNE_LIBRARY   path to a tuned library JSON,  (unset or auto: the library momtune ships for
+                      auto or none                   this GPU and Triton major.minor, else defaults;
+                                                     none: the defaults of each template)
     MOMTUNE_POLICY    strict | warn | ignore         provenance mismatch policy (warn)
     MOMTUNE_STORAGE   Optuna storage URL             (sqlite:///momtune.db)
     MOMTUNE_OUT       output folder of the main job  (out)
