@@ -131,6 +131,18 @@ def gate_shapes(space: Any) -> list[tuple[dict[str, int], str]]:
     return out
 
 
+@contextlib.contextmanager
+def _tf32(on: bool | None) -> Iterator[None]:
+    """torch.backends.cuda.matmul.allow_tf32 set to ``on`` inside (None: left as it is)."""
+    if on is None:
+        yield
+        return
+    from momtune.layer_check import tf32_matmuls
+
+    with tf32_matmuls(on):
+        yield
+
+
 def plan_template(name: str, capabilities: Sequence[int], dtypes: Sequence[str] = GATE_DTYPES,
                   sample: bool = True) -> list[Job]:
     """Every (kernel, specialisation, target) the gate compiles for template ``name``; identical
@@ -163,8 +175,14 @@ def plan_template(name: str, capabilities: Sequence[int], dtypes: Sequence[str] 
             shape_key = json.dumps(shape, sort_keys=True)
             if shape_key not in inputs:
                 inputs[shape_key] = template.make_inputs(shape, getattr(torch, dtype), "cpu", 0)
-            with capturing(capabilities) as records:
-                template.launch(inputs[shape_key], cfg)
+            records = []
+            # float32 dots run in IEEE by default and in TF32 where torch allows it
+            # (kernels' dot_precision): a template with tf32 dots is compiled both ways
+            tf32_modes = (False, True) if dtype == "float32" and getattr(template, "tf32", False) else (None,)
+            for tf32 in tf32_modes:
+                with _tf32(tf32), capturing(capabilities) as captured:
+                    template.launch(inputs[shape_key], cfg)
+                records += captured
             for src, options, cap in records:
                 if cap not in SAMPLE_TARGETS and (role == "sample" or dtype != MODEL_DTYPE):
                     continue

@@ -112,10 +112,12 @@ def check_layer(fast: torch.nn.Module, ref64: torch.nn.Module, x: torch.Tensor, 
                 tf32: bool | None = None, **kwargs: Any) -> LayerCheck:
     """Run ``fast`` on ``x`` (its dtype is the layer's) and compare with ``ref64`` (the reference
     layer in float64 with the same weights) as the module docstring says. ``kwargs`` go to both
-    forwards (attention_mask, cu_seqlens). ``tf32``: the kernels' float32 dots run in TF32 (the
-    default for float32 inputs), so the dtype-rounded reference runs its matmuls in TF32 too."""
+    forwards (attention_mask, cu_seqlens). ``tf32``: the kernels' float32 dots run in TF32 (for
+    float32 inputs on CUDA where torch allows TF32 matmuls, as the kernels then do), so the
+    dtype-rounded reference runs its matmuls in TF32 too."""
     dtype = x.dtype
-    tf32 = dtype == torch.float32 and x.is_cuda if tf32 is None else tf32  # the interpreter has no TF32
+    if tf32 is None:  # the interpreter has no TF32
+        tf32 = dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     with torch.no_grad():
         out, logits = fast(x, **kwargs)[:2]
         free, logits64 = ref64(x.double(), **kwargs)[:2]

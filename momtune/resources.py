@@ -77,10 +77,10 @@ def recurrence_resources(dtype: str, cfg: Mapping[str, Any] | None, kernel: str 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from momtune.kernels.recurrence.chunk import kernel_specs, resolve_config
+    from momtune.kernels.recurrence.chunk import dot_precision, kernel_specs, resolve_config
 
     cfg = resolve_config(cfg, getattr(torch, dtype))
-    specs = kernel_specs(cfg, n=64 * S, s=S, h=H, kd=K, vd=V)
+    specs = kernel_specs(cfg, n=64 * S, s=S, h=H, kd=K, vd=V, dot=dot_precision(getattr(torch, dtype)))
     if kernel not in specs:
         raise KeyError(f"kernel {kernel!r} not launched by {cfg}; launched: {list(specs)}")
     sp = specs[kernel]

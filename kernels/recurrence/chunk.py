@@ -84,7 +84,7 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr, LOG_S: tl.constexpr,
                     IS_DELTA: tl.constexpr, SOLVE: tl.constexpr, L2NORM: tl.constexpr,
-                    PRE_QK: tl.constexpr):
+                    PRE_QK: tl.constexpr, DOT: tl.constexpr):
     p = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
     lo, base = _slot_segment(cu, p, S, BT, LOG_S)
@@ -111,9 +111,9 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
         off = (rows * H + i_h)[:, None] * K + o_k[None, :]
         kb = tl.load(k + off, mask=m, other=0.0)
         qb = tl.load(q + off, mask=m, other=0.0)
-        qk = tl.dot(qb, tl.trans(kb), qk)
+        qk = tl.dot(qb, tl.trans(kb), qk, input_precision=DOT)
         if IS_DELTA:
-            kk = tl.dot(kb, tl.trans(kb), kk)
+            kk = tl.dot(kb, tl.trans(kb), kk, input_precision=DOT)
         kf = kb.to(tl.float32)
         qf = qb.to(tl.float32)
         ssk += tl.sum(kf * kf, 1)
@@ -124,7 +124,7 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
     else:
         rk = ssk * 0.0 + 1.0
         rq = ssq * 0.0 + 1.0
-    T, Aqk = _chunk_mats(kk, qk, rk, rq, G, b_t, scale, BT, IS_DELTA, SOLVE)
+    T, Aqk = _chunk_mats(kk, qk, rk, rq, G, b_t, scale, BT, IS_DELTA, SOLVE, DOT)
     o_c = tl.arange(0, BT)
     tl.store(aqk + (rows * H + i_h)[:, None] * BT + o_c[None, :], Aqk.to(aqk.dtype.element_ty),
              mask=m_t[:, None])
@@ -142,7 +142,7 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
             off = (rows * H + i_h)[:, None] * K + o_k[None, :]
             kf = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
             if IS_DELTA:
-                wb = tl.dot(T, kf * sw[:, None])
+                wb = tl.dot(T, kf * sw[:, None], input_precision=DOT)
                 tl.store(w + off, wb.to(w.dtype.element_ty), mask=m)
             if PRE_QK:
                 tl.store(kt + off, (kf * sk[:, None]).to(kt.dtype.element_ty), mask=m)
@@ -154,7 +154,7 @@ def _prepass_kernel(q, k, v, g, beta, cu, w, u, aqk, qt, kt, dl, fq, fk, scale, 
             m = m_t[:, None] & (o_v[None, :] < V)
             off = (rows * H + i_h)[:, None] * V + o_v[None, :]
             vb = tl.load(v + off, mask=m, other=0.0).to(tl.float32) * b_t[:, None]
-            ub = tl.dot(T, vb)
+            ub = tl.dot(T, vb, input_precision=DOT)
             tl.store(u + off, ub.to(u.dtype.element_ty), mask=m)
 
 
@@ -164,7 +164,7 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
                        BT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                        IS_DELTA: tl.constexpr, PREPASS: tl.constexpr, PRE_QK: tl.constexpr,
                        SOLVE: tl.constexpr, L2NORM: tl.constexpr, USE_INIT: tl.constexpr,
-                       STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr):
+                       STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     i_v = pid % NV
     i_sh = (pid // NV).to(tl.int64)
@@ -237,23 +237,23 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
             if IS_DELTA:
                 wb = tl.load(w + r_hk * K + o_k[None, :], mask=m_qk, other=0.0)
                 ub = tl.load(u + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-                vnew = ub + tl.dot(wb, S.to(wb.dtype))  # W stored negated: U - W S
+                vnew = ub + tl.dot(wb, S.to(wb.dtype), input_precision=DOT)  # W stored negated: U - W S
             else:
                 vnew = tl.load(v + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         else:
             if IS_DELTA:
                 b_t = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-                kk = tl.dot(kb, tl.trans(kb))
+                kk = tl.dot(kb, tl.trans(kb), input_precision=DOT)
             else:
                 b_t = g_t * 0.0
                 kk = tl.zeros([BT, BT], dtype=tl.float32)
-            qk = tl.dot(qb, tl.trans(kb))
-            T, Aqk = _chunk_mats(kk, qk, rk, rq, G, b_t, scale, BT, IS_DELTA, SOLVE)
+            qk = tl.dot(qb, tl.trans(kb), input_precision=DOT)
+            T, Aqk = _chunk_mats(kk, qk, rk, rq, G, b_t, scale, BT, IS_DELTA, SOLVE, DOT)
             vb = tl.load(v + r_hk * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
             if IS_DELTA:
                 kg = (kb.to(tl.float32) * (rk * tl.exp(G))[:, None]).to(dt)
-                R = b_t[:, None] * (vb - tl.dot(kg, Sq))
-                vnew = tl.dot(T, R)
+                R = b_t[:, None] * (vb - tl.dot(kg, Sq, input_precision=DOT))
+                vnew = tl.dot(T, R, input_precision=DOT)
             else:
                 vnew = vb
         vn = vnew.to(kdT.dtype)
@@ -261,10 +261,10 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
             if IS_DELTA:
                 tl.store(vw + r_hk * V + o_v[None, :], vn.to(vw.dtype.element_ty), mask=m_tv)
         else:
-            ob = tl.dot(qg, Sq)
-            ob = tl.dot(Aqk.to(qg.dtype), vn, ob)
+            ob = tl.dot(qg, Sq, input_precision=DOT)
+            ob = tl.dot(Aqk.to(qg.dtype), vn, ob, input_precision=DOT)
             tl.store(o + r_hk * V + o_v[None, :], ob.to(o.dtype.element_ty), mask=m_tv)
-        S = S * d_last + tl.dot(kdT, vn)
+        S = S * d_last + tl.dot(kdT, vn, input_precision=DOT)
     if STORE_FINAL:
         tl.store(ht + p_state, S, mask=m_state)
 
@@ -376,10 +376,23 @@ class KernelSpec(NamedTuple):
     num_stages: int
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """How the kernels' float32 ``tl.dot``s run: TF32 for bf16/fp16 inputs (their own rounding is
+    coarser), and for float32 inputs only where PyTorch allows TF32 for float32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, e.g. ``torch.set_float32_matmul_precision("high")``),
+    as torch's own matmuls do; else IEEE float32 (a float32 layer was 1.8e-3 from float64 in TF32,
+    1.9e-6 in IEEE, on the H200)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def kernel_specs(cfg: Mapping[str, Any], *, n: int, s: int, h: int, kd: int, vd: int, is_delta: bool = True,
-                 l2norm: bool = True, use_init: bool = True, store_final: bool = True) -> dict[str, KernelSpec]:
+                 l2norm: bool = True, use_init: bool = True, store_final: bool = True,
+                 dot: str = "tf32") -> dict[str, KernelSpec]:
     """The kernels one call launches, in order ("prepass", "recurrence", "output"), with grids from
-    shapes only; shared by :func:`plan` and ``momtune.resources`` (compiling for sm_90 on the CPU)."""
+    shapes only; shared by :func:`plan` and ``momtune.resources`` (compiling for sm_90 on the CPU).
+    ``dot``: the float32 dots' precision (:func:`dot_precision`)."""
     BT = cfg["BT"]
     kp = max(16, triton.next_power_of_2(kd))
     BV = min(cfg["BV"], max(16, triton.next_power_of_2(vd)))
@@ -394,14 +407,14 @@ def kernel_specs(cfg: Mapping[str, Any], *, n: int, s: int, h: int, kd: int, vd:
     if prepass:
         specs["prepass"] = KernelSpec(_prepass_kernel, (slots, h), dict(
             H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, LOG_S=log_s, IS_DELTA=is_delta, SOLVE=cfg["SOLVE"],
-            L2NORM=l2norm, PRE_QK=pre_qk), cfg["PRE_WARPS"], 1)
+            L2NORM=l2norm, PRE_QK=pre_qk, DOT=dot), cfg["PRE_WARPS"], 1)
     specs["recurrence"] = KernelSpec(_recurrence_kernel, (nv * h * s,), dict(
         H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PREPASS=prepass, PRE_QK=pre_qk,
-        SOLVE=cfg["SOLVE"], L2NORM=l2norm, USE_INIT=use_init, STORE_FINAL=store_final, STORE_H=mem),
+        SOLVE=cfg["SOLVE"], L2NORM=l2norm, USE_INIT=use_init, STORE_FINAL=store_final, STORE_H=mem, DOT=dot),
         cfg["num_warps"], cfg["num_stages"])
     if mem:
         specs["output"] = KernelSpec(_output_kernel, (slots * h * nv,), dict(
-            H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, NV=nv, LOG_S=log_s, IS_DELTA=is_delta, PRE_QK=pre_qk),
+            H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, NV=nv, LOG_S=log_s, IS_DELTA=is_delta, PRE_QK=pre_qk, DOT=dot),
             cfg["PRE_WARPS"], cfg["num_stages"])
     return specs
 
@@ -413,7 +426,8 @@ def plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta
     n, h, kd = q.shape
     vd, s, dev = v.shape[2], cu_seqlens.numel() - 1, q.device
     specs = kernel_specs(cfg, n=n, s=s, h=h, kd=kd, vd=vd, is_delta=is_delta, l2norm=use_qk_l2norm,
-                         use_init=initial_state is not None, store_final=final_state is not None)
+                         use_init=initial_state is not None, store_final=final_state is not None,
+                         dot=dot_precision(q.dtype))
     BT = cfg["BT"]
     dummy = out
     w = u = aqk = qt = kt = dl = fq = fk = hs = vw = dummy

@@ -6,7 +6,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr):
+def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr, DOT: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular fp32 [BT, BT] tile A.
 
     Both methods stay bounded where T is: with nearly parallel keys, beta near 1 and little decay
@@ -19,13 +19,14 @@ def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr):
     if SOLVE == "blocked":
         # recursive block inversion: T holds the inverses of the diagonal blocks of size s; with
         # M the blocks of A below them inside blocks of size 2s, [[X, 0], [A21, Y^-1]]^-1 is
-        # [[X, 0], [-Y A21 X, Y]], i.e. T <- T - T M T: log2(BT) levels of two matmuls (TF32
-        # on the GPU like every fp32 tl.dot here; 3-pass TF32 tripled the compile time)
+        # [[X, 0], [-Y A21 X, Y]], i.e. T <- T - T M T: log2(BT) levels of two matmuls (DOT: TF32
+        # on the GPU like every fp32 tl.dot here, IEEE for float32 inputs unless torch allows TF32;
+        # 3-pass TF32 tripled the compile time)
         T = eye
         for lvl in tl.static_range(BT.bit_length() - 1):
             blk = r >> lvl
             M = tl.where(((blk[:, None] % 2) == 1) & (blk[None, :] == blk[:, None] - 1), A, 0.0)
-            T = T - tl.dot(tl.dot(T, M), T)
+            T = T - tl.dot(tl.dot(T, M, input_precision=DOT), T, input_precision=DOT)
     else:
         # forward substitution: row i of T is e_i - sum_{j<i} A_ij T_j
         T = eye
@@ -39,7 +40,7 @@ def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr):
 
 @triton.jit
 def _chunk_mats(kk, qk, rk, rq, G, b, scale, BT: tl.constexpr, IS_DELTA: tl.constexpr,
-                SOLVE: tl.constexpr):
+                SOLVE: tl.constexpr, DOT: tl.constexpr):
     """From the raw Gram tiles kk = k k^T, qk = q k^T and the row norms: (T, Aqk)."""
     r = tl.arange(0, BT)
     lower = r[:, None] >= r[None, :]
@@ -49,7 +50,7 @@ def _chunk_mats(kk, qk, rk, rq, G, b, scale, BT: tl.constexpr, IS_DELTA: tl.cons
     if IS_DELTA:
         strict = r[:, None] > r[None, :]
         A = tl.where(strict, kk * ((b * rk)[:, None] * rk[None, :]) * decay, 0.0)
-        T = _solve_unit_lower(A, BT, SOLVE)
+        T = _solve_unit_lower(A, BT, SOLVE, DOT)
     else:
         T = decay  # unused
     return T, Aqk

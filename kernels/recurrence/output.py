@@ -9,7 +9,7 @@ Grid ((N // BT + S) * H * V/BV,), V block fastest (the V blocks of a chunk share
 tiles in L2), then head, then chunk slot p -> segment by the pre-pass's binary search over
 cu_seqlens; slots past the end of their segment return. The K contraction runs in BK blocks (pipelined by
 num_stages). S_c is read in the workspace dtype: with fp32 states (``H_FP32``) q stays fp32 and
-q S_c is an fp32 (tf32 on the GPU) matmul; otherwise both are in the input dtype, as in the
+q S_c is an fp32 (tf32 on the GPU, unless DOT is "ieee") matmul; otherwise both are in the input dtype, as in the
 register pass.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .common import _slot_segment
 def _output_kernel(q, v, cu, hs, vw, aqk, qt, fq, o, S,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, LOG_S: tl.constexpr,
-                   IS_DELTA: tl.constexpr, PRE_QK: tl.constexpr):
+                   IS_DELTA: tl.constexpr, PRE_QK: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     i_v = pid % NV  # V blocks of one chunk run side by side: q, Aqk re-reads hit L2
     i_h = ((pid // NV) % H).to(tl.int64)
@@ -49,7 +49,7 @@ def _output_kernel(q, v, cu, hs, vw, aqk, qt, fq, o, S,
         vn = tl.load(vw + r_h[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
     else:
         vn = tl.load(v + r_h[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-    ob = tl.dot(Aqk.to(dt), vn.to(dt))
+    ob = tl.dot(Aqk.to(dt), vn.to(dt), input_precision=DOT)
     if not PRE_QK:
         f_q = tl.load(fq + r_h, mask=m_t, other=0.0)
     p_h = hs + (p.to(tl.int64) * H + i_h) * K * V
@@ -63,5 +63,5 @@ def _output_kernel(q, v, cu, hs, vw, aqk, qt, fq, o, S,
             qb = tl.load(q + r_h[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
             qg = qb.to(tl.float32) * f_q[:, None]
         Sc = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        ob = tl.dot(qg.to(hd), Sc, ob)
+        ob = tl.dot(qg.to(hd), Sc, ob, input_precision=DOT)
     tl.store(o + r_h[:, None] * V + o_v[None, :], ob.to(dt), mask=m_tv)

@@ -330,3 +330,38 @@ def test_recurrence_stays_accurate_with_nearly_parallel_keys(cfg: dict) -> None:
         return float((a.double() - ref64).norm() / ref64.norm())
 
     assert rel(o) <= 4 * rel(ref32), f"kernel {rel(o):.3e}, float32 reference {rel(ref32):.3e}"
+
+
+def test_float32_dots_follow_torchs_tf32_setting() -> None:
+    """float32 inputs run IEEE dots unless torch allows TF32 for float32 matmuls, as torch's own
+    matmuls do (issue 12: the kernels used TF32 silently); bf16 and fp16 always run TF32 dots."""
+    from momtune.kernels.recurrence.chunk import dot_precision, kernel_specs, resolve_config
+    from momtune.layer_check import tf32_matmuls
+
+    with tf32_matmuls(False):
+        assert dot_precision(torch.float32) == "ieee"
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
+    with tf32_matmuls(True):
+        assert dot_precision(torch.float32) == "tf32"
+    specs = kernel_specs(resolve_config({"STATES": "memory"}), n=64, s=1, h=1, kd=16, vd=16, dot="ieee")
+    assert {sp.const["DOT"] for sp in specs.values()} == {"ieee"} and len(specs) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_recurrence_gpu_float32_is_as_accurate_as_torch_float32(tf32: bool) -> None:
+    """float32 on the GPU: with torch's default (no TF32 for float32 matmuls) within 4x the
+    float32 reference's own error from float64; with TF32 allowed, within 4x of the reference
+    run in TF32."""
+    from momtune.layer_check import tf32_matmuls
+
+    tmpl = get_template("recurrence")
+    inputs = tmpl.make_inputs(dict(N=700, S=5, H=2, K=128, V=128), torch.float32, "cuda", 31)
+    ref = tmpl.reference(inputs)
+    with tf32_matmuls(tf32):
+        ref32 = tmpl.reference(inputs, dtype=torch.float32)
+        got = tmpl.launch(inputs, None)
+    for key in ref:
+        assert rel_err(got[key], ref[key]) <= 4 * max(rel_err(ref32[key], ref[key]), 1e-7), \
+            (key, rel_err(got[key], ref[key]), rel_err(ref32[key], ref[key]))
