@@ -10,7 +10,8 @@ One block, x [N = B*T, D] on the Triton backend:
     addmm     x'' = x' + a W_down^T                         (the residual add inside the GEMM)
 
 so a decode step of one block is 12 launches (6 of them the attention's) where the reference's
-PyTorch ops take over 30, and ``generate`` replays the whole model step as one CUDA graph.
+PyTorch ops take over 30, and ``generate`` replays the whole model step as one CUDA graph (its loop
+checks for "every row emitted EOS" on the device and reads that flag on the host every 16 steps).
 
 Nothing here caches a weight: norms and MLP weights are read at every call, the attention keeps
 its projection weights as views of its fused weight (:mod:`momtune.model`), and the CUDA graph is
@@ -18,16 +19,21 @@ captured anew by each ``generate`` call, so a weight changed between calls is al
 """
 from __future__ import annotations
 
+import os
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from momtune import settings
 from momtune.checks import check_choice
+from momtune.errors import InputError
 from momtune.model import BACKENDS, MoMAttention, cached_config, resolve_backend
 from momtune.reference import model as ref_model
 from momtune.reference.cache import MoMCache
 from momtune.reference.config import MoMConfig
+from momtune.reference.generate import GenerateArgs
 
 
 class RMSNorm(ref_model.RMSNorm):
@@ -109,30 +115,37 @@ class MoMForCausalLM(ref_model.MoMForCausalLM):
             x, _ = block(x, cache)
         return self.lm_head(self.model.norm(x))[:, -1]
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None, cuda_graph: bool = True) -> torch.Tensor:
-        """As the reference's ``generate`` (left-padded prompts with ``attention_mask``); on CUDA
-        with the Triton backend the decode step of the whole model runs as one CUDA graph replay
-        (the cache is updated in place)."""
-        use_graph = (cuda_graph and isinstance(input_ids, torch.Tensor) and input_ids.is_cuda
-                     and isinstance(max_new_tokens, int) and max_new_tokens > 1
-                     and resolve_backend(self.backend, self.lm_head.weight) == "triton")
-        if not use_graph:
-            return super().generate(input_ids, max_new_tokens, do_sample, temperature, top_k, generator,
-                                    attention_mask)
-        self._check_generate(input_ids, max_new_tokens, temperature, top_k)
-        cache = MoMCache()
-        logits = self(input_ids, past_key_values=cache, attention_mask=attention_mask).logits[:, -1]
-        graph = DecodeGraph(self, cache, input_ids.shape[0], input_ids.dtype)
-        out = [input_ids]
-        for step in range(max_new_tokens):
-            nxt = self._pick(logits, do_sample, temperature, top_k, generator).to(input_ids.dtype)
-            out.append(nxt[:, None])
-            if step + 1 < max_new_tokens:
-                logits = graph.step(nxt[:, None])
-        return torch.cat(out, dim=1)
+    #: ``generate`` on the device: the host checks for "every row finished" every 16 steps only.
+    generate_sync_every = 16
+    generate_extras = {"cuda_graph": True}
+    pretrained_extras = ("backend",)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, backend: str | None = None,
+                        dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                        **kwargs: Any) -> MoMForCausalLM:
+        """The reference's ``from_pretrained`` (an fla-format folder: config.json + model.safetensors)
+        on fast layers; ``backend`` as the constructor's."""
+        return super().from_pretrained(path, backend=backend, dtype=dtype, device=device, **kwargs)
+
+    def _decoder(self, input_ids: torch.Tensor, args: GenerateArgs) -> tuple[
+            Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """The reference's decoder; on CUDA with the Triton backend (and ``cuda_graph``, the default)
+        the decode step of the whole model runs as one CUDA graph replay (the cache updated in place)."""
+        cuda_graph = args.extras["cuda_graph"]
+        if not isinstance(cuda_graph, bool):
+            raise InputError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
+        if not (cuda_graph and input_ids.is_cuda and args.max_new_tokens > 1
+                and resolve_backend(self.backend, self.lm_head.weight) == "triton"):
+            return super()._decoder(input_ids, args)
+        cache, graph = MoMCache(), []
+
+        def start() -> torch.Tensor:
+            logits = self(input_ids, past_key_values=cache, attention_mask=args.attention_mask).logits[:, -1]
+            graph.append(DecodeGraph(self, cache, input_ids.shape[0], input_ids.dtype))
+            return logits
+
+        return start, lambda ids: graph[0].step(ids)
 
 
 class DecodeGraph:

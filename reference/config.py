@@ -26,15 +26,34 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_memories=4, topk=2, shared_mem=True, hidden_ratio=2),
 }
 
-#: Keys of an fla / Hugging Face ``config.json`` that do not change the eval-mode math (kernel
-#: fusion switches, generation ids, bookkeeping); :meth:`MoMConfig.from_dict` skips them.
-IGNORED_KEYS = frozenset({
-    "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_conv_l2", "use_cache", "bos_token_id",
-    "eos_token_id", "max_position_embeddings", "use_layer_wise_balance", "model_type", "architectures",
-    "torch_dtype", "dtype", "transformers_version", "_name_or_path", "keys_to_ignore_at_inference",
+#: fla ``MomConfig`` keys that do not change the eval-mode math (kernel fusion switches, training
+#: options); :meth:`MoMConfig.from_dict` skips them.
+FLA_IGNORED_KEYS = frozenset({
+    "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_conv_l2", "use_cache", "max_position_embeddings",
+    "use_layer_wise_balance", "keys_to_ignore_at_inference",
 })
+#: Keys every Hugging Face ``PreTrainedConfig`` (transformers 4.x and 5.x) may write: output switches,
+#: task heads, bookkeeping and the generation defaults of old configs. None of them changes the model;
+#: :meth:`MoMConfig.from_dict` skips them (bos/eos/pad ids are fields: ``generate`` uses them).
+HF_GENERIC_KEYS = frozenset({
+    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "_commit_hash",
+    "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
+    "_experts_implementation", "auto_map", "return_dict", "output_hidden_states", "output_attentions",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "finetuning_task", "id2label", "label2id", "num_labels", "task_specific_params",
+    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+})
+IGNORED_KEYS = FLA_IGNORED_KEYS | HF_GENERIC_KEYS
 #: fla keys this reference accepts only at the value given (other values select unsupported models).
-FIXED_KEYS: dict[str, Any] = {"mom_backend": "gated_deltanet", "attn": None, "attnres_block_size": None}
+FIXED_KEYS: dict[str, Any] = {"model_type": "mom", "mom_backend": "gated_deltanet", "attn": None,
+                              "attnres_block_size": None}
 
 HIDDEN_ACTS = ("swish", "silu")
 ATTN_MODES = ("chunk", "fused_recurrent")
@@ -63,6 +82,8 @@ class MoMConfig:
     aux_loss_scale: float = 0.01
     initializer_range: float = 0.02
     pad_token_id: int | None = None
+    bos_token_id: int | None = None  # fla's MomConfig defaults to 1 and 2; None here: generate stops
+    eos_token_id: int | list[int] | None = None  # at EOS only when a checkpoint or the caller names one
     use_output_gate: bool = True
     use_short_conv: bool = True
     attn_mode: str = "chunk"
@@ -139,6 +160,12 @@ class MoMConfig:
                     or not 0 <= self.pad_token_id < self.vocab_size:
                 raise ConfigError(
                     f"pad_token_id: {self.pad_token_id!r} must be None or an int in 0..{self.vocab_size - 1}")
+        for name in ("bos_token_id", "eos_token_id"):  # generation ids (range-checked by generate)
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" and value else [value]
+            if value is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                also = " or a non-empty list of them" if name == "eos_token_id" else ""
+                raise ConfigError(f"{name}: expected None or an int >= 0{also}, got {value!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -156,8 +183,9 @@ class MoMConfig:
     def from_dict(cls, d: dict[str, Any], *, strict: bool = True) -> MoMConfig:
         """Build from a dict of fields; also accepts an fla ``config.json`` dict.
 
-        Keys in :data:`IGNORED_KEYS` are skipped; keys in :data:`FIXED_KEYS` must have their
-        supported value. Other unknown keys raise ConfigError unless ``strict=False``.
+        Keys in :data:`IGNORED_KEYS` (fla training switches and Hugging Face's generic
+        ``PreTrainedConfig`` keys) are skipped; keys in :data:`FIXED_KEYS` must have their supported
+        value. Other unknown keys raise ConfigError naming them unless ``strict=False``.
         """
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a dict, got {type(d).__name__}")

@@ -9,8 +9,9 @@ ignored), cross-entropy on fp32 logits, plus ``aux_loss_scale * load_balancing_l
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -19,8 +20,11 @@ import torch.nn.functional as F
 from momtune.checks import check_int, check_tensor
 from momtune.errors import InputError
 
+from . import checkpoint
+from . import generate as generate_mod
 from .cache import MoMCache
 from .config import MoMConfig
+from .generate import GenerateOutput
 from .layer import MoMAttention
 from .norm import rms_norm
 
@@ -200,57 +204,101 @@ class MoMForCausalLM(nn.Module):
             loss = loss + self.config.aux_loss_scale * aux_loss.to(loss.dtype)
         return MoMCausalLMOutput(loss, logits, aux_loss, tuple(router_logits), cache)
 
+    #: Steps between the host's checks for "every row finished" in ``generate`` (1: every step).
+    generate_sync_every = 1
+    #: Keywords of ``generate`` beyond transformers' (this class's), with their defaults.
+    generate_extras: dict[str, Any] = {}
+
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Prefill input_ids [B, T] into a fresh cache, then decode one token at a time.
+    def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int | None = None,
+                 **kwargs: Any) -> torch.Tensor | GenerateOutput:
+        """Prefill input_ids [B, T] into a fresh cache, then decode one token at a time; transformers'
+        keywords (:data:`momtune.reference.generate.ACCEPTED`; any other is an InputError naming it).
 
-        Returns [B, T + max_new_tokens]. Greedy unless ``do_sample`` (softmax(logits / temperature),
-        restricted to the ``top_k`` largest logits if given, drawn with ``generator``).
-        ``attention_mask`` [B, T]: prompts of different lengths, left-padded (0 = padding); the
-        generated tokens are all real.
+        Returns [B, T + n] (or, with ``return_dict_in_generate=True``, a :class:`GenerateOutput` with
+        ``.sequences`` and, with ``output_scores=True``, ``.scores``). n = ``max_new_tokens`` (else
+        ``max_length`` - T; one of them is needed), fewer when every row emitted an ``eos_token_id``
+        (default: the config's; after its EOS a row holds ``pad_token_id``). Greedy unless
+        ``do_sample`` (softmax of the logits / ``temperature``, kept to the ``top_k`` largest and the
+        ``top_p`` nucleus, drawn with ``generator``). ``attention_mask`` [B, T]: prompts of different
+        lengths, left-padded (0 = padding); the generated tokens are all real.
         """
-        self._check_generate(input_ids, max_new_tokens, temperature, top_k)
-        out = [input_ids]
-        if max_new_tokens == 0:
-            return input_ids
+        input_ids, args = generate_mod.parse(self, input_ids, max_new_tokens, kwargs, self.generate_extras)
+        start, step = self._decoder(input_ids, args)
+        return generate_mod.run(input_ids, args, start, step, self.generate_sync_every)
+
+    def _decoder(self, input_ids: torch.Tensor, args: generate_mod.GenerateArgs) -> tuple[
+            Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """(prefill -> last logits [B, vocab], step ids [B, 1] -> logits [B, vocab]) over a fresh cache."""
         cache = MoMCache()
-        logits = self(input_ids, past_key_values=cache, attention_mask=attention_mask).logits[:, -1]
-        for step in range(max_new_tokens):
-            nxt = self._pick(logits, do_sample, temperature, top_k, generator).to(input_ids.dtype)  # [B]
-            out.append(nxt[:, None])
-            if step + 1 < max_new_tokens:
-                logits = self(nxt[:, None], past_key_values=cache).logits[:, -1]
-        return torch.cat(out, dim=1)
 
-    def _check_generate(self, input_ids: object, max_new_tokens: object, temperature: object,
-                        top_k: object) -> None:
-        self._check_ids("input_ids", input_ids)
-        check_int("max_new_tokens", max_new_tokens, lo=0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
-        if top_k is not None:
-            check_int("top_k", top_k, lo=1, hi=self.config.vocab_size)
+        def start() -> torch.Tensor:
+            return self(input_ids, past_key_values=cache, attention_mask=args.attention_mask).logits[:, -1]
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-              generator: torch.Generator | None) -> torch.Tensor:
-        """logits [B, vocab] -> next token ids [B]."""
-        if not do_sample:
-            return logits.argmax(-1)
-        lf = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        if top_k is not None:
-            kth = torch.topk(lf, top_k, dim=-1).values[:, -1:]
-            lf = lf.masked_fill(lf < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(lf, dim=-1), 1, generator=generator)[:, 0]
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            return self(ids, past_key_values=cache).logits[:, -1]
+        return start, step
+
+    # ------------------------------------------------------------------ checkpoints (fla's format)
+    #: Keywords of ``from_pretrained`` passed on to this class's constructor.
+    pretrained_extras: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, config: Any = None,
+                        strict_config: bool = True, **kwargs: Any) -> MoMForCausalLM:
+        """Load an fla-format checkpoint folder (config.json + model.safetensors, see
+        :mod:`momtune.reference.checkpoint`), in eval mode. ``dtype``: None / "auto" keeps the stored
+        dtype (``torch_dtype`` is the same); ``device``: where to put it (default CPU; ``device_map``
+        naming one device is the same). Weights load with strict=True; a missing, unexpected or
+        misshapen tensor is an InputError naming the file and the tensors. ``config`` (a MoMConfig, or a
+        transformers config such as fla's ``MomConfig``) replaces config.json's."""
+        aliases = {"torch_dtype": "dtype", "device_map": "device"}
+        unknown = sorted(k for k in kwargs if k not in aliases and k not in cls.pretrained_extras)
+        if unknown:
+            raise InputError(f"from_pretrained: unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(unknown)}; accepted: dtype, device, config, strict_config"
+                             f"{''.join(', ' + k for k in cls.pretrained_extras)} (and torch_dtype, device_map)")
+        for alias, name in aliases.items():
+            if kwargs.get(alias) is not None:
+                if (dtype if name == "dtype" else device) is not None:
+                    raise InputError(f"{alias}: the same as {name}; give one of them")
+                dtype, device = (kwargs[alias], device) if name == "dtype" else (dtype, kwargs[alias])
+        model_kwargs = {k: v for k, v in kwargs.items() if k in cls.pretrained_extras}
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise InputError(f"device: expected a device ('cpu', 'cuda:0', an index or a torch.device), "
+                                 f"got {device!r}") from None
+        folder = checkpoint.folder_of(path)
+        dtype = checkpoint.resolve_dtype("dtype", dtype)
+        if config is None:
+            config, recorded = checkpoint.read_config(folder, strict=strict_config)
+        else:
+            config, recorded = checkpoint.as_config(config, strict=strict_config), None
+        state, file = checkpoint.read_state_dict(folder)
+        model = cls(config, **model_kwargs)
+        expected = model.state_dict()
+        wrong = [f"{k} {list(v.shape)} (the config's: {list(expected[k].shape)})" for k, v in state.items()
+                 if k in expected and v.shape != expected[k].shape]
+        if wrong:
+            raise InputError(f"{file}: does not fit {folder / checkpoint.CONFIG}: tensor shapes "
+                             f"{'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            more = max(len(result.missing_keys), len(result.unexpected_keys)) > 8
+            raise InputError(f"{file}: does not match {folder / checkpoint.CONFIG}: missing tensors "
+                             f"{result.missing_keys[:8]}, unexpected tensors {result.unexpected_keys[:8]}"
+                             f"{' (more left out)' if more else ''}")
+        return model.to(device=device, dtype=dtype or checkpoint.stored_dtype(state, recorded)).eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write config.json (fla's keys; fla's ``MomForCausalLM.from_pretrained`` loads the folder)
+        and model.safetensors, each atomically (a temporary file renamed over the old one)."""
+        checkpoint.write(save_directory, self.config, self.state_dict())
 
     def _check_ids(self, name: str, ids: object, shape: tuple[int, ...] | None = None,
                    allow_ignore: bool = False) -> None:
