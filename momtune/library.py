@@ -25,7 +25,7 @@ PROVENANCE_KEYS = ("gpu", "capability", "sm_count", "driver", "cuda", "torch", "
                    "commit")
 # every field a library may hold (docs/DATA_FORMATS.md); any other is reported as unknown (a typo)
 TOP_FIELDS = ("schema", "provenance", "templates")
-PROVENANCE_FIELDS = (*PROVENANCE_KEYS, "searched")
+PROVENANCE_FIELDS = (*PROVENANCE_KEYS, "searched", "python", "fla", "floor_peak")  # the last three optional
 TEMPLATE_FIELDS = ("source_hash", "default_config", "spec", "choices", "entries")
 ENTRY_FIELDS = ("shape", "dtype", "config", "time_ms", "default_time_ms", "max_abs_err", "max_rel_err", "trials",
                 "study", "retimed", "floor_ms", "shape_set", "also_searched")
@@ -288,6 +288,9 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
     provenance = {k: prov_src.get(k) for k in PROVENANCE_KEYS}
     provenance.update(gpu=gpu_name, created=now_iso(), searched=prov_src.get("created"),
                       commit=prov_src.get("commit") or git_commit())
+    provenance.update({k: prov_src[k] for k in ("python", "fla") if k in prov_src})  # recorded since issue 13
+    if isinstance(newest.user_attrs.get("floor_peak"), dict):  # the peaks its entries' floor_ms use
+        provenance["floor_peak"] = newest.user_attrs["floor_peak"]
     out: dict[str, Any] = {}
     for s in studies:
         attrs = s.user_attrs

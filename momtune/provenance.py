@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import platform
 import re
 import subprocess
 from collections.abc import Mapping
@@ -60,6 +61,19 @@ def git_commit() -> str | None:
         return None
 
 
+def fla_version() -> str:
+    """flash-linear-attention's installed version (read from its package metadata, so fla is not
+    imported), or ``"not installed"``."""
+    from importlib import metadata
+
+    for dist in ("flash-linear-attention", "fla-core"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -73,7 +87,8 @@ def collect(device: int | None = None) -> dict[str, Any]:
 
     gpu = current_gpu(device)
     prov: dict[str, Any] = {"gpu": gpu, "capability": None, "sm_count": None, "driver": None,
-                            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
+                            "cuda": torch.version.cuda, "python": platform.python_version(),
+                            "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version(),
                             "momtune": __version__, "created": now_iso(), "commit": git_commit(),
                             "host": os.uname().nodename}
     if gpu not in ("interpreter", "cpu") and torch.cuda.is_available():

@@ -50,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--prefill: {s!r} is not BxT (e.g. 8x2048)") from None
         shapes.append((B, T))
     from momtune import settings
+    from momtune.dispatch import library_path
 
-    # which configs the momtune rows ran with: the tuned library of MOMTUNE_LIBRARY, or none
-    # (every template's default config); reports say so next to the numbers
-    prov = {**provenance(), "momtune_library": settings.load().library}
+    # which configs the momtune rows ran with: the tuned library MOMTUNE_LIBRARY resolves to (unset
+    # or auto: the shipped one for this GPU, if any), or none (every template's default config);
+    # reports label the numbers from it
+    prov = {**provenance(), "momtune_library": library_path(settings.load().library)}
     rows: list[dict] = []
 
     def done(new: list[dict]) -> None:
