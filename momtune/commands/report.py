@@ -11,9 +11,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="build a Markdown + HTML report from stored studies, a library and bench files",
         description="Rebuild a report (report.md, report.html with embedded figures, *.png) from Optuna "
                     "studies, a tuned library and bench files alone: kernel times vs default / fla / "
-                    "reference, search convergence, parameter importance, dispatch quality, failures and "
-                    "end-to-end numbers. Missing inputs are listed in the report with the command that "
-                    "produces them.",
+                    "reference with their spread (a gain within noise is not shown as a win), floors and a "
+                    "roofline per template from the peaks the studies recorded (measured on the GPU, or "
+                    "nominal, said which), search convergence, parameter importance, dispatch quality, "
+                    "failures, end-to-end numbers labelled with the configs the bench ran (tuned library or "
+                    "defaults) and every input's provenance. Missing inputs are listed in the report with "
+                    "the command that produces them.",
     )
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage URL with the studies of `momtune search` (default: MOMTUNE_STORAGE, "
@@ -53,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     for row in summary_rows(a):
         table.add_row(*row)
     console.print(table)
+    floors = [k.floor_peak for k in a.kernels if k.floor_ms is not None]
+    if floors:
+        from momtune.report.peaks import peaks_summary, valid_peak
+
+        console.print("floors use the peaks " + peaks_summary(floors, sum(valid_peak(p) is None for p in floors)),
+                      markup=False)
     for m in a.missing:
         console.print(f"[yellow]missing[/] {m.what}: {m.effect} — {m.how}")
     console.print(f"wrote {', '.join(str(f) for f in report.files)}")

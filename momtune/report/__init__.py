@@ -1,10 +1,16 @@
 """``momtune report``: a Markdown + self-contained HTML report (with PNG figures) rebuilt from
-stored Optuna studies, a tuned library and bench files alone — nothing is re-run.
+stored Optuna studies, a tuned library and bench files alone — nothing is re-run. It claims only
+what the data records: which peaks each floor uses, every time with its spread (a gain within
+noise is not a win), which configs a bench ran (tuned library or defaults), and the provenance
+(Python, torch, Triton, fla, driver, GPU, commit) of every input, "not recorded" where absent.
 
     collect.py         read studies / library / bench JSON into plain data (docs/DATA_FORMATS.md)
-    analyze.py         derived tables: kernel times, convergence, dispatch, failures, end to end
+    analyze.py         derived tables: kernel times, convergence, failures, end to end
+    dispatch_view.py   the dispatch quality tables (library picks and held-out shapes)
+    peaks.py           the peaks the floors use (measured or nominal, as recorded); roofline points
+    fmt.py             numbers: times with their spread, gains judged against noise (timing.judge)
     plots.py           matplotlib figures (Agg, PNG)
-    sections*.py       the report's sections as document blocks
+    doc.py, sections*.py  the document and its sections as blocks
     render.py          blocks -> Markdown and one HTML page (inline CSS, base64 PNGs, no script)
 
     folder.py          the output folder: built whole next to ``--out``, then swapped in

@@ -1,5 +1,5 @@
-"""Derived tables of a report, as plain data: kernel times, convergence, dispatch quality,
-failures, end-to-end numbers and the list of missing inputs."""
+"""Derived tables of a report, as plain data: kernel times, convergence, dispatch quality
+(dispatch_view.py), failures, end-to-end numbers and the list of missing inputs."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -9,12 +9,14 @@ from typing import Any
 
 from momtune.study import safe_url
 
-from .collect import (BenchRow, Inputs, Library, ShapeId, Study, config_key, nearest, slug)
+from .collect import BenchRow, Inputs, Library, ShapeId, Study, config_key, slug
+from .dispatch_view import DispatchRow, best_trial, dispatch_rows, gpu_for
 
-# implementations in display order, with the labels every table and plot uses
+# implementations in display order, with the labels every table and plot uses (kernel tables:
+# "momtune" is the tuned config; end to end it is what the bench ran, labelled from its data)
 IMPLS = ("momtune", "momtune-default", "fla", "reference")
 IMPL_LABELS = {"momtune": "momtune tuned", "momtune-default": "momtune default",
-               "fla": "fla 0.6.0", "reference": "PyTorch reference"}
+               "fla": "fla", "reference": "PyTorch reference"}
 IMPL_SHORT = {"momtune": "tuned", "momtune-default": "default", "fla": "fla", "reference": "ref"}
 E2E_KINDS = ("layer_prefill", "layer_decode", "model_prefill", "model_decode")
 STATUSES = ("ok", "compile_error", "out_of_resources", "timeout", "illegal_memory", "wrong_answer",
@@ -24,6 +26,13 @@ NEAR_OPTIMUM = 1.05  # "reached the optimum" = within 5 %
 
 def impl_of(name: str) -> str:
     return {"momtune-tuned": "momtune"}.get(name, name)
+
+
+def kernel_impl(row: BenchRow) -> str:
+    """A kernel bench row's implementation: "momtune" rows of a bench that ran every template's
+    default config (provenance momtune_library null) are default-config times, not tuned ones."""
+    impl = impl_of(row.impl)
+    return "momtune-default" if impl == "momtune" and row.configs == "defaults" else impl
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -44,6 +53,22 @@ class KernelRow:
     floor_ms: float | None = None
     notes: list[str] = field(default_factory=list)
     why: dict[str, str] = field(default_factory=dict)  # impl -> why its bench row has no time
+    # relative timing spreads of the times above (None: not recorded, e.g. older data)
+    tuned_spread: float | None = None
+    default_spread: float | None = None
+    fla_spread: float | None = None
+    ref_spread: float | None = None
+    bench_spread: float | None = None
+    floor_peak: dict[str, Any] | None = None  # the peaks floor_ms uses, where recorded
+    default_kept: dict[str, Any] | None = None  # the winner's record: the default was kept
+
+    @property
+    def momtune_spread(self) -> float | None:
+        for ms, spread in ((self.bench_ms, self.bench_spread), (self.tuned_ms, self.tuned_spread),
+                           (self.default_ms, self.default_spread)):
+            if ms is not None:
+                return spread
+        return None
 
     @property
     def speedup(self) -> float | None:
@@ -84,20 +109,6 @@ class StudySummary:
 
 
 @dataclass
-class DispatchRow:
-    sid: ShapeId
-    config: dict[str, Any]
-    source: str  # exact / nearest / default / nearest (held out)
-    picked_ms: float | None
-    best_ms: float | None
-    neighbour: ShapeId | None = None
-
-    @property
-    def regret(self) -> float | None:
-        return ratio(self.picked_ms, self.best_ms)
-
-
-@dataclass
 class E2ERow:
     kind: str
     name: str
@@ -108,6 +119,16 @@ class E2ERow:
 
     def vs(self, impl: str) -> float | None:
         return ratio(self.ms.get(impl), self.ms.get("momtune"))
+
+    def spread(self, impl: str) -> float | None:
+        row = self.rows.get(impl)
+        return row.spread if row is not None else None
+
+    @property
+    def configs(self) -> str:
+        """Which configs momtune's row ran with: "tuned", "defaults" or "not recorded"."""
+        row = self.rows.get("momtune")
+        return row.configs if row is not None else "not recorded"
 
 
 @dataclass
@@ -131,6 +152,8 @@ class Analysis:
     e2e: list[E2ERow]
     missing: list[Missing]
     interpreter: bool
+    labels: dict[str, str] = field(default_factory=lambda: dict(IMPL_LABELS))  # kernel tables and plots
+    e2e_labels: dict[str, str] = field(default_factory=lambda: dict(IMPL_LABELS))  # end to end, from the data
 
     def by_sid(self) -> dict[ShapeId, list[Study]]:
         out: dict[ShapeId, list[Study]] = defaultdict(list)
@@ -154,36 +177,16 @@ def _gpu_slugs(inputs: Inputs) -> tuple[dict[str, str], str | None]:
     return names, sole
 
 
-def _gpu_for(prov: dict[str, Any], sole: str | None) -> str:
-    return slug(prov["gpu"]) if prov.get("gpu") else (sole or "unknown")
+def _winner(studies: list[Study]) -> tuple[float | None, dict[str, Any] | None, Study | None]:
+    wins = [(float(s.winner["time_ms"]), dict(s.winner["config"]), s) for s in studies
+            if s.winner and isinstance(s.winner.get("config"), dict)
+            and isinstance(s.winner.get("time_ms"), (int, float))]
+    return min(wins, key=lambda w: w[0]) if wins else (None, None, None)
 
 
-def measured(studies: list[Study], config: dict[str, Any] | None) -> float | None:
-    """Best measured time of one config across a shape's studies (the default time as a last resort)."""
-    if config is None:
-        return None
-    key = config_key(config)
-    times = [t.time_ms for s in studies for t in s.ok_trials if t.time_ms is not None and config_key(t.config) == key]
-    if times:
-        return min(times)
-    defaults = [s.default_time_ms for s in studies if s.default_config and config_key(s.default_config) == key
-                and s.default_time_ms is not None]
-    return min(defaults) if defaults else None
-
-
-def _best(studies: list[Study]) -> tuple[float | None, dict[str, Any] | None]:
-    best: tuple[float | None, dict[str, Any] | None] = (None, None)
-    for s in studies:
-        for t in s.ok_trials:
-            if t.time_ms is not None and (best[0] is None or t.time_ms < best[0]):
-                best = (t.time_ms, t.config)
-    return best
-
-
-def _winner(studies: list[Study]) -> tuple[float | None, dict[str, Any] | None]:
-    wins = [(float(w["time_ms"]), dict(w["config"])) for w in (s.winner for s in studies)
-            if w and isinstance(w.get("config"), dict) and isinstance(w.get("time_ms"), (int, float))]
-    return min(wins, key=lambda w: w[0]) if wins else (None, None)
+def spread_of(studies: list[Study], config: dict[str, Any] | None) -> float | None:
+    """The first recorded spread of ``config``'s time in a shape's studies (None: not recorded)."""
+    return next((v for v in (s.spread_of(config) for s in studies) if v is not None), None)
 
 
 # ---------------------------------------------------------------- the analysis
@@ -194,8 +197,9 @@ def analyze(inputs: Inputs, dispatcher_factory: Callable[[Library], Any] | None 
     by_sid: dict[ShapeId, list[Study]] = defaultdict(list)
     for s in inputs.studies:
         by_sid[s.key].append(s)
-    kernels = _kernel_rows(inputs, by_sid, gpus, sole)
-    dispatch, method, held_out = _dispatch(inputs, by_sid, kernels, sole, dispatcher_factory)
+    labels = {**IMPL_LABELS, "fla": fla_label(inputs)}
+    kernels = _kernel_rows(inputs, by_sid, gpus, sole, labels)
+    dispatch, method, held_out = dispatch_rows(inputs, by_sid, kernels, sole, dispatcher_factory)
     failures: dict[str, Counter[str]] = defaultdict(Counter)
     reasons: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for s in inputs.studies:
@@ -208,13 +212,34 @@ def analyze(inputs: Inputs, dispatcher_factory: Callable[[Library], Any] | None 
         bool(p.get("interpreter")) for p in [b.provenance for b in inputs.benches]
         + ([inputs.library.provenance] if inputs.library else []))
     analysis = Analysis(inputs, gpus, kernels, _summaries(by_sid), dispatch, method, held_out, dict(failures),
-                        {k: c.most_common(1)[0][0] for k, c in reasons.items()}, e2e, [], interp)
+                        {k: c.most_common(1)[0][0] for k, c in reasons.items()}, e2e, [], interp, labels,
+                        {**labels, "momtune": momtune_label(e2e)})
     analysis.missing = _missing(analysis)
     return analysis
 
 
+def fla_label(inputs: Inputs) -> str:
+    """"fla <version>" when the bench files with fla rows record one version, else "fla"."""
+    versions = {str(b.provenance["fla"]) for b in inputs.benches
+                if b.provenance.get("fla") and any(impl_of(r.impl) == "fla" for r in b.rows)}
+    return f"fla {versions.pop()}" if len(versions) == 1 else "fla"
+
+
+def momtune_label(rows: list[E2ERow]) -> str:
+    """What momtune's end-to-end rows ran, from the bench files: a tuned library, the default
+    configs, or not recorded (never "tuned" without the data saying so)."""
+    kinds = {r.configs for r in rows if "momtune" in r.rows}
+    if kinds == {"tuned"}:
+        return "momtune (tuned library)"
+    if kinds == {"defaults"}:
+        return "momtune (default configs)"
+    if kinds <= {"not recorded"}:
+        return "momtune (configs not recorded)"
+    return "momtune (" + " / ".join(sorted(kinds)) + ": see the table)"
+
+
 def _kernel_rows(inputs: Inputs, by_sid: dict[ShapeId, list[Study]], gpus: dict[str, str],
-                 sole: str | None) -> list[KernelRow]:
+                 sole: str | None, labels: dict[str, str]) -> list[KernelRow]:
     rows: dict[ShapeId, KernelRow] = {}
 
     def row(sid: ShapeId) -> KernelRow:
@@ -225,48 +250,64 @@ def _kernel_rows(inputs: Inputs, by_sid: dict[ShapeId, list[Study]], gpus: dict[
 
     for sid, studies in by_sid.items():
         r = row(sid)
-        r.tuned_ms, r.tuned_config = _winner(studies)
+        r.tuned_ms, r.tuned_config, won = _winner(studies)
         r.tuned_src = "study winner" if r.tuned_ms is not None else ""
+        if won is not None:
+            r.tuned_spread, r.default_kept = won.spread_of(r.tuned_config), won.default_kept
         if r.tuned_ms is None:
-            r.tuned_ms, r.tuned_config = _best(studies)
+            r.tuned_ms, r.tuned_config = best_trial(studies)
             r.tuned_src = "best trial" if r.tuned_ms is not None else ""
-        defaults = [s.default_time_ms for s in studies if s.default_time_ms is not None]
-        r.default_ms = min(defaults) if defaults else None
-        floors = [s.floor_ms for s in studies if s.floor_ms is not None]
-        r.floor_ms = floors[0] if floors else None
+            r.tuned_spread = spread_of(studies, r.tuned_config)
+        defaults = sorted((s.default_time_ms, s.name, s) for s in studies if s.default_time_ms is not None)
+        if defaults:
+            r.default_ms, r.default_spread = defaults[0][0], defaults[0][2].default_spread
+        floors = [s for s in studies if s.floor_ms is not None]
+        if floors:
+            r.floor_ms, r.floor_peak = floors[0].floor_ms, floors[0].floor_peak
     if inputs.library:
-        lgpu = _gpu_for(inputs.library.provenance, sole)
+        lgpu = gpu_for(inputs.library.provenance, sole)
+        lpeak = inputs.library.provenance.get("floor_peak")
         for e in inputs.library.entries:
-            r = row(ShapeId.of(e.template, lgpu, e.shape, e.dtype))
+            sid = ShapeId.of(e.template, lgpu, e.shape, e.dtype)
+            r = row(sid)
+            studies = next((ss for k, ss in by_sid.items() if k.same_problem(sid)), [])
             if e.time_ms is not None:
+                if r.default_kept and config_key(e.config) != config_key(r.tuned_config or {}):
+                    r.default_kept = None  # the library holds another config than the study's kept default
                 r.tuned_ms, r.tuned_config, r.tuned_src = e.time_ms, e.config, "library"
+                r.tuned_spread = spread_of(studies, e.config)
             if e.default_time_ms is not None:
                 r.default_ms = e.default_time_ms
+                r.default_spread = next((s.default_spread for s in studies if s.default_spread is not None), None)
+            if e.floor_ms is not None and r.floor_ms is None:
+                r.floor_ms, r.floor_peak = e.floor_ms, lpeak if isinstance(lpeak, dict) else None
     for b in inputs.benches:
-        bgpu = _gpu_for(b.provenance, sole)
+        bgpu = gpu_for(b.provenance, sole)
+        bpeak = b.provenance.get("floor_peak")
         for br in b.rows:
             if br.kind != "kernel":
                 continue
             r = row(ShapeId.of(br.name, bgpu, br.shape, br.dtype))
-            impl = impl_of(br.impl)
+            impl = kernel_impl(br)
             if br.floor_ms is not None and r.floor_ms is None:
-                r.floor_ms = br.floor_ms
-            label = IMPL_LABELS.get(impl, impl)
+                r.floor_ms, r.floor_peak = br.floor_ms, bpeak if isinstance(bpeak, dict) else None
+            label = labels.get(impl, impl)
             if br.ms is None:
                 r.why[impl] = f"{label}: {br.note or 'the bench row has no time'} ({br.source})"
                 continue
             if br.note:
                 r.notes.append(f"{label}: {br.note}")
             if impl == "fla":
-                r.fla_ms = br.ms
+                r.fla_ms, r.fla_spread = br.ms, br.spread
             elif impl == "reference":
-                r.ref_ms = br.ms
+                r.ref_ms, r.ref_spread = br.ms, br.spread
             elif impl == "momtune":
-                r.bench_ms = br.ms
+                r.bench_ms, r.bench_spread = br.ms, br.spread
                 if r.tuned_ms is None:
-                    r.tuned_ms, r.tuned_src = br.ms, "bench"
+                    r.tuned_ms, r.tuned_spread = br.ms, br.spread
+                    r.tuned_src = "bench" if br.configs == "tuned" else "bench (which configs it ran: not recorded)"
             elif impl == "momtune-default" and r.default_ms is None:
-                r.default_ms = br.ms
+                r.default_ms, r.default_spread = br.ms, br.spread
     return sorted(rows.values(), key=lambda r: (r.sid.template, r.sid.gpu, r.sid.dtype, r.sid.shape))
 
 
@@ -288,85 +329,6 @@ def _summaries(by_sid: dict[ShapeId, list[Study]]) -> list[StudySummary]:
                 s, len(s.ok_trials), sum(t.state == "FAIL" for t in s.trials),
                 sum(t.state == "PRUNED" for t in s.trials), s.best_ms, target, bool(optimum), reached))
     return out
-
-
-def _dispatch(inputs: Inputs, by_sid: dict[ShapeId, list[Study]], kernels: list[KernelRow],
-              sole: str | None, factory: Callable[[Library], Any] | None
-              ) -> tuple[list[DispatchRow], str, list[DispatchRow]]:
-    lib = inputs.library
-    rows: list[DispatchRow] = []
-    method = ""
-    if lib is not None:
-        pick, method, errors = _picker(lib, factory)
-        lgpu = _gpu_for(lib.provenance, sole)
-        for sid, studies in sorted(by_sid.items(), key=lambda kv: (kv[0].template, kv[0].shape)):
-            if sid.gpu != lgpu:
-                continue
-            config, source = pick(sid.template, sid.shape_dict, sid.dtype)
-            if not config:  # a template the library does not hold: its default config
-                config = next((s.default_config for s in studies if s.default_config), {})
-            rows.append(DispatchRow(sid, config, source, measured(studies, config), _best(studies)[0]))
-        if errors:
-            method += f"; the local rule stood in where it failed ({errors[0]})"
-    # held out: each tuned shape gets the config of the nearest other tuned shape
-    tuned = [(k.sid, k.tuned_config) for k in kernels if k.tuned_config is not None]
-    held: list[DispatchRow] = []
-    for sid, _ in tuned:
-        if sid not in by_sid:
-            continue
-        others = [(o.shape_dict, (o, cfg)) for o, cfg in tuned
-                  if o != sid and (o.template, o.gpu, o.dtype) == (sid.template, sid.gpu, sid.dtype)]
-        hit = nearest(others, sid.shape_dict)
-        if hit is None:
-            held.append(DispatchRow(sid, {}, "no neighbour", None, _best(by_sid[sid])[0]))
-            continue
-        (other, cfg), _ = hit
-        held.append(DispatchRow(sid, cfg, "nearest (held out)", measured(by_sid[sid], cfg),
-                                _best(by_sid[sid])[0], other))
-    return rows, method, held
-
-
-Picker = Callable[[str, dict[str, int], str], tuple[dict[str, Any], str]]
-
-
-def _picker(lib: Library, factory: Callable[[Library], Any] | None) -> tuple[Picker, str, list[str]]:
-    """Dispatch through momtune.dispatch.Dispatcher when it exists, else the local nearest rule."""
-    def local(template: str, shape: dict[str, int], dtype: str) -> tuple[dict[str, Any], str]:
-        cands = [(e.shape, e) for e in lib.entries if e.template == template and e.dtype == dtype]
-        for s, e in cands:
-            if s == shape:
-                return e.config, "exact"
-        hit = nearest(cands, shape)
-        if hit is not None:
-            return hit[0].config, "nearest"
-        return lib.default_configs.get(template, {}), "default"
-
-    errors: list[str] = []
-    try:
-        if factory is None:
-            from momtune.dispatch import Dispatcher
-
-            def factory(library: Library) -> Any:  # noqa: F811 - the real dispatcher
-                try:  # judged as on the library's own machine: no probing of this one
-                    return Dispatcher(str(library.path), "ignore", machine=library.provenance)
-                except TypeError:
-                    return Dispatcher(str(library.path), "ignore")
-        dispatcher = factory(lib)
-    except ImportError:
-        return local, "nearest-bucket rule (local copy: momtune.dispatch is not available)", errors
-    except Exception as exc:  # noqa: BLE001 - report what went wrong, keep reporting
-        return local, f"nearest-bucket rule (local copy: Dispatcher failed: {type(exc).__name__}: {exc})", errors
-
-    def real(template: str, shape: dict[str, int], dtype: str) -> tuple[dict[str, Any], str]:
-        try:
-            config, source = dispatcher.config(template, shape, dtype)
-            return dict(config), str(source)
-        except Exception as exc:  # noqa: BLE001 - e.g. a template this checkout does not know
-            errors.append(f"{template}: {type(exc).__name__}: {exc}")
-            config, source = local(template, shape, dtype)
-            return config, f"{source} (local rule)"
-
-    return real, "momtune.dispatch.Dispatcher", errors
 
 
 def _e2e(inputs: Inputs) -> list[E2ERow]:

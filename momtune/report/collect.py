@@ -34,6 +34,7 @@ class Trial:
     config: dict[str, Any]
     time_ms: float | None  # measured time (ok trials only)
     reason: str = ""
+    spread: float | None = None  # relative timing spread (trial attr `spread`; None in older studies)
 
 
 @dataclass
@@ -60,6 +61,43 @@ class Study:
     winner: dict[str, Any] | None
     trials: list[Trial]
     importance: Importance = field(default_factory=lambda: Importance({}, "", "not computed"))
+    floor_peak: dict[str, Any] | None = None  # the peaks floor_ms uses (study attr; None in older studies)
+    timing_mode: str = ""
+
+    def spread_of(self, config: Mapping[str, Any] | None) -> float | None:
+        """The recorded spread of ``config``'s time: the winner's re-timing (it or a candidate),
+        else its fastest trial's; None where nothing recorded one."""
+        if not config:
+            return None
+        key = config_key(config)
+        w = self.winner or {}
+        if isinstance(w.get("config"), dict) and config_key(w["config"]) == key and num_or_none(w.get("spread")) is not None:
+            return num_or_none(w.get("spread"))
+        for c in w.get("candidates") or []:
+            if isinstance(c, dict) and isinstance(c.get("config"), dict) and config_key(c["config"]) == key:
+                if num_or_none(c.get("spread")) is not None:
+                    return num_or_none(c.get("spread"))
+        trials = [t for t in self.ok_trials if config_key(t.config) == key]
+        best = min(trials, key=lambda t: t.time_ms or math.inf, default=None)
+        return best.spread if best else None
+
+    @property
+    def default_spread(self) -> float | None:
+        """The spread of default_time_ms: the default as a candidate of the winner's re-timing."""
+        w = self.winner or {}
+        key = config_key(self.default_config) if self.default_config else None
+        for c in w.get("candidates") or []:
+            if isinstance(c, dict) and isinstance(c.get("config"), dict) and config_key(c["config"]) == key:
+                return num_or_none(c.get("spread"))
+        if w.get("default_kept") and isinstance(w.get("config"), dict) and config_key(w["config"]) == key:
+            return num_or_none(w.get("spread"))
+        return None
+
+    @property
+    def default_kept(self) -> dict[str, Any] | None:
+        """The winner record's ``default_kept``: the config that came within noise of the default."""
+        kept = (self.winner or {}).get("default_kept")
+        return kept if isinstance(kept, dict) else None
 
     @property
     def key(self) -> "ShapeId":
@@ -129,6 +167,7 @@ class LibraryEntry:
     default_time_ms: float | None
     trials: int | None
     study: str
+    floor_ms: float | None = None
 
 
 @dataclass
@@ -154,6 +193,16 @@ class BenchRow:
     note: str = ""
     source: str = ""
     graph_ms: float | None = None  # momtune's decode step replayed in a CUDA graph (momtune bench)
+    ms_min: float | None = None
+    ms_max: float | None = None
+    configs: str = "not recorded"  # momtune rows: "tuned", "defaults" or "not recorded" (see bench_configs)
+
+    @property
+    def spread(self) -> float | None:
+        """Relative min-max spread of the timed calls, (max - min) / median; None if not recorded."""
+        if self.ms is None or self.ms_min is None or self.ms_max is None or self.ms <= 0:
+            return None
+        return max(0.0, (self.ms_max - self.ms_min) / self.ms)
 
 
 @dataclass
@@ -161,6 +210,19 @@ class Bench:
     path: Path
     provenance: dict[str, Any]
     rows: list[BenchRow]
+
+    @property
+    def configs(self) -> str:
+        """Which configs momtune ran with, from provenance ``momtune_library``: "tuned" (a library
+        path), "defaults" (null: every template's default) or "not recorded" (an older file)."""
+        return bench_configs(self.provenance)
+
+
+def bench_configs(provenance: Mapping[str, Any]) -> str:
+    lib = provenance.get("momtune_library", "auto")
+    if isinstance(lib, str) and lib.strip().lower() == "auto":  # older files: the setting, not what ran
+        return "not recorded"
+    return "defaults" if lib is None or str(lib).strip().lower() in ("", "none") else "tuned"
 
 
 @dataclass
@@ -250,7 +312,7 @@ def load_library(path: str | Path) -> Library:
             template=name, shape=dict(e["shape"]), dtype=norm_dtype(e["dtype"]), config=dict(e["config"]),
             time_ms=num_or_none(e.get("time_ms")), default_time_ms=num_or_none(e.get("default_time_ms")),
             trials=int(e["trials"]) if num_or_none(e.get("trials")) is not None else None,
-            study=str(e.get("study") or "")) for e in tpl["entries"]]
+            study=str(e.get("study") or ""), floor_ms=num_or_none(e.get("floor_ms"))) for e in tpl["entries"]]
     return Library(p, dict(lib.provenance), defaults, entries)
 
 
@@ -262,6 +324,8 @@ def load_bench(path: str | Path) -> Bench:
     rows_in = data.get("rows")
     if not isinstance(rows_in, list):
         raise ReportError(f"bench file {p}: `rows` must be a list")
+    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    configs = bench_configs(prov)
     rows: list[BenchRow] = []
     for i, r in enumerate(rows_in):
         where = f"bench file {p}: rows[{i}]"
@@ -277,8 +341,15 @@ def load_bench(path: str | Path) -> Bench:
             dtype=norm_dtype(r.get("dtype") or ""), impl=str(r["impl"]), ms=num_or_none(r.get("ms")),
             tokens_per_s=num_or_none(r.get("tokens_per_s")), peak_mem_mb=num_or_none(r.get("peak_mem_mb")),
             floor_ms=num_or_none(r.get("floor_ms")), max_rel_err=num_or_none(r.get("max_rel_err")),
-            note=str(r.get("note") or ""), source=p.name, graph_ms=num_or_none(r.get("graph_ms"))))
-    return Bench(p, dict(data.get("provenance") or {}), rows)
+            note=str(r.get("note") or ""), source=p.name, graph_ms=num_or_none(r.get("graph_ms")),
+            ms_min=num_or_none(r.get("ms_min")), ms_max=num_or_none(r.get("ms_max")),
+            configs=_row_configs(str(r["impl"]), configs)))
+    return Bench(p, dict(prov), rows)
+
+
+def _row_configs(impl: str, file_configs: str) -> str:
+    """A momtune row's configs: its impl says so ("momtune-tuned", "momtune-default"), else the file's."""
+    return {"momtune-tuned": "tuned", "momtune-default": "defaults"}.get(impl, file_configs)
 
 
 def collect(storage: str | None, library: str | Path | None = None,

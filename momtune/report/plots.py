@@ -166,3 +166,56 @@ def grouped_bars(path: Path, title: str, labels: Sequence[str], series: Mapping[
         fig.legend(loc="outside lower center", ncols=max(1, len(impls)), frameon=False)
         ax.set_title(title)
         _save(fig, path)
+
+
+def roofline(path: Path, title: str, points: Sequence[Any], peaks: Sequence[Mapping[str, Any]],
+             peak_labels: Sequence[str]) -> None:
+    """Log-log roofline: arithmetic intensity (FLOP/byte) on x, achieved FLOP/s on y; each peak
+    set draws its two roofs (bandwidth slope, compute ceiling); a point per shape and
+    implementation (tuned: filled, default: open), a thin line joining a shape's two points."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(8.0, 4.8)
+        ax = fig.subplots()
+        xs = [p.intensity for p in points]
+        ys = [p.flops_per_s for p in points]
+        ridges = [float(p["flops_per_s"]) / float(p["bytes_per_s"]) for p in peaks]
+        lo_x = min(xs + [r / 8 for r in ridges]) / 4
+        hi_x = max(xs + [r * 8 for r in ridges]) * 4
+        for i, (peak, label, ridge) in enumerate(zip(peaks, peak_labels, ridges)):
+            f, b = float(peak["flops_per_s"]), float(peak["bytes_per_s"])
+            color = "#111827" if i == 0 else _EXTRA[i % len(_EXTRA)]
+            style = "-" if peak.get("measured") else "--"
+            rx = [lo_x, ridge, hi_x]
+            ax.plot(rx, [min(f, b * x) for x in rx], color=color, lw=1.6, ls=style, label=f"roofs: {label}")
+            at = math.sqrt(lo_x * ridge)  # halfway up the slope (log scale)
+            ax.annotate(f"{num(b / 1e12)} TB/s", (at, b * at), xytext=(-6, 6), textcoords="offset points",
+                        fontsize=7.5, color=color, ha="right")
+            ax.annotate(f"{num(f / 1e12)} TFLOP/s", (ridge, f), xytext=(4, 4), textcoords="offset points",
+                        fontsize=7.5, color=color)
+        shapes = list(dict.fromkeys(p.shape for p in points))
+        for j, shape in enumerate(shapes):
+            color = _EXTRA[j % len(_EXTRA)] if len(shapes) > 1 else IMPL_COLORS["momtune"]
+            mine = [p for p in points if p.shape == shape]
+            if len(mine) > 1:
+                ax.plot([p.intensity for p in mine], [p.flops_per_s for p in mine], color=color, lw=0.8, alpha=0.6)
+            for p in sorted(mine, key=lambda p: p.impl == "tuned"):  # the default's ring under the tuned dot
+                tuned = p.impl == "tuned"
+                ax.scatter([p.intensity], [p.flops_per_s], s=26 if tuned else 80, zorder=4 if tuned else 3,
+                           facecolors=color if tuned else "white", edgecolors=color, linewidths=1.6,
+                           label=f"{shape} · {p.impl}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo_x, hi_x)
+        tops = [float(p["flops_per_s"]) for p in peaks] + ys
+        bottoms = ys + [float(p["bytes_per_s"]) * lo_x for p in peaks]
+        if tops and bottoms:
+            ax.set_ylim(min(bottoms) / 3, max(tops) * 3)
+        ax.set_xlabel("arithmetic intensity (FLOP / byte, from the template's cost model)")
+        ax.set_ylabel("achieved FLOP/s")
+        ax.set_title(title)
+        h, lab = ax.get_legend_handles_labels()
+        uniq = dict(zip(lab, h))
+        fig.legend(list(uniq.values()), list(uniq), loc="outside right center", frameon=False, fontsize=7.5)
+        _save(fig, path)

@@ -17,7 +17,7 @@ _SUP = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 @dataclass
 class Cell:
     text: str
-    cls: str = ""  # "good", "bad", "muted" or ""
+    cls: str = ""  # "good", "bad", "noise" (a ratio within noise), "muted", "nw" or ""
     notes: tuple[str, ...] = ()  # footnote texts (numbered per table in order of first use)
 
 
@@ -169,6 +169,7 @@ tbody tr:nth-child(even) td{background:#fafbfc}
 tbody tr:hover td{background:#f1f5ff}
 .nw{white-space:nowrap}
 .good{color:#047857;font-weight:650}.bad{color:#b91c1c;font-weight:650}.muted{color:#9ca3af}
+.noise{color:#6b7280;font-style:italic}
 sup{font-size:10px;color:var(--muted);margin-left:1px}
 .foot{font-size:12.5px;color:#4b5563;margin:4px 0 12px;max-width:none}
 .foot div{margin:1px 0}

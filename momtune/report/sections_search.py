@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 from . import plots
 from .analyze import NEAR_OPTIMUM, STATUSES, Analysis, DispatchRow
 from .collect import MIN_IMPORTANCE_TRIALS, ShapeId, Study, slug
-from .fmt import DASH, config_text, regret_cell, speedup_cell, time_cell
+from .fmt import DASH, config_text, gain_cell, regret_cell, spread_note, time_cell
 from .render import Bullets, Cell, Heading, Para, Table
 
 if TYPE_CHECKING:
-    from .sections import Doc
+    from .doc import Doc
 
 
 def _where(studies: list[Study]) -> str:
@@ -47,10 +47,12 @@ def convergence(doc: "Doc", a: Analysis) -> None:
         s = sm.study
         reach = (Cell(str(sm.trials_to_target)) if sm.trials_to_target is not None
                  else Cell("not reached", "bad") if sm.target_ms is not None else Cell(DASH, "muted"))
+        best_spread = min((t for t in s.ok_trials), key=lambda t: t.time_ms or 0.0).spread if s.ok_trials else None
         body.append([s.template, Cell(doc.labels(s.key), "nw"), s.label,
                      str(len(s.trials)), str(sm.complete), str(sm.failed), str(sm.pruned),
-                     time_cell(sm.best_ms, f), time_cell(s.default_time_ms, f),
-                     speedup_cell(s.default_time_ms / sm.best_ms if sm.best_ms and s.default_time_ms else None),
+                     time_cell(sm.best_ms, f, spread=best_spread),
+                     time_cell(s.default_time_ms, f, spread=s.default_spread),
+                     gain_cell(s.default_time_ms, sm.best_ms, s.default_spread, best_spread),
                      reach])
     doc.add(Table(["template", "shape", "sampler", "trials", "ok", "failed", "pruned", f"best ({unit})",
                    f"default ({unit})", "speed-up", "trials to optimum"],
@@ -58,7 +60,7 @@ def convergence(doc: "Doc", a: Analysis) -> None:
                   notes=[f"trials to optimum: trials until one within {(NEAR_OPTIMUM - 1) * 100:.0f}% of the "
                          "optimum — the exhaustive study's best where one exists, else the best of all the shape's "
                          "studies. Times here are trial times (the exported winner is re-timed)."]
-                  + doc.labels.notes(s.study.template for s in a.summaries)))
+                  + doc.labels.notes(s.study.template for s in a.summaries) + [spread_note()]))
 
 
 def importance(doc: "Doc", a: Analysis) -> None:
@@ -101,11 +103,14 @@ def _dispatch_rows(doc: "Doc", rows: list[DispatchRow], held: bool) -> Table:
                         else Cell("none with the same non-size keys", "muted"))
         else:
             lead.append(r.source)
-        body.append(lead + [config_text(r.config), picked, time_cell(r.best_ms, f),
+        if r.picked_ms is not None:
+            picked = time_cell(r.picked_ms, f, spread=r.picked_spread)
+        body.append(lead + [config_text(r.config), picked, time_cell(r.best_ms, f, spread=r.best_spread),
                             regret_cell(r.regret, "not measured" if r.config else DASH)])
     cols = ["template", "shape", "nearest other tuned shape" if held else "source", "config",
             f"its time here ({unit})" if held else f"picked ({unit})", f"shape's best ({unit})", "picked / best"]
-    return Table(cols, "llll" + "rrr", body, notes=doc.labels.notes(r.sid.template for r in rows))
+    return Table(cols, "llll" + "rrr", body, notes=doc.labels.notes(r.sid.template for r in rows)
+                 + ["Times here are trial times, ± their recorded spread."])
 
 
 def dispatch(doc: "Doc", a: Analysis) -> None:

@@ -13,7 +13,6 @@ from momtune.study import is_done, safe_url, scrub
 from .collect import MIN_IMPORTANCE_TRIALS, Importance, Study, Trial, norm_dtype, num_or_none
 
 _SHAPE_PART = re.compile(r"^([A-Za-z_]+)(\d+)$")
-
 def parse_study_name(name: str) -> tuple[str, str, str, str]:
     """``[prefix/]template:gpu_slug:shape_key`` -> (prefix, template, gpu_slug, shape_key)."""
     prefix, _, rest = name.rpartition("/")
@@ -32,8 +31,6 @@ def parse_shape_key(shape_key: str) -> tuple[dict[str, int], str]:
         if m:
             shape[m.group(1)] = int(m.group(2))
     return shape, parts[-1] if parts else ""
-
-
 
 
 def load_studies(url: str, importance: bool = True) -> tuple[list[Study], list[str]]:
@@ -91,6 +88,8 @@ def _study_from_optuna(study: Any) -> Study | None:
         floor_ms=num_or_none(attrs.get("floor_ms")),
         winner=winner,
         trials=trials,
+        floor_peak=dict(attrs["floor_peak"]) if isinstance(attrs.get("floor_peak"), dict) else None,
+        timing_mode=str(attrs.get("timing_mode") or ""),
     )
 
 
@@ -110,7 +109,8 @@ def _trial(t: Any) -> Trial:
     return Trial(number=t.number, state=state, status=status,
                  config=dict(config) if isinstance(config, dict) else dict(t.params),
                  time_ms=time_ms if state == "COMPLETE" else None,
-                 reason=str(attrs.get("reason") or "").splitlines()[0] if attrs.get("reason") else "")
+                 reason=str(attrs.get("reason") or "").splitlines()[0] if attrs.get("reason") else "",
+                 spread=num_or_none(attrs.get("spread")))
 
 
 def param_importance(study: Any, parsed: Study) -> Importance:

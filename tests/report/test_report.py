@@ -10,7 +10,7 @@ import pytest
 
 from momtune.report import Report, build_report
 
-from .conftest import Stored
+from .conftest import PEAKS, SHAPE_A, SHAPE_B, Stored, floor_of
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,10 +25,14 @@ def _md(report: Report) -> str:
     return (report.out / "report.md").read_text(encoding="utf-8")
 
 
+_TAIL = r"(?: ±[\d.]+%)?[¹²³⁴⁵⁶⁷⁸⁹,]*(?= \|)"  # a cell may end in its spread and footnote marks
+
+
 def _row(md: str, *cells: str) -> str:
-    """The Markdown table row that holds all these cells (in this order)."""
-    pattern = r"\|[^\n]*".join(re.escape(f" {c} ") for c in cells)
-    m = re.search(r"^\|[^\n]*" + pattern + r"[^\n]*\|$", md, re.MULTILINE)
+    """The Markdown table row that holds all these cells (in this order; a cell's text may go on
+    with its spread, " ±x%", and footnote marks)."""
+    pattern = r"[^\n]*".join(re.escape(f"| {c}") + _TAIL for c in cells)
+    m = re.search(r"^[^\n]*" + pattern + r"[^\n]*$", md, re.MULTILINE)
     assert m, f"no table row with {cells!r} in report.md"
     return m.group(0)
 
@@ -52,16 +56,23 @@ def test_provenance_and_title(report: Report) -> None:
 def test_kernel_numbers(report: Report) -> None:
     md = _md(report)
     # shape A: library 0.040 ms tuned vs 0.100 default = 2.50x; fla 0.060 -> 1.50x; reference 2.0 ms -> 50x;
-    # floor 0.020 ms -> 50 % of the floor
-    row = _row(md, "N=16384", "40.0", "100", "60.0", "2000", "2.50×", "1.50×", "50.00×", "50%")
+    # the floor from the template's cost and the measured peaks
+    floor = floor_of("recurrence", SHAPE_A, PEAKS) / 0.040
+    row = _row(md, "N=16384", "40.0", "100", "60.0", "2000", "2.50×", "1.50×", "50.00×", f"{floor * 100:.0f}%")
     assert "BT=32 BV=64 num_warps=4" in row
-    # shape B: 0.104 / 0.080 = 1.30x; fla refused (null with a note) -> a dash with its footnote
+    # every time with its recorded spread: the winner's re-timing (1%), the default as a candidate
+    # of it (1.5%), the bench rows' min-max ((0.062 - 0.059) / 0.060 = 5%, (2.1 - 1.95) / 2 = 7.5%)
+    assert "| 40.0 ±1% | 100 ±1.5% | 60.0 ±5% | 2000 ±7.5% |" in row
+    # shape B: 0.104 / 0.080 = 1.30x; fla refused (null with a note) -> a dash with its footnote; the
+    # library's config was never timed by a study: no spread recorded, said in a footnote
     row_b = _row(md, "N=32768", "80.0", "104", "1.30×")
-    assert "—¹" in row_b  # fla: the bench row says why it has no time
+    assert "| 80.0¹ |" in row_b and "—²" in row_b  # fla: the bench row says why it has no time
     section = md.split("### recurrence")[1].split("\n## ")[0]
-    assert "¹ fla 0.6.0: fla chunk kernel refuses this shape (bench.json)" in section
-    assert "¹ fla time: kernel rows for impl fla in a bench file" in md.split("### merge")[1]
-    assert "all recurrence shapes have S=40 H=4 K=256 V=256." in md
+    assert "¹ no spread recorded for this time" in section
+    assert "² fla: fla chunk kernel refuses this shape (bench.json)" in section  # the file records no fla version
+    assert "fla time: kernel rows for impl fla in a bench file" in md.split("### merge")[1]
+    assert "all recurrence shapes have S=40 H=4 K=64 V=64." in md
+    assert floor_of("recurrence", SHAPE_B, PEAKS) > 0
 
 
 def test_convergence_samplers_and_exhaustive(report: Report) -> None:
@@ -87,6 +98,7 @@ def test_dispatch_and_held_out(report: Report) -> None:
     md = _md(report)
     section = md.split("## Dispatch quality")[1].split("## Failures")[0]
     assert "exact" in _row(section, "N=16384", "40.0", "40.0", "1.00×")
+    assert "| 40.0 ±1.2% | 40.0 ±1.2% |" in _row(section, "N=16384", "exact")  # the trials' spreads
     held = section.split("### Held-out shapes")[1]
     # A gets B's winner (BT=64 BV=64 w4): measured 0.040 * 1.15 = 0.046 ms on A -> 1.15x of A's best
     row = _row(held, "N=16384", "N=32768")
@@ -116,8 +128,9 @@ def test_failure_counts_match_storage(report: Report, stored: Stored) -> None:
 def test_end_to_end(report: Report) -> None:
     md = _md(report)
     section = md.split("## End to end")[1]
-    # model decode: momtune 5.0 ms, fla 7.5 ms (1.50x), reference 50 ms (10x)
-    _row(section, "model_decode", "mom-340m", "B=1", "5.00", "7.50", "50.0", "1.50×", "10.00×")
+    # model decode: momtune 5.0 ms, fla 7.5 ms (1.50x), reference 50 ms (10x), each ± its min-max spread
+    row = _row(section, "model_decode", "mom-340m", "B=1", "5.00", "7.50", "50.0", "1.50×", "10.00×")
+    assert "| 5.00 ±4% |" in row and "| 7.50 ±6.7% |" in row
     # layer prefill: fla faster (1.0 vs 1.2 ms -> 0.83x), default 1.5 ms (1.25x)
     _row(section, "layer_prefill", "B=1 T=4096", "1.20", "1.50", "1.00", "1.25×", "0.83×")
     # layer decode: the reference failed (no time, a note) -> a dash whose footnote gives the reason;
@@ -126,9 +139,12 @@ def test_end_to_end(report: Report) -> None:
     assert "PyTorch reference: failed: CUDA out of memory (bench.json)" in section
     assert "momtune in a CUDA graph takes 200 µs per call (1.50× vs fla)" in section
     assert "end_to_end.png" in section
-    assert "| momtune (ms) | default (ms) | fla (ms) |" in section
-    # the test's bench file predates the `momtune_library` provenance key: the report says so
+    assert "| momtune ran | momtune (ms) | default (ms) | fla (ms) |" in section
+    # the test's bench file predates the `momtune_library` provenance key: the report says so, in
+    # every row and in the chart's label, and calls nothing "tuned"
     assert "bench.json: the bench file does not record which configs momtune ran with" in section
+    assert "| not recorded | 5.00" in row
+    assert "momtune (configs not recorded)" in section and "tuned" not in section.replace("tuned library", "")
 
 
 def test_pngs_are_valid_images(report: Report) -> None:
