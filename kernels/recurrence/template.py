@@ -151,8 +151,9 @@ TEMPLATE = Template(
     tolerances={**DEFAULT_TOLERANCE, torch.float32: (2e-3, 2e-3), torch.bfloat16: (5e-2, 5e-2)},
     check_config=check_config,
     dtype_defaults=DTYPE_DEFAULTS,
-    # 36 KiB (bf16) / 40 KiB (fp32) of shared memory at K = V = 256 for sm_80 and sm_89, compiled
-    # on the CPU (momtune.resources); the defaults take 144 KiB / 96 KiB there
+    # 36 KiB (bf16) / 68 KiB (fp32, IEEE dots; 40 with TF32) of shared memory at K = V = 256 for
+    # sm_80 and sm_89 (99 KiB a block), compiled
+    # on the CPU (momtune.resources); the defaults take 144 KiB there (bf16 and IEEE fp32)
     fallbacks=({"BT": 32, "BV": 32, "num_stages": 1},),
     tf32=True,
 )

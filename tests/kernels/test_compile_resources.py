@@ -16,6 +16,8 @@ import triton
 
 from momtune.resources import H100_SHARED_LIMIT, resources_isolated, shared_memory_isolated
 
+SM89_SHARED_LIMIT = 99 * 1024  # opt-in shared memory per block on sm_86 / sm_89 (CUDA guide)
+
 pytestmark = pytest.mark.skipif(
     not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
     reason="needs Triton's bundled ptxas to compile for sm_90 on the CPU")
@@ -66,15 +68,18 @@ def test_recurrence_memory_states_constraint_matches_compile():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_recurrence_fallback_fits_small_gpus_and_default_does_not(dtype):
-    """On sm_89 (L4, RTX 4090: ~99 KiB of shared memory per block) the bf16 default needs 144 KiB,
-    so the fast model falls back; the template's fallback takes at most 48 KiB in every kernel."""
+    """On sm_89 (L4, RTX 4090: 99 KiB of shared memory per block) the bf16 default needs 144 KiB,
+    so the fast model falls back; the template's fallback fits there in every kernel: at most 48
+    KiB in bf16, and within the 99 KiB in float32 (68 KiB since float32 dots run in IEEE float32
+    by default: IEEE dots stage more through shared memory than TF32 ones)."""
     from momtune.kernels import get_template
 
     tmpl = get_template("recurrence")
     base = tmpl.default_for(getattr(torch, dtype))
     [fallback] = tmpl.fallbacks
+    limit = 48 * 1024 if dtype == "bfloat16" else SM89_SHARED_LIMIT
     res = resources_isolated(dtype, {**base, **fallback}, K=256, V=256, capability=89)
     for kernel, r in res.items():
-        assert 0 < r["shared"] <= 48 * 1024, f"{kernel} of the fallback at {dtype} needs {r['shared']} B"
+        assert 0 < r["shared"] <= limit, f"{kernel} of the fallback at {dtype} needs {r['shared']} B"
     if dtype == "bfloat16":
         assert shared_memory_isolated(dtype, base, K=256, V=256, capability=89) > 99 * 1024
