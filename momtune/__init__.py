@@ -2,7 +2,8 @@
 
 Public API (loaded lazily, so ``import momtune`` does no work):
 ``MoMAttention``, ``MoMForCausalLM`` (fast, ``backend="auto"|"triton"|"reference"``),
-``MoMConfig``, and the error hierarchy in :mod:`momtune.errors`.
+``MoMConfig``, ``apply`` (a loaded fla MoM model made fast in place: :mod:`momtune.fla_compat`),
+and the error hierarchy in :mod:`momtune.errors`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ _EXPORTS = {
     "MoMForCausalLM": "momtune.lm",
     "MoMConfig": "momtune.reference.config",
     "MomtuneError": "momtune.errors",
+    "apply": "momtune.fla_compat",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
