@@ -79,6 +79,8 @@ def test_verify_provenance_mismatch(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "provenance mismatch: gpu: library 'NVIDIA H100 80GB HBM3', this machine 'interpreter'" in captured.out
     if policy == "strict":
         assert "policy strict" in captured.err
+    else:  # the library's config is the default: timed twice, never judged slower than itself
+        assert "the default)" in captured.out and "are slower than the default" not in captured.out
 
 
 def test_search_exits_1_when_no_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
