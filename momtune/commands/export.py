@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace --out even if it holds what this export would lose: the library of another GPU "
                         "or Triton version, entries of templates this export lacks, or a file that is not a "
                         "momtune library (refused without it, the file untouched)")
+    p.add_argument("--json", action="store_true",
+                   help="print what was written as JSON on stdout (file, GPU, Triton, entries per template)")
     p.set_defaults(func=run)
 
 
@@ -33,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
                          note=lambda m: console.print(m, markup=False, highlight=False), force=args.force)
     n = sum(len(t["entries"]) for t in lib["templates"].values())
     gpu = lib["provenance"]["gpu"]
+    if args.json:
+        import json
+
+        print(json.dumps({"out": str(args.out), "gpu": gpu, "triton": lib["provenance"].get("triton"), "entries": n,
+                          "templates": {k: len(t["entries"]) for k, t in lib["templates"].items()}}, indent=1))
+        return 0
     extra = " (interpreter timings: not GPU performance)" if gpu == "interpreter" else ""
     print(f"wrote {args.out}: {n} entries of {len(lib['templates'])} templates for GPU {gpu!r}{extra}")
     return 0

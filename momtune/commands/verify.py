@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space-dir", default=None, metavar="DIR",
                    help="search spaces (<name>.toml) of templates momtune does not ship; the entries' configs are "
                         "checked against them (momtune's own search_spaces/ for registered templates)")
+    p.add_argument("--json", action="store_true",
+                   help="print every checked entry and the verdict as JSON on stdout (the table goes to stderr)")
     p.set_defaults(func=run)
 
 
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from momtune.progress import fmt_config, fmt_ms
 
     policy = args.policy or settings.load().policy
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = Console(stderr=args.json) if Console().is_terminal else Console(width=200, stderr=args.json)
     allowed: dict[str, str] = {}
     for item in args.template_spec:
         name, sep, spec = item.partition("=")
@@ -163,6 +165,13 @@ def run(args: argparse.Namespace) -> int:
                       timed(r["default_ms"], r.get("default_spread")), speed,
                       fmt_ms(r["library_ms"]), "-" if err is None else f"{err:.1e}")
     console.print(table)
+    if args.json:  # the rows, and the verdict the exit status gives
+        import json
+
+        from momtune.commands.search import finite
+
+        print(json.dumps({"library": str(args.library), "rows": finite(rows),
+                          "failed": bad, "slower": slower, "checked": len(rows)}, indent=1, default=str))
     if not rows:
         from momtune.library import load_library
 

@@ -76,3 +76,19 @@ def test_eta_is_the_rate_of_this_run_capped_by_the_timeout(monkeypatch: pytest.M
     now[0] += 20.0
     assert r._eta(6, 12) == pytest.approx(5.0)  # the timeout ends it sooner
     assert fmt_clock(3725) == "1:02:05" and fmt_clock(65) == "01:05" and fmt_clock(None) == "--:--"
+
+
+def test_export_and_verify_json(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    assert main(_search(tmp_path, "-q")) == 0
+    capsys.readouterr()
+    lib = tmp_path / "lib.json"
+    assert main(["export", "--storage", f"sqlite:///{tmp_path}/s.db", "--out", str(lib), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"out": str(lib), "gpu": "interpreter", "triton": out["triton"], "entries": 2,
+                   "templates": {"fake": 2}}
+    rc = main(["verify", str(lib), "--json", "--template-spec", f"fake={FAKE}"])
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
+    assert data["checked"] == 2 and data["failed"] == 0 and {r["status"] for r in data["rows"]} == {"ok"}
+    assert rc == (1 if data["slower"] else 0)  # interpreter timings on a busy machine may call one slower
+    assert "momtune verify" in cap.err
