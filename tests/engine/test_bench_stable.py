@@ -55,3 +55,29 @@ def test_bench_ratios_compare_eager_with_eager_and_graph_with_graph() -> None:
             {**key, "impl": "fla", "ms": 9.10},  # fla: no graph
             {**key, "impl": "reference", "ms": 7.9, "graph_ms": 0.26}]
     assert ratios(rows) == [("", ""), ("11.52x", ""), ("10.00x", "10.00x")]
+
+
+def test_bench_json_prints_the_bench_file_on_stdout(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """`momtune bench --json`: the rows as JSON on stdout, the same as the --out file; progress and
+    the table on stderr. The GPU is faked (the timings are GPU work; this checks the plumbing)."""
+    import json
+
+    import torch
+
+    import momtune.bench as bench
+    import momtune.provenance as provenance
+    from momtune.cli import main
+
+    row = {"kind": "layer_decode", "name": "tiny", "shape": {"B": 1}, "dtype": "bfloat16", "impl": "momtune",
+           "ms": 0.5, "ms_min": 0.4, "ms_max": float("inf"), "calls": 30, "warmup_rounds": 2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(provenance, "collect", lambda *a, **k: {"gpu": "fake"})
+    monkeypatch.setattr(bench, "bench_layer_decode", lambda *a, **k: [dict(row)])
+    out = tmp_path / "b.json"
+    assert main(["bench", "--json", "--what", "layer_decode", "--batches", "1", "--impls", "momtune",
+                 "--presets", "tiny", "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    printed = json.loads(cap.out)
+    assert printed["rows"][0]["ms"] == 0.5 and printed["rows"][0]["ms_max"] is None  # no NaN/inf in JSON
+    assert json.loads(out.read_text())["rows"][0]["ms"] == 0.5
+    assert "layer_decode tiny" in cap.err and "momtune bench" in cap.err
