@@ -35,3 +35,17 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
     return value
+
+
+def finite(obj: object) -> object:
+    """``obj`` with NaN and infinities as None (JSON has neither)."""
+    import builtins  # this package's submodule `list` shadows the builtin here
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (builtins.list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

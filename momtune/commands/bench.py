@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        from momtune.commands.search import finite
+        from momtune.commands import finite
 
         print(json.dumps(finite({"schema": "momtune.bench/1", "provenance": prov, "rows": rows}), indent=1,
                          default=str))

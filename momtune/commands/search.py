@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from momtune.commands import SEED_MAX, int_in, seconds
+from momtune.commands import SEED_MAX, finite, int_in, seconds
 
 
 # --effort presets (per study, i.e. per template and shape): quick answers within half a minute
@@ -73,19 +73,6 @@ def device_list(text: str) -> list[int] | None:
     if not out or min(out) < 0 or len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"expected distinct GPU indices >= 0 such as 0,1, got {text!r}")
     return out
-
-
-def finite(obj: object) -> object:
-    """``obj`` with NaN and infinities as None (JSON has neither)."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def effort(args: argparse.Namespace) -> tuple[int, float | None, str]:

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # the rows, and the verdict the exit status gives
         import json
 
-        from momtune.commands.search import finite
+        from momtune.commands import finite
 
         print(json.dumps({"library": str(args.library), "rows": finite(rows),
                           "failed": bad, "slower": slower, "checked": len(rows)}, indent=1, default=str))
