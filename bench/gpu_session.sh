@@ -1,8 +1,8 @@
 # The H100 runs the open issues need, as stages that can be chained in one device call (each
 # device call is at most 10 min; every stage caps itself with `timeout`). Run from the repo root
 # on the device, carrying .whl and .bench:
-#   bash bench/gpu_session.sh smoke tests         # GPU smoke, then `pytest -m gpu` but tests/bench  (<10 min)
-#   bash bench/gpu_session.sh benchsuite          # the rest of `pytest -m gpu`: tests/bench         (<10 min)
+#   bash bench/gpu_session.sh tests               # `pytest -m gpu`, run 1: tests/engine, tests/kernels (<10 min)
+#   bash bench/gpu_session.sh smoke tests2        # GPU smoke, then run 2: tests/model, tests/bench  (<10 min)
 #   bash bench/gpu_session.sh bench340            # momtune bench on mom-340m
 #   bash bench/gpu_session.sh tune                # TPE on every template + exhaustive/TPE/random  (~9 min)
 #   bash bench/gpu_session.sh finish              # mom-1.3b and LM bench, export + verify,
@@ -39,14 +39,15 @@ stage() {
     smoke)  # every template, the fast layer and the fast LM against the references (make gpu-smoke)
       timeout ${SMOKE_CAP:-240} python3 bench/gpu_smoke.py --out $OUT/gpu-smoke.json > $OUT/gpu-smoke.log 2>&1
       echo "smoke: rc $?"; tail -18 $OUT/gpu-smoke.log ;;
-    tests)  # `pytest -m gpu`, first of two runs: everything but the fla benchmark suite (tests/bench)
-      timeout ${TESTS_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=8 \
-        --junitxml=$OUT/gpu-tests.xml --ignore=tests/bench tests > $OUT/gpu-tests.log 2>&1
-      echo "pytest -m gpu (all but tests/bench): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests.log | tail -25 ;;
-    benchsuite)  # `pytest -m gpu`, second run: the pytest-benchmark suite (fla autotunes on first use)
-      timeout ${BENCH_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=8 tests/bench \
-        --junitxml=$OUT/gpu-bench-tests.xml --benchmark-json $OUT/bench-pytest.json > $OUT/gpu-bench-tests.log 2>&1; echo "tests/bench: rc $?"
-      grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-bench-tests.log | tail -25 ;;
+    tests)  # `pytest -m gpu`, first of two runs: the kernels and the engine (every template and its gate)
+      # SIGINT at the cap: pytest still prints its failures and durations
+      timeout -s INT -k 30 ${TESTS_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=15 \
+        --junitxml=$OUT/gpu-tests.xml tests/engine tests/kernels > $OUT/gpu-tests.log 2>&1
+      echo "pytest -m gpu (tests/engine, tests/kernels): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests.log | tail -25 ;;
+    tests2|benchsuite)  # `pytest -m gpu`, second run: the model and the fla benchmark suite (fla autotunes on first use)
+      timeout -s INT -k 30 ${BENCH_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=15 \
+        tests/model tests/bench --junitxml=$OUT/gpu-tests2.xml --benchmark-json $OUT/bench-pytest.json > $OUT/gpu-tests2.log 2>&1
+      echo "pytest -m gpu (tests/model, tests/bench): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests2.log | tail -25 ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
@@ -105,7 +106,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests benchsuite bench340 tune search sampler effort finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 bench340 tune search sampler effort finish report"; return 2 ;;
   esac
 }
 

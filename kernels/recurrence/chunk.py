@@ -73,7 +73,11 @@ _CHOICES: dict[str, tuple] = {
 }
 #: fp32 tiles take twice the shared memory: at K = 256 the default's 2 pipeline stages need
 #: 377 KB on sm_90 (over the 227 KB limit), 1 stage needs 160 KB (compiled for sm_90 on the CPU).
-DTYPE_DEFAULTS: dict[torch.dtype, dict[str, Any]] = {torch.float32: {"num_stages": 1}}
+# float32: chunks of 32. With IEEE dots (torch's default for float32 matmuls) every tl.dot is
+# unrolled into FMAs; the blocked solve at BT 64 made the pre-pass take 60-140 s to compile for
+# sm_90 (Triton 3.6, per specialisation: the H200's `pytest -m gpu` spent minutes there), at BT 32
+# 4.6 s, the sequential pass 8.6 s (15 s at BT 64).
+DTYPE_DEFAULTS: dict[torch.dtype, dict[str, Any]] = {torch.float32: {"num_stages": 1, "BT": 32}}
 MAX_K = 256
 
 
