@@ -36,6 +36,15 @@ from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_enviro
 
 INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
 KILLED_ATTEMPTS = 2  # a config whose worker is killed this many times in a row is recorded "killed"
+#: the input sets a study's trials are checked on: trial n uses seeds trial_seed(seed, n) (check run)
+#: and that + 1 (after timing). Few, so each worker computes their float64 references once
+#: (momtune.worker.ReferenceCache); two, so consecutive trials see other inputs.
+INPUT_SETS = 2
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The check run's input seed of trial ``number`` of a search with ``seed``."""
+    return (seed * 1_000_003 + (number % INPUT_SETS) * 7919 + 17) % (2**31 - 1)
 
 
 @dataclass
@@ -366,7 +375,10 @@ class Engine:
         base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
 
         def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None) -> None:
-            seed = (self.o.seed * 1_000_003 + trial.number * 7919 + 17) % (2**31 - 1)
+            if time.monotonic() > ctx.deadline and count(trials_of(ctx.study)).ok:
+                self._not_run(ctx, trial, config)  # compiled, but the study's time is up
+                return
+            seed = trial_seed(self.o.seed, trial.number)
             request = {**base, "op": "trial", "config": config, "seed": seed, "timing": self.timing().__dict__}
             reply = early or bencher.call(request, self.trial_timeout)
             attempts = 1
@@ -396,6 +408,22 @@ class Engine:
             self._tell(ctx, trial, config, _result_of(prior.user_attrs) if prior is not None else
                        {"status": "error", "reason": "repeated suggestion whose first run was not recorded"},
                        cached=True)
+
+    def _not_run(self, ctx: _Ctx, trial: Any, config: dict[str, Any]) -> None:
+        """A trial of a batch whose turn came after the study's --timeout (and after its first
+        result): told FAIL without a status, so it is no result (momtune.study.is_done), its config
+        is free for a later run and --timeout holds to within one trial."""
+        from optuna.trial import TrialState
+
+        with Shield():
+            try:
+                trial.set_user_attr("reason", "not run: the study's --timeout came first")
+                ctx.study.tell(trial, state=TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - failed by another process already: no result either way
+                pass
+            finally:
+                ctx.in_flight.discard(trial._trial_id)
+        ctx.stopped = ctx.stopped or "timeout"
 
     def _tell(self, ctx: _Ctx, trial: Any, config: dict[str, Any] | None, reply: Mapping[str, Any],
               cached: bool = False) -> None:

@@ -326,7 +326,7 @@ def _summaries(by_sid: dict[ShapeId, list[Study]]) -> list[StudySummary]:
                         reached = i + 1
                         break
             out.append(StudySummary(
-                s, len(s.ok_trials), sum(t.state == "FAIL" for t in s.trials),
+                s, len(s.ok_trials), sum(t.state == "FAIL" and t.status != "not_run" for t in s.trials),
                 sum(t.state == "PRUNED" for t in s.trials), s.best_ms, target, bool(optimum), reached))
     return out
 

@@ -101,7 +101,8 @@ def _trial(t: Any) -> Trial:
     default_status = {"COMPLETE": "ok", "FAIL": "lost", "PRUNED": "invalid_config"}.get(state, state.lower())
     status = str(attrs.get("status") or default_status)
     if state == "FAIL" and not is_done(t):
-        status = "lost"
+        # not benchmarked because the study's --timeout came first (momtune.search), else lost
+        status = "not_run" if str(attrs.get("reason", "")).startswith("not run:") else "lost"
     time_ms = num_or_none(attrs.get("time_ms"))
     if time_ms is None and state == "COMPLETE" and t.values:
         time_ms = num_or_none(t.values[0])
