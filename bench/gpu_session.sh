@@ -3,6 +3,7 @@
 # on the device, carrying .whl and .bench:
 #   bash bench/gpu_session.sh tests               # `pytest -m gpu`, run 1: tests/engine, tests/kernels (<10 min)
 #   bash bench/gpu_session.sh smoke tests2        # GPU smoke, then run 2: tests/model, tests/bench  (<10 min)
+#   bash bench/gpu_session.sh demo                # momtune.apply on fla's MomForCausalLM: tokens, ms/token
 #   bash bench/gpu_session.sh bench340            # momtune bench on mom-340m
 #   bash bench/gpu_session.sh tune                # TPE on every template + exhaustive/TPE/random  (~9 min)
 #   bash bench/gpu_session.sh finish              # mom-1.3b and LM bench, export + verify,
@@ -41,13 +42,18 @@ stage() {
       echo "smoke: rc $?"; tail -18 $OUT/gpu-smoke.log ;;
     tests)  # `pytest -m gpu`, first of two runs: the kernels and the engine (every template and its gate)
       # SIGINT at the cap: pytest still prints its failures and durations
-      timeout -s INT -k 30 ${TESTS_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=15 \
+      timeout -s INT -k 30 ${TESTS_CAP:-560} python3 -m pytest -v -m gpu -s -p no:cacheprovider -rfE --tb=short --durations=15 \
         --junitxml=$OUT/gpu-tests.xml tests/engine tests/kernels > $OUT/gpu-tests.log 2>&1
       echo "pytest -m gpu (tests/engine, tests/kernels): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests.log | tail -25 ;;
     tests2|benchsuite)  # `pytest -m gpu`, second run: the model and the fla benchmark suite (fla autotunes on first use)
-      timeout -s INT -k 30 ${BENCH_CAP:-560} python3 -m pytest -v -m gpu -p no:cacheprovider -rfE --tb=short --durations=15 \
+      timeout -s INT -k 30 ${BENCH_CAP:-560} python3 -m pytest -v -m gpu -s -p no:cacheprovider -rfE --tb=short --durations=15 \
         tests/model tests/bench --junitxml=$OUT/gpu-tests2.xml --benchmark-json $OUT/bench-pytest.json > $OUT/gpu-tests2.log 2>&1
       echo "pytest -m gpu (tests/model, tests/bench): rc $?"; grep -E "FAILED|ERROR|passed|failed" $OUT/gpu-tests2.log | tail -25 ;;
+    demo)  # issue 13: fla's MomForCausalLM made fast with momtune.apply, HF generate, time per token
+      timeout 150 python3 bench/gpu_apply_demo.py --out $OUT/apply-demo-fp32.json > $OUT/apply-demo.log 2>&1
+      echo "apply demo fp32: rc $?"
+      timeout 200 python3 bench/gpu_apply_demo.py --dtype bfloat16 --layers 24 --out $OUT/apply-demo-bf16.json \
+        >> $OUT/apply-demo.log 2>&1; echo "apply demo bf16: rc $?"; tail -14 $OUT/apply-demo.log ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
@@ -106,7 +112,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 bench340 tune search sampler effort finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort finish report"; return 2 ;;
   esac
 }
 
