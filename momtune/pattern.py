@@ -7,6 +7,8 @@ far. The order of candidates, best first, is recomputed from the study's trials 
 so the search is stateless: it resumes, and several processes or GPUs on one study share it
 (each claims the first candidate nobody else claims, :func:`momtune.study.claim_config`).
 
+0. the default, then the configs known to be good elsewhere: the space's ``[[starts]]`` (e.g.
+   winners on another GPU or shape) and the template's fallbacks;
 1. the neighbours of the best measured config (the default until one is measured): one
    parameter moved one step (a numeric parameter to the nearest valid choice up or down, a
    named one to each other choice);
@@ -78,10 +80,13 @@ class PatternSearch:
     once: an ask costs a few neighbour lookups, not a pass over a space of 16k configs)."""
 
     def __init__(self, space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
-                 seed: int) -> None:
+                 seed: int, starts: Sequence[Mapping[str, Any]] = ()) -> None:
         self.space = space
         self.by_key = {canonical(c): dict(c) for c in valid}
         self.default = dict(default)
+        # measured right after the default (those valid at this shape): the space's [[starts]], the
+        # template's fallbacks; the neighbours of the best of them all come next
+        self.starts = [dict(c) for c in starts if canonical(c) in self.by_key]
         rng = random.Random(seed)
         self.order = list(space.parameters)
         rng.shuffle(self.order)  # which parameter moves first: seeded, so seeds explore differently
@@ -113,6 +118,8 @@ class PatternSearch:
 
         if canonical(self.default) in by_key and add([self.default]):
             return out
+        if add(self.starts):
+            return out
         for center in best[:BEAM]:
             if add(neighbours(center, self.space, by_key, self.order)):
                 return out
@@ -130,6 +137,7 @@ class PatternSearch:
 
 
 def candidates(space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
-               times: Mapping[str, float], done: set[str], seed: int, limit: int | None = None) -> list[dict[str, Any]]:
+               times: Mapping[str, float], done: set[str], seed: int, limit: int | None = None,
+               starts: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """:meth:`PatternSearch.candidates` for a one-off call."""
-    return PatternSearch(space, valid, default, seed).candidates(times, done, limit)
+    return PatternSearch(space, valid, default, seed, starts).candidates(times, done, limit)

@@ -346,7 +346,11 @@ class Engine:
                 key = canonical(t.user_attrs["config"])
                 times[key] = min(times.get(key, math.inf), float(t.value))
         if ctx.pattern is None:
-            ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, ctx.space.default_config(), self.o.seed)
+            default = ctx.space.default_config()
+            fallbacks = [{**default, **fb} for fb in getattr(resolve_template(ctx.spec), "fallbacks", ())
+                         if set(fb) <= set(default)]
+            ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, default, self.o.seed,
+                                                starts=[*ctx.space.starts, *fallbacks])
         claimed = sum(t.state.name == "RUNNING" for t in trials)
         return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64)
 

@@ -32,7 +32,7 @@ from .errors import SearchSpaceError
 Config = dict[str, Any]
 Shape = dict[str, int]
 
-TOP_LEVEL = ("template", "parameters", "constraints", "shapes")
+TOP_LEVEL = ("template", "parameters", "constraints", "shapes", "starts")
 TEMPLATE_FIELDS = ("name", "description")
 PARAMETER_FIELDS = ("choices", "default", "description")
 CONSTRAINT_FIELDS = ("expr", "why")
@@ -97,6 +97,9 @@ class SearchSpace:
     shape_sets: dict[str, ShapeSet]
     shape_keys: tuple[str, ...]
     check_config: Any = None  # template.check_config(shape, config) -> problem string, or None
+    # configs known to be good somewhere ([[starts]]: parameters not named keep their default):
+    # pattern search measures them right after the default, before any neighbour
+    starts: list[Config] = field(default_factory=list)
 
     def default_config(self) -> Config:
         return {p.name: p.default for p in self.parameters.values()}
@@ -232,7 +235,7 @@ def parse_space(text: str, where: str, *, name: str | None = None, shape_keys: S
     constraints = [_parse_constraint(c, i, set(params) | set(keys), fail, where)
                    for i, c in enumerate(raw_constraints)]
     space = SearchSpace(space_name, where, str(tmpl.get("description", "")), params, constraints, sets, keys,
-                        check_config)
+                        check_config, _parse_starts(data.get("starts", []), params, fail))
     if check:
         _check_satisfiable(space, fail)
     return space
@@ -319,6 +322,30 @@ def _parse_shape_sets(table: dict[str, Any], shape_keys: Sequence[str] | None, f
             out.append(dict(shp))
         sets[sname] = ShapeSet(dtype, out)
     return sets
+
+
+def _parse_starts(raw: Any, params: Mapping[str, Parameter], fail: Any) -> list[Config]:
+    """[[starts]]: each a table of parameter values (plus an optional ``why``), completed with the
+    defaults; a name that is no parameter or a value that is no choice is refused."""
+    if not isinstance(raw, list):
+        raise fail("starts", "must be an array of tables ([[starts]])")
+    out: list[Config] = []
+    for i, entry in enumerate(raw):
+        key = f"starts[{i}]"
+        entry = _table(entry, key, fail)
+        cfg = {p.name: p.default for p in params.values()}
+        for name, value in entry.items():
+            if name == "why":
+                if not isinstance(value, str):
+                    raise fail(f"{key}.why", "must be a string")
+                continue
+            if name not in params:
+                raise fail(f"{key}.{name}", f"not a parameter; parameters: {', '.join(params)}")
+            if value not in params[name].choices or isinstance(value, bool) != isinstance(params[name].choices[0], bool):
+                raise fail(f"{key}.{name}", f"{value!r} is not one of {list(params[name].choices)}")
+            cfg[name] = value
+        out.append(cfg)
+    return out
 
 
 def _parse_constraint(raw: Any, i: int, names: set[str], fail: Any, where: str = "") -> Constraint:

@@ -111,3 +111,36 @@ def test_pattern_search_starts_at_the_default_then_its_neighbours_and_resumes(st
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert more.trials == 6 and len({canonical(t.user_attrs["config"]) for t in done}) == len(done) == 6
     assert math.isfinite(more.winner_ms)
+
+
+def test_the_spaces_starts_and_the_fallbacks_come_right_after_the_default(space, valid) -> None:  # noqa: ANN001
+    from momtune.kernels import get_template
+
+    default = space.default_config()
+    keys = {canonical(c) for c in valid}
+    fallbacks = [{**default, **fb} for fb in get_template("recurrence").fallbacks]
+    starts = [*space.starts, *fallbacks, {**default, "BT": 16, "BV": 16, "K_NOT_A_PARAM": 1}]
+    ps = PatternSearch(space, valid, default, 0, starts)
+    first = ps.candidates({}, set(), limit=1 + len(starts))
+    expect = [c for c in [*space.starts, *fallbacks] if canonical(c) in keys]
+    assert len(space.starts) >= 5 and len(expect) >= 5
+    assert [canonical(c) for c in first[:1 + len(expect)]] == [canonical(default)] + [canonical(c) for c in expect]
+    # after the starts come the neighbours of the best measured config, which may be a start
+    best = expect[0]
+    times = {canonical(default): 2.0, canonical(best): 1.0}
+    nxt = ps.candidates(times, set(times), limit=len(expect) + 3)
+    assert [canonical(c) for c in nxt[:len(expect) - 1]] == [canonical(c) for c in expect[1:]]
+    assert all(sum(c[k] != best[k] for k in c) == 1 for c in nxt[len(expect) - 1:])
+
+
+def test_a_search_measures_the_starts_second(storage: str, tmp_path) -> None:  # noqa: ANN001
+    from pathlib import Path
+
+    text = (Path(SPACES) / "fake.toml").read_text() + '\n[[starts]]\nBLOCK = 64\nnum_warps = 2\n'
+    (tmp_path / "fake.toml").write_text(text)
+    opts = SearchOptions(trials=2, sampler="pattern", storage=storage, space_dir=str(tmp_path), retime=1, rounds=1)
+    [res] = search([FAKE], "tiny", opts)
+    study = optuna.load_study(study_name=res.study, storage=storage)
+    configs = [t.user_attrs["config"] for t in sorted(study.trials, key=lambda t: t.number)]
+    # two parameters from the default, so no neighbour of it: second only as a start
+    assert configs == [{"BLOCK": 32, "num_warps": 1}, {"BLOCK": 64, "num_warps": 2}], configs

@@ -214,3 +214,18 @@ def test_the_hostile_constraint_fails_fast_instead_of_hanging(tmp_path: Path) ->
     proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=cli_env(), capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.stdout.startswith(f"SearchSpaceError {path / 'fake.toml'}: constraints[0].expr:"), proc.stdout
+
+
+def test_starts_are_completed_with_defaults_and_checked(tmp_path: Path) -> None:
+    space = parse_space(GOOD + '\n[[starts]]\nBLOCK = 64\nwhy = "fast on some GPU"\n\n[[starts]]\nnum_warps = 2\n',
+                        "inline.toml", name="fake")
+    assert space.starts == [{"BLOCK": 64, "num_warps": 1}, {"BLOCK": 32, "num_warps": 2}]
+    assert parse_space(GOOD, "inline.toml", name="fake").starts == []
+    for bad, key, msg in (("[[starts]]\nTILE = 64\n", "starts[0].TILE", "not a parameter"),
+                          ("[[starts]]\nBLOCK = 48\n", "starts[0].BLOCK", "is not one of"),
+                          ("[[starts]]\nBLOCK = 64\nwhy = 3\n", "starts[0].why", "must be a string"),
+                          ("starts = 3\n", "starts", "array of tables")):
+        text = GOOD.replace("[template]", bad + "\n[template]") if bad.startswith("starts =") else GOOD + "\n" + bad
+        with pytest.raises(SearchSpaceError) as err:
+            parse_space(text, "inline.toml", name="fake")
+        assert key in str(err.value) and msg in str(err.value), str(err.value)
