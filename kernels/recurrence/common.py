@@ -19,11 +19,12 @@ def _solve_unit_lower(A, BT: tl.constexpr, SOLVE: tl.constexpr, DOT: tl.constexp
     if SOLVE == "blocked":
         # recursive block inversion: T holds the inverses of the diagonal blocks of size s; with
         # M the blocks of A below them inside blocks of size 2s, [[X, 0], [A21, Y^-1]]^-1 is
-        # [[X, 0], [-Y A21 X, Y]], i.e. T <- T - T M T: log2(BT) levels of two matmuls (DOT: TF32
+        # [[X, 0], [-Y A21 X, Y]], i.e. T <- T - T M T: log2(BT) - 1 levels of two matmuls after the first (DOT: TF32
         # on the GPU like every fp32 tl.dot here, IEEE for float32 inputs unless torch allows TF32;
         # 3-pass TF32 tripled the compile time)
-        T = eye
-        for lvl in tl.static_range(BT.bit_length() - 1):
+        # level 0 (blocks of 1, T = I) needs no product: T - I M I = I - M, exactly
+        T = eye - tl.where(((r[:, None] % 2) == 1) & (r[None, :] == r[:, None] - 1), A, 0.0)
+        for lvl in tl.static_range(1, BT.bit_length() - 1):
             blk = r >> lvl
             M = tl.where(((blk[:, None] % 2) == 1) & (blk[None, :] == blk[:, None] - 1), A, 0.0)
             T = T - tl.dot(tl.dot(T, M, input_precision=DOT), T, input_precision=DOT)

@@ -180,8 +180,8 @@ def test_recurrence_falls_back_when_its_config_does_not_fit_the_gpu(monkeypatch)
     real, calls = chunk.chunk_recurrence, []
 
     def small_gpu(*args, config=None, **kw):
-        calls.append(config["BT"])
-        if config["BT"] != 32:  # everything but the fallback "needs" 144 KiB
+        calls.append((config["BT"], config["BV"]))
+        if (config["BT"], config["BV"]) != (32, 32):  # everything but the fallback "needs" 144 KiB
             raise OutOfResources(147456, 101376, "shared memory")
         return real(*args, config=config, **kw)
 
@@ -195,7 +195,8 @@ def test_recurrence_falls_back_when_its_config_does_not_fit_the_gpu(monkeypatch)
         want = ref(x)[0]
     assert_close("o", out, want, 2e-3, 2e-3)
     assert torch.equal(out, again)
-    assert calls == [64, 32, 32], calls  # default refused once, then the kept fallback
+    # the float32 default (BT 32, BV 64) refused once, then the kept fallback (BT 32, BV 32)
+    assert calls == [(32, 64), (32, 32), (32, 32)], calls
 
 
 @needs_kernels
