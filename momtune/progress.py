@@ -70,7 +70,8 @@ class RichReporter(Reporter):
         self.studies = 0
         self.k = 0
         self._start = 0.0
-        self._done0 = 0
+        self._done0 = self._last_done = 0
+        self._first: float | None = None
         self._timeout: float | None = None
 
     def plan(self, studies: int) -> None:
@@ -99,6 +100,8 @@ class RichReporter(Reporter):
         self.close()
         self.k += 1
         self._start, self._done0, self._timeout = time.monotonic(), done, timeout_s
+        self._first = None  # seconds to the first trial result of this run
+        self._last_done = done
         of = f"study {self.k} of {self.studies}: " if self.studies else ""
         if self.verbosity >= 0:
             where = "[yellow]interpreter timings (TRITON_INTERPRET=1, no GPU): not GPU performance[/]" if interpreter \
@@ -121,6 +124,9 @@ class RichReporter(Reporter):
                    failures: Mapping[str, int]) -> None:
         import time
 
+        if self._first is None and not cached:
+            self._first = time.monotonic() - self._start
+        self._last_done = done
         fails = ", ".join(f"{k} {v}" for k, v in sorted(failures.items()) if k != "ok") or "none"
         what = fmt_ms(time_ms) if status == "ok" else f"{status}: {reason[:100]}"
         eta = fmt_clock(self._eta(done, target))
@@ -135,7 +141,15 @@ class RichReporter(Reporter):
             self.console.print(line, markup=False, highlight=False)
 
     def study_finished(self, result: Any) -> None:
+        import time
+
         self.close()
+        if self.verbosity >= 0 and self._start:
+            wall = time.monotonic() - self._start
+            n = self._last_done - self._done0
+            first = "no result" if self._first is None else f"first result after {self._first:.1f} s"
+            self.console.print(f"  {n} trials this run in {wall:.0f} s ({60 * n / max(wall, 1e-9):.1f} per minute), "
+                               f"{first}", markup=False, highlight=False)
         if result.winner is None:
             self.console.print(f"  [red]no config passed the check[/] ({result.stopped})")
         else:

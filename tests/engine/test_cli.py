@@ -15,14 +15,16 @@ from .fake_template import FAKE as FAKE_OBJ
 def test_search_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     out = tmp_path / "out" / "library.json"
-    assert main(["search", "--template", FAKE, "--shapes", "tiny", "--trials", "3", "--storage", url,
+    # one trial: the winner is the default, so verify's verdict does not hang on interpreter timings
+    # (a noise-made winner among equal configs could be judged slower on a loaded machine)
+    assert main(["search", "--template", FAKE, "--shapes", "tiny", "--trials", "1", "--storage", url,
                  "--space-dir", SPACES, "--retime", "2", "--rounds", "1"]) == 0
     text = capsys.readouterr().out
     assert "interpreter timings" in text and "fake:interpreter:N7-C9-float32" in text and "winner" in text
     assert main(["export", "--storage", url, "--out", str(out)]) == 0
     assert "1 entries of 1 templates for GPU 'interpreter'" in capsys.readouterr().out
     lib = load_library(out)
-    assert lib.entries("fake")[0]["trials"] == 3
+    assert lib.entries("fake")[0]["trials"] == 1
     assert main(["verify", str(out), "--policy", "strict", "--template-spec", f"fake={FAKE}"]) == 0
     text = capsys.readouterr().out
     assert "all 1 tuned configs pass their check and none is slower" in text and "N7 C9" in text

@@ -92,3 +92,24 @@ def test_export_and_verify_json(tmp_path, capsys: pytest.CaptureFixture[str]) ->
     assert data["checked"] == 2 and data["failed"] == 0 and {r["status"] for r in data["rows"]} == {"ok"}
     assert rc == (1 if data["slower"] else 0)  # interpreter timings on a busy machine may call one slower
     assert "momtune verify" in cap.err
+
+
+def test_each_study_says_its_rate_and_time_to_first_result(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """Issue 11's search-speed targets (configs per minute, first result) read off the log."""
+    import time
+    from types import SimpleNamespace
+
+    from momtune.progress import RichReporter
+
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    r = RichReporter()
+    r.study_started("s", target=12, space_size=50, interpreter=False, done=2, timeout_s=None)
+    now[0] += 6.0
+    r.trial_done("s", 2, {"B": 1}, "ok", 1.0, "", False, 3, 12, 1.0, {"ok": 3})
+    now[0] += 24.0
+    r.trial_done("s", 3, {"B": 2}, "compile_error", None, "x", False, 4, 12, 1.0, {"ok": 3, "compile_error": 1})
+    r.trial_done("s", 4, {"B": 3}, "ok", 2.0, "", False, 5, 12, 1.0, {"ok": 4, "compile_error": 1})
+    r.study_finished(SimpleNamespace(winner=None, stopped="timeout"))
+    out = capsys.readouterr().out
+    assert "3 trials this run in 30 s (6.0 per minute), first result after 6.0 s" in out, out
