@@ -1,6 +1,6 @@
 # The H100 runs the open issues need, as stages that can be chained in one device call (each
 # device call is at most 10 min; every stage caps itself with `timeout`). Run from the repo root
-# on the device, carrying .whl and .bench:
+# on the device, carrying .whl and .bench (the study database and Triton's kernel cache):
 #   bash bench/gpu_session.sh tests               # `pytest -m gpu`, run 1: tests/engine, tests/kernels (<10 min)
 #   bash bench/gpu_session.sh smoke tests2        # GPU smoke, then run 2: tests/model, tests/bench  (<10 min)
 #   bash bench/gpu_session.sh demo                # momtune.apply on fla's MomForCausalLM: tokens, ms/token
@@ -25,6 +25,25 @@ mkdir -p .bench
 # every finished trial (a copy made at the end of a stage would be lost with the machine).
 cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true
 DB=sqlite:///$OUT/momtune-h100.db
+# Triton's kernel cache travels between calls and sessions: .bench/triton-cache.tgz.* (carried
+# with .bench) is unpacked here, and the cache comes back as $OUT/triton-cache.tgz.NN (up to 3
+# pieces of 15 MB: returned files are at most 16 MiB, a call carries 64 MiB in all) at the end:
+# a cold machine then compiles only kernels whose source changed (the GPU tests spent most of
+# their cold minutes compiling, fla's autotuning included). Copy the pieces to .bench/ (replacing
+# the old ones) before the next call.
+export TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p $TRITON_CACHE_DIR
+if ls .bench/triton-cache.tgz.* >/dev/null 2>&1; then
+  cat .bench/triton-cache.tgz.* | tar xzf - -C /tmp && echo "triton cache: $(ls $TRITON_CACHE_DIR | wc -l) entries carried"
+fi
+save_cache() {
+  tar czf /tmp/triton-cache.tgz -C /tmp triton-cache
+  local size=$(stat -c %s /tmp/triton-cache.tgz)
+  if [ "$size" -le 45000000 ]; then
+    (cd /tmp && rm -f triton-cache.tgz.* && split -b 15000000 -d triton-cache.tgz triton-cache.tgz. && cp triton-cache.tgz.* $OUT/)
+    echo "triton cache: $size B back in $(ls /tmp/triton-cache.tgz.* | wc -l) pieces"
+  else echo "triton cache: $size B, too large to bring back"; fi
+}
 set -o pipefail
 
 search() {  # search NAME SET TRIALS SECONDS [extra args]: one TPE search, capped
@@ -118,4 +137,5 @@ stage() {
 
 [ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE..."; exit 2; }
 for s in "$@"; do stage $s; done
+save_cache
 echo "=== done ($(date +%T))"

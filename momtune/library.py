@@ -278,7 +278,7 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
     for s in chosen:
         by_gpu.setdefault(str(s.user_attrs.get("gpu", "unknown")), []).append(s)
     gpu_name = _select_gpu(by_gpu, gpu, note)
-    studies = sorted(by_gpu[gpu_name], key=lambda s: s.study_name)
+    studies = _current_versions(sorted(by_gpu[gpu_name], key=lambda s: s.study_name), note)
     newest = max(studies, key=lambda s: str(s.user_attrs.get("provenance", {}).get("created", "")))
     prov_src = dict(newest.user_attrs.get("provenance", {}))
     tritons = {str(s.user_attrs.get("provenance", {}).get("triton")) for s in studies}
@@ -322,6 +322,42 @@ def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu:
         tmpl["entries"].append(entry)
     _check_current_sources(out, note)
     return {"schema": SCHEMA, "provenance": provenance, "templates": out}
+
+
+def _current_versions(studies: list[Any], note: Callable[[str], None]) -> list[Any]:
+    """Per template, shape and dtype: the studies of one version of the template's kernels (a
+    kernel changed since an older study of that shape: ``momtune search`` then made
+    ``<name>@<source hash>``): the current source's, or, for a template not registered here (a
+    study never names code to import), the most recently created study's."""
+    from .templates import library_spec, resolve_template
+
+    current: dict[str, str | None] = {}
+    for s in studies:
+        name = str(s.user_attrs["template"])
+        if name not in current:
+            try:
+                current[name] = resolve_template(library_spec(name, s.user_attrs.get("template_spec"))).source_hash()
+            except Exception:  # noqa: BLE001 - a template that cannot be imported here is not filtered
+                current[name] = None
+    groups: dict[tuple[str, str, str], list[Any]] = {}
+    for s in studies:
+        a = s.user_attrs
+        groups.setdefault((str(a["template"]), str(a.get("shape_key") or a.get("shape")), str(a.get("dtype"))), []).append(s)
+    keep: set[str] = set()
+    def src(m: Any) -> Any:
+        return (m.user_attrs.get("provenance") or {}).get("source_hash")
+
+    for (name, _, _), members in groups.items():
+        want = current.get(name)
+        if not want or not any(src(m) == want for m in members):
+            want = src(max(members, key=lambda m: str((m.user_attrs.get("provenance") or {}).get("created", ""))))
+        now = [m for m in members if src(m) == want]
+        for m in (now or members):
+            keep.add(m.study_name)
+        for m in members:
+            if now and m.study_name not in keep:
+                note(f"{m.study_name}: left out, it measured an older version of {name!r}'s kernels")
+    return [s for s in studies if s.study_name in keep]
 
 
 def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], None]) -> None:

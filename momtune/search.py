@@ -26,7 +26,7 @@ from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
 from .study import (SAMPLERS, InFlight, Shield, claim_config, count, is_done, make_sampler, measured_result,
-                    pinning_sampler, storage_failure, study_name, trials_of)
+                    pinning_sampler, shape_key, storage_failure, study_name, trials_of)
 from .templates import resolve_template
 from .timing import NOMINAL_PEAKS, Timing, TimingOptions, floor_ms
 from .winner import choose_winner
@@ -192,6 +192,7 @@ class Engine:
         t = resolve_template(spec)
         gpu = str(self.info.get("gpu", "unknown"))
         name = study_name(t.name, gpu_slug(gpu), shape, t.shape_keys, dtype, self.o.study_prefix)
+        name = self._versioned(name, t.source_hash())
         sampler = pinning_sampler(make_sampler(self.o.sampler, self.o.seed, self.o.trials))
         study = optuna.create_study(study_name=name, storage=self.storage, load_if_exists=True,
                                     direction="minimize", sampler=sampler)
@@ -200,7 +201,7 @@ class Engine:
         valid = [default] + [c for c in valid if c != default] if default in valid else valid
         flops, nbytes = t.cost(shape, getattr(torch, dtype))
         attrs = {"template": t.name, "template_spec": spec, "shape": dict(shape),
-                 "shape_key": name.rsplit(":", 1)[-1], "dtype": dtype, "shape_set": shape_set, "gpu": gpu, "interpreter": self.interpreter, "sampler": self.o.sampler,
+                 "shape_key": shape_key(shape, t.shape_keys, dtype), "dtype": dtype, "shape_set": shape_set, "gpu": gpu, "interpreter": self.interpreter, "sampler": self.o.sampler,
                  "timing_mode": "interpreter" if self.interpreter else
                  ("cuda graph replay" if getattr(t, "cuda_graph", False) else "eager launches"),
                  "space_size": len(valid), "provenance": {**self.info, "source_hash": t.source_hash()},
@@ -302,6 +303,27 @@ class Engine:
                 continue
             free = len(valid_keys - claimed) if ctx.exhaustive else batch
             self._run_batch(ctx, bencher, min(batch, room, free))
+
+    def _versioned(self, name: str, source_hash: str) -> str:
+        """``name``, or ``name@<source hash>`` when a study of that name holds results of another
+        version of the template's kernels (its recorded source hash differs): resuming it would mix
+        two kernels' timings and reuse the old one's results as the new one's. The old study stays
+        as it was; ``momtune export`` takes, per shape, the studies of the template's current
+        source."""
+        import optuna
+
+        try:
+            old = optuna.load_study(study_name=name, storage=self.storage)
+        except KeyError:
+            return name
+        recorded = (old.user_attrs.get("provenance") or {}).get("source_hash")
+        if recorded in (None, source_hash) or not count(trials_of(old)).done:
+            return name
+        versioned = f"{name}@{source_hash[:12]}"
+        self.reporter.note(f"{name}: its {count(trials_of(old)).done} trials measured another version of the "
+                           f"template's kernels (source {recorded[:12]}, now {source_hash[:12]}); this search "
+                           f"uses {versioned}")
+        return versioned
 
     def _ask(self, ctx: _Ctx) -> tuple[Any, dict[str, Any] | None]:
         """A new trial and its config (None: nothing left to claim; told already)."""
