@@ -401,8 +401,9 @@ class Engine:
         base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
 
         def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None) -> None:
-            if time.monotonic() > ctx.deadline and count(trials_of(ctx.study)).ok:
-                self._not_run(ctx, trial, config)  # compiled, but the study's time is up
+            # compiled, but the study's time is up: not run (a failed compile is still recorded)
+            if early is None and time.monotonic() > ctx.deadline and count(trials_of(ctx.study)).ok:
+                self._not_run(ctx, trial, config)
                 return
             seed = trial_seed(self.o.seed, trial.number)
             request = {**base, "op": "trial", "config": config, "seed": seed, "timing": self.timing().__dict__}
