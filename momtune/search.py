@@ -317,10 +317,11 @@ class Engine:
         except KeyError:
             return name
         recorded = (old.user_attrs.get("provenance") or {}).get("source_hash")
-        if recorded in (None, source_hash) or not count(trials_of(old)).done:
+        done = count(trials_of(old)).done
+        if recorded in (None, source_hash) or not done:
             return name
         versioned = f"{name}@{source_hash[:12]}"
-        self.reporter.note(f"{name}: its {count(trials_of(old)).done} trials measured another version of the "
+        self.reporter.note(f"{name}: its {done} trials measured another version of the "
                            f"template's kernels (source {recorded[:12]}, now {source_hash[:12]}); this search "
                            f"uses {versioned}")
         return versioned

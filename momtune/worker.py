@@ -236,6 +236,22 @@ def _main(conn: Any, device: str, env: dict[str, str]) -> None:
         conn.send(reply)
 
 
+class _Reference:
+    """One input set's float64 reference, and the gate's bounds for it by output dtypes."""
+
+    def __init__(self, fingerprint: tuple[Any, ...], ref: dict[str, Any], size: int) -> None:
+        self.fingerprint, self.ref, self.size = fingerprint, ref, size
+        self._bounds: dict[Any, Any] = {}
+
+    def bounds(self, t: Any, inputs: dict[str, Any], got: dict[str, Any], dtype: Any, device: str) -> Any:
+        from .gate import bounds_for
+
+        dkey = tuple(sorted((k, str(v.dtype)) for k, v in got.items()))
+        if dkey not in self._bounds:
+            self._bounds[dkey] = bounds_for(t, inputs, self.ref, got, dtype, device)
+        return self._bounds[dkey]
+
+
 class ReferenceCache:
     """The float64 reference and the gate's bounds of one input set, kept between trials.
 
@@ -254,7 +270,7 @@ class ReferenceCache:
         from collections import OrderedDict
 
         self.entries, self.max_fraction = entries, max_fraction
-        self.items: OrderedDict[Any, tuple[Any, dict[str, Any], Any, int]] = OrderedDict()
+        self.items: OrderedDict[Any, _Reference] = OrderedDict()
         self.hits = self.misses = 0
 
     @staticmethod
@@ -275,63 +291,46 @@ class ReferenceCache:
                 out.append((name, repr(v)))
         return tuple(out)
 
-    def get(self, key: Any, fingerprint: tuple[Any, ...]) -> tuple[Any, dict[str, Any] | None]:
-        """(reference, bounds by output dtypes) for ``key`` if cached with that fingerprint, else (None, None)."""
+    def reference(self, t: Any, inputs: dict[str, Any], key: Any, device: str) -> _Reference:
+        """The reference of ``inputs`` under ``key`` (template, shape, dtype, seed): the cached one
+        when computed on the same inputs (fingerprint), else computed and cached."""
+        import torch
+
+        fp = self.fingerprint(inputs)
         hit = self.items.get(key)
-        if hit is None or hit[0] != fingerprint:
-            self.misses += 1
-            return None, None
-        self.items.move_to_end(key)
-        self.hits += 1
-        return hit[1], hit[2]
-
-    def put(self, key: Any, fingerprint: tuple[Any, ...], ref: dict[str, Any], bounds: dict[Any, Any], device: str) -> None:
-        import torch
-
-        size = sum(v.numel() * v.element_size() for v in ref.values() if isinstance(v, torch.Tensor))
-        if device.startswith("cuda"):
-            limit = self.max_fraction * torch.cuda.get_device_properties(torch.device(device)).total_memory
-        else:
-            limit = 8 * 2**30
-        self.items.pop(key, None)
-        while self.items and (len(self.items) >= self.entries or
-                              sum(e[3] for e in self.items.values()) + size > limit):
-            self.items.popitem(last=False)
-        if size <= limit:
-            self.items[key] = (fingerprint, ref, bounds, size)
-
-
-_REFERENCES = ReferenceCache()
-
-
-def _reference(t: Any, inputs: dict[str, Any], key: Any, seed: int) -> tuple[Any, dict[str, Any], tuple[Any, ...], Any]:
-    """The float64 reference of ``inputs`` (cached per template, shape, dtype and seed) and the
-    bounds cached with it (by output dtypes; filled in by :func:`_bounds`)."""
-    fp = ReferenceCache.fingerprint(inputs)
-    ck = (key, seed)
-    ref, bounds = _REFERENCES.get(ck, fp)
-    if ref is None:
-        import torch
-
-        ref, bounds = dict(t.reference(inputs)), {}
+        if hit is not None and hit.fingerprint == fp:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return hit
+        self.misses += 1
+        ref = dict(t.reference(inputs))
         # a reference output that is an input's memory (a state passed through) would change with
         # the launch and the next trial's inputs: held as a copy
         held = {v.untyped_storage().data_ptr() for v in inputs.values() if isinstance(v, torch.Tensor)}
         for k, v in list(ref.items()):
             if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in held:
                 ref[k] = v.clone()
-    return ref, bounds, fp, ck
+        size = sum(v.numel() * v.element_size() for v in ref.values() if isinstance(v, torch.Tensor))
+        entry = _Reference(fp, ref, size)
+        self._put(key, entry, device)
+        return entry
+
+    def _put(self, key: Any, entry: _Reference, device: str) -> None:
+        import torch
+
+        if device.startswith("cuda"):
+            limit = self.max_fraction * torch.cuda.get_device_properties(torch.device(device)).total_memory
+        else:
+            limit = 8 * 2**30
+        self.items.pop(key, None)
+        while self.items and (len(self.items) >= self.entries or
+                              sum(e.size for e in self.items.values()) + entry.size > limit):
+            self.items.popitem(last=False)
+        if entry.size <= limit:
+            self.items[key] = entry
 
 
-def _bounds(t: Any, inputs: dict[str, Any], ref: Any, cached: dict[str, Any], got: dict[str, Any], dtype: Any,
-            device: str, fp: tuple[Any, ...], ck: Any) -> Any:
-    from .gate import bounds_for
-
-    dkey = tuple(sorted((k, str(v.dtype)) for k, v in got.items()))
-    if dkey not in cached:
-        cached[dkey] = bounds_for(t, inputs, ref, got, dtype, device)
-        _REFERENCES.put(ck, fp, ref, cached, device)
-    return cached[dkey]
+_REFERENCES = ReferenceCache()
 
 
 def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
@@ -392,14 +391,15 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
         raise ValueError(f"unknown worker op {op!r}")
     config = req["config"]
     seed = int(req.get("seed", 0))
-    ref, cached, fp, ck = _reference(t, inputs, key, seed)
+    checked = _REFERENCES.reference(t, inputs, (key, seed), device)
+    ref = checked.ref
     out = buffers(config)
     t0 = time.perf_counter()
     res = t.launch(inputs, config, out=out)
     sync()
     first_ms = (time.perf_counter() - t0) * 1e3
     got = res if res is not None else out
-    bounds = _bounds(t, inputs, ref, cached, got, dtype, device, fp, ck)
+    bounds = checked.bounds(t, inputs, got, dtype, device)
     verdict = check(got, ref, bounds, "check run")
     worst = verdict.worst
     reply: Reply = {"max_abs_err": worst[2], "max_rel_err": worst[1], "rel_norm_err": worst[0], "first_run_ms": first_ms,
@@ -414,7 +414,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     # after the first call or keeps a stale state fails here)
     fresh = t.make_inputs(shape, dtype, device, seed + 1)
     refill(inputs, fresh)
-    ref2, cached2, fp2, ck2 = _reference(t, inputs, key, seed + 1)
+    checked2 = _REFERENCES.reference(t, inputs, (key, seed + 1), device)
     poison_(got)
     if getattr(t, "timed_launch", None) is not None:
         # the timed step updates its cache in place (decode): the whole step is checked by launch
@@ -423,7 +423,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
         res2 = fn()
     sync()
     got2 = res2 if isinstance(res2, dict) else got
-    verdict2 = check(got2, ref2, _bounds(t, inputs, ref2, cached2, got2, dtype, device, fp2, ck2), "after timing")
+    verdict2 = check(got2, checked2.ref, checked2.bounds(t, inputs, got2, dtype, device), "after timing")
     if not verdict2.ok:
         return {**reply, "status": "wrong_answer", "reason": verdict2.reason, "check": verdict2.kind}
     return {**reply, "status": "ok", "reason": "", "time_ms": timing.median_ms, "spread": timing.spread,

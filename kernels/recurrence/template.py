@@ -152,8 +152,8 @@ TEMPLATE = Template(
     check_config=check_config,
     dtype_defaults=DTYPE_DEFAULTS,
     # 36 KiB (bf16) / 68 KiB (fp32, IEEE dots; 40 with TF32) of shared memory at K = V = 256 for
-    # sm_80 and sm_89 (99 KiB a block), compiled
-    # on the CPU (momtune.resources); the defaults take 144 KiB there (bf16 and IEEE fp32)
+    # sm_80 and sm_89 (99 KiB a block), compiled on the CPU (momtune.resources); the bf16 default
+    # takes 144 KiB there
     fallbacks=({"BT": 32, "BV": 32, "num_stages": 1},),
     tf32=True,
 )

@@ -77,15 +77,20 @@ def test_a_wrong_kernel_is_rejected_with_the_cached_reference() -> None:
 
 
 def test_the_cache_holds_at_most_its_entries_and_bytes() -> None:
+    calls: list[int] = []
+    t = counting(FAKE, calls)
+    inputs = make_inputs({"N": 7, "C": 9}, torch.float32, "cpu", 5)
     cache = worker.ReferenceCache(entries=2)
-    ref = {"y": torch.zeros(10, dtype=torch.float64)}
     for k in range(3):
-        cache.put(k, ("fp",), ref, {}, "cpu")
+        cache.reference(t, inputs, k, "cpu")
     assert list(cache.items) == [1, 2]
     small = worker.ReferenceCache(entries=8, max_fraction=0.2)
-    small.put("big", ("fp",), {"y": torch.zeros(1)}, {}, "cpu")
-    assert small.get("big", ("other",)) == (None, None)  # another fingerprint: a miss
-    assert small.get("big", ("fp",))[0] is not None
+    small.reference(t, inputs, "big", "cpu")
+    other = make_inputs({"N": 7, "C": 9}, torch.float32, "cpu", 6)
+    n = len(calls)
+    small.reference(t, other, "big", "cpu")
+    assert len(calls) == n + 1  # another fingerprint: a miss
+    assert small.reference(t, other, "big", "cpu").ref is not None and len(calls) == n + 1
 
 
 def test_trials_alternate_between_a_few_input_sets() -> None:
@@ -123,7 +128,7 @@ def test_a_reference_output_that_is_an_input_is_held_as_a_copy() -> None:
     next trial's inputs overwrite that input."""
     t = dataclasses.replace(FAKE, reference=lambda inputs: {"y": inputs["x"]})
     inputs = make_inputs({"N": 7, "C": 9}, torch.float32, "cpu", 5)
-    ref, _, _, _ = worker._reference(t, inputs, ("k",), 5)
+    ref = worker.ReferenceCache().reference(t, inputs, ("k", 5), "cpu").ref
     before = ref["y"].clone()
     inputs["x"].fill_(7.0)
     assert torch.equal(ref["y"], before)
