@@ -12,7 +12,7 @@ Then time per token at B 1, eager, both models through the same greedy loop on t
 (prefill taken out), warmed until two medians of 5 runs agree within 3%; spreads reported.
 
     python3 bench/gpu_apply_demo.py --out demo.json          # float32, 4 layers
-    python3 bench/gpu_apply_demo.py --dtype bfloat16 --layers 24
+    python3 bench/gpu_apply_demo.py --dtype bfloat16 --layers 8 --budget 30
 
 Prints a short table; ``--out`` writes every number as JSON.
 """
@@ -80,9 +80,11 @@ def upto_eos(toks: torch.Tensor, eos: int | None) -> list[int]:
     return out
 
 
-def ms_per_token(model: Any, prompt: torch.Tensor, steps: int = 64) -> dict[str, float]:
+def ms_per_token(model: Any, prompt: torch.Tensor, steps: int = 64, budget_s: float = 60.0) -> dict[str, Any]:
     """Median (min, max) of 5 runs of (steps tokens - the prefill alone) / steps, after warm-up
-    until two successive medians agree within 3% (fla autotunes and Triton compiles first)."""
+    until two successive medians agree within 3% (fla autotunes and Triton compiles first), at most
+    8 rounds and no new round after ``budget_s`` seconds (fla's eager decode takes ~30 ms a token
+    at 4 layers: a round of 5 x 65 tokens is ~10 s); ``warm`` says whether the medians agreed."""
 
     def once() -> float:
         torch.cuda.synchronize()
@@ -95,14 +97,16 @@ def ms_per_token(model: Any, prompt: torch.Tensor, steps: int = 64) -> dict[str,
         t2 = time.perf_counter()
         return ((t1 - t0) - (t2 - t1)) / (steps - 1) * 1e3  # steps tokens, steps - 1 decode forwards
 
+    t_start = time.perf_counter()
     loop(model, prompt, 4)
     prev, rounds = None, 0
     while True:
         runs = [once() for _ in range(5)]
         med = statistics.median(runs)
         rounds += 1
-        if (prev is not None and abs(med - prev) <= 0.03 * prev) or rounds >= 8:
-            return {"median_ms": med, "min_ms": min(runs), "max_ms": max(runs), "warm_rounds": rounds}
+        warm = prev is not None and abs(med - prev) <= 0.03 * prev
+        if warm or rounds >= 8 or time.perf_counter() - t_start > budget_s:
+            return {"median_ms": med, "min_ms": min(runs), "max_ms": max(runs), "warm_rounds": rounds, "warm": warm}
         prev = med
 
 
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of warm-up per model before timing anyway")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from momtune.reference.checkpoint import as_config
 
     dtype = getattr(torch, a.dtype)
+    say = lambda msg: print(f"[{time.perf_counter() - t_run:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    t_run = time.perf_counter()
     fla = fla_model(a.layers, dtype, a.seed)
     fast = copy.deepcopy(fla)
     t0 = time.perf_counter()
@@ -141,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(a.seed + 1)
     ids = torch.randint(1, 32000, (a.batch, a.prompt), generator=g).to("cuda")
+    say(f"momtune.apply done; fla's greedy tokens ({a.batch} x {a.new})")
     want = loop(fla, ids, a.new)  # fla's greedy tokens on its own cache
     ends = upto_eos(want, getattr(fla.config, "eos_token_id", None))
+    say("the applied model through transformers' generate")
     got = hf_greedy(fast, ids, a.new)  # the applied model through transformers' generate
     fla_gen = hf_greedy(fla, ids, a.new)  # fla itself through generate (its cache handling under this transformers)
     fla_generate_equal = not first_split(fla_gen, want, ends)
@@ -160,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                           "float64_margin": float((last[want[row, k]] - last[got[row, k]]).abs())})
         del ref64
     prompt = ids[:1]
-    times = {"fla": ms_per_token(fla, prompt), "momtune.apply": ms_per_token(fast, prompt)}
+    say("timing fla")
+    times = {"fla": ms_per_token(fla, prompt, budget_s=a.budget)}
+    say("timing momtune.apply")
+    times["momtune.apply"] = ms_per_token(fast, prompt, budget_s=a.budget)
     same = not splits
     res = {"gpu": torch.cuda.get_device_name(), "dtype": a.dtype, "layers": a.layers, "batch": a.batch,
            "prompt": a.prompt, "new": a.new, "seed": a.seed, "swapped": dict(summary.swapped), "apply_s": apply_s,
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
           + f"; fla through HF generate {'=' if fla_generate_equal else '!='} its own greedy loop")
     print(f"{'':16}{'ms/token (B1, eager)':>22}{'min-max':>18}")
     for name, t in times.items():
-        print(f"{name:16}{t['median_ms']:>22.3f}{t['min_ms']:>9.3f}-{t['max_ms']:.3f}")
+        print(f"{name:16}{t['median_ms']:>22.3f}{t['min_ms']:>9.3f}-{t['max_ms']:.3f}"
+              + ("" if t["warm"] else f"  (not settled after {t['warm_rounds']} rounds)"))
     print(f"speed-up: {res['speedup_b1']:.2f}x")
     if a.out:
         tmp = a.out.with_suffix(a.out.suffix + ".tmp")

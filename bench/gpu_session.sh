@@ -71,7 +71,7 @@ stage() {
     demo)  # issue 13: fla's MomForCausalLM made fast with momtune.apply, HF generate, time per token
       timeout 150 python3 bench/gpu_apply_demo.py --out $OUT/apply-demo-fp32.json > $OUT/apply-demo.log 2>&1
       echo "apply demo fp32: rc $?"
-      timeout 200 python3 bench/gpu_apply_demo.py --dtype bfloat16 --layers 24 --out $OUT/apply-demo-bf16.json \
+      timeout 170 python3 bench/gpu_apply_demo.py --dtype bfloat16 --layers 8 --budget 30 --out $OUT/apply-demo-bf16.json \
         >> $OUT/apply-demo.log 2>&1; echo "apply demo bf16: rc $?"; tail -14 $OUT/apply-demo.log ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \

@@ -156,7 +156,7 @@ def bench_layer_prefill(preset: str, B: int, T: int, impls: Iterable[str], dtype
     cfg = MoMConfig.from_preset(preset)
     torch.manual_seed(0)
     state = make_layer("reference", cfg, torch.float32, None).state_dict()
-    x = torch.randn(B, T, cfg.hidden_size, device="cuda", dtype=dtype)
+    x = cuda_randn((B, T, cfg.hidden_size), dtype)
     rows, outs = [], {}
     for impl in impls:
         try:
@@ -189,7 +189,7 @@ def bench_layer_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
     cfg = MoMConfig.from_preset(preset)
     torch.manual_seed(0)
     state = make_layer("reference", cfg, torch.float32, None).state_dict()
-    x = torch.randn(B, prompt + 1, cfg.hidden_size, device="cuda", dtype=dtype)
+    x = cuda_randn((B, prompt + 1, cfg.hidden_size), dtype)
     rows = []
     for impl in impls:
         try:
@@ -237,7 +237,38 @@ def _graph_fields(step: Callable[[], Any]) -> dict[str, Any]:
         return _graph_ms(step).fields("graph")
     except Exception as exc:  # noqa: BLE001 - the reason is the result
         torch.cuda.synchronize()
+        _close_failed_capture()
         return {"note": f"no CUDA graph: capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"}
+
+
+def _close_failed_capture() -> None:
+    """After a capture that failed, capture an empty graph. A failed ``torch.cuda.graph`` never
+    reaches the CUDA generator's capture epilogue (torch 2.11), so the generator stays marked as
+    capturing and the next random op on the device raises "Offset increment outside graph capture
+    encountered unexpectedly" (seen on the H200, 2026-11-29); a capture that ends closes that
+    state where the generator keeps one flag. The benchmarks' inputs come from a CPU generator
+    (:func:`cuda_randn`) either way, so they never depend on this."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    except Exception:  # noqa: BLE001 - best effort: nothing here needs the device generator
+        torch.cuda.synchronize()
+
+
+def _cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def cuda_randn(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, device: str = "cuda") -> torch.Tensor:
+    """Standard-normal benchmark inputs drawn on the CPU from ``seed`` and copied to ``device``:
+    the same for every implementation and run, and independent of the device's random generator
+    (which a failed CUDA-graph capture can leave unusable, see :func:`_close_failed_capture`)."""
+    return torch.randn(shape, generator=_cpu_generator(seed), dtype=torch.float32).to(device, dtype)
+
+
+def cuda_randint(high: int, shape: tuple[int, ...], seed: int = 0, device: str = "cuda") -> torch.Tensor:
+    """Token ids in [0, high) drawn on the CPU from ``seed`` and copied to ``device`` (as :func:`cuda_randn`)."""
+    return torch.randint(0, high, shape, generator=_cpu_generator(seed)).to(device)
 
 
 @torch.no_grad()
@@ -253,7 +284,7 @@ def bench_model_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
     torch.manual_seed(0)
     rows = []
     state = None
-    ids = torch.randint(0, cfg.vocab_size, (B, prompt + 1), device="cuda")
+    ids = cuda_randint(cfg.vocab_size, (B, prompt + 1))
     for impl in impls:
         model = cache = None
         try:
