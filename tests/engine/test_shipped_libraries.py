@@ -94,3 +94,38 @@ def test_on_another_triton_the_library_is_not_used(tmp_path: Path, machine_trito
     assert (source == "exact") is used
     if not used:
         assert any("triton: library '3.6.0', this machine '3.7.0'" in str(w.message) for w in seen)
+
+
+SHIPPED = sorted(Path(dispatch.shipped_dir()).glob("*.json"))
+
+
+def test_momtune_ships_the_h200_library() -> None:
+    names = [p.name for p in SHIPPED]
+    assert "nvidia-h200-triton3.6.json" in names, names
+    got = pick_shipped(H200)
+    assert got is not None and Path(got).name == "nvidia-h200-triton3.6.json"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_a_shipped_library_is_current_and_every_config_is_in_its_search_space(path: Path) -> None:
+    """A kernel edit changes its template's source hash; a shipped library tuned before it would
+    run the defaults on the GPU it names (warned once). CI fails instead: re-tune on that GPU and
+    export again, or drop the stale template from the shipped file (`momtune export --template`)."""
+    from momtune.library import config_problem, load_library, source_problem
+    from momtune.space import find_space
+    from momtune.templates import library_spec, resolve_template
+
+    lib = load_library(path)
+    assert not lib.unknown, lib.unknown
+    assert lib.size() > 0
+    for key in ("gpu", "capability", "triton", "torch", "commit", "searched", "floor_peak"):
+        assert lib.provenance.get(key), f"{path.name}: provenance.{key} missing"
+    for name, tmpl in lib.templates.items():
+        template = resolve_template(library_spec(name, tmpl.get("spec")))
+        assert source_problem(name, tmpl, template.source_hash(), strict=True) is None, (
+            f"{path.name}: template {name} changed since it was tuned ({tmpl.get('source_hash')} -> "
+            f"{template.source_hash()}); re-tune on {lib.provenance['gpu']} or drop it from the shipped file")
+        space = find_space(name, template=template)
+        for e in lib.entries(name):
+            assert config_problem(e["config"], e["shape"], template, space) is None, (name, e["shape"])
+            assert e["time_ms"] > 0 and e["time_ms"] <= e["default_time_ms"] * 1.02, (name, e["shape"])
