@@ -10,6 +10,9 @@
 #                                                 # recurrence STATES split, layer profile       (~9 min)
 #   bash bench/gpu_session.sh search / sampler    # longer versions of tune's two halves
 #   bash bench/gpu_session.sh effort              # --effort quick on the recurrence (pattern search)
+#   bash bench/gpu_session.sh library1            # H200 library: recurrence, merge, conv, decode (~7 min)
+#   bash bench/gpu_session.sh library2            # H200 library: routing, norm, swiglu, both sets (~8 min)
+#   bash bench/gpu_session.sh shiplib             # export the quick/ studies, verify (<6 min)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
 # from the committed H100 report's), next to every log and JSON file; copy it back to .bench/
@@ -108,6 +111,27 @@ stage() {
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
+    library1|library2)  # issue 11, item 6: every template's H200 library, --effort quick (pattern search),
+      # studies named quick/... (the recurrence resumes the effort stage's); then `shiplib`
+      if [ $1 = library1 ]; then
+        local runs=("recurrence merge conv:mom-340m-prefill:25" "decode:decode:25")
+      else
+        local runs=("routing norm swiglu:mom-340m-prefill:15" "routing norm swiglu:mom-1.3b-prefill:15")
+      fi
+      for r in "${runs[@]}"; do
+        IFS=: read names set secs <<< "$r"
+        local targs=""; for n in $names; do targs="$targs --template $n"; done
+        # 3 shapes a template; per study its time, the winner's re-timing and the references
+        timeout $(( $(wc -w <<< "$names") * 3 * (secs + 20) + 60 )) momtune search $targs --shapes $set --effort quick --timeout $secs --study quick \
+          --storage $DB --workers 16 -q >> $OUT/$1.log 2>&1; echo "$names $set: rc $?"
+      done
+      grep -a -E "winner|per minute" $OUT/$1.log | cut -c1-200 | tail -40 ;;
+    shiplib)  # export the quick/... studies, verify every entry against the default (exits non-zero on a
+      # tuned config slower beyond noise), ship $OUT/library-h200.json as momtune/libraries/nvidia-h200-triton3.6.json
+      momtune export --storage $DB --study quick --gpu "$(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
+        --out $OUT/library-h200.json 2>&1 | tail -3
+      timeout 300 momtune verify $OUT/library-h200.json > $OUT/verify-h200.log 2>&1; echo "verify rc $?"
+      tail -45 $OUT/verify-h200.log ;;
     effort)  # --effort quick on the full recurrence space, every mom-340m prefill shape: configs per
       # minute, time to the first result, and the winner against bench/gpu_recurrence.py's hand-listed best
       timeout 300 momtune search --template recurrence --shapes mom-340m-prefill --effort quick --study quick \
@@ -131,7 +155,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 shiplib finish report"; return 2 ;;
   esac
 }
 
