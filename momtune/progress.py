@@ -150,6 +150,11 @@ class RichReporter(Reporter):
             first = "no result" if self._first is None else f"first result after {self._first:.1f} s"
             self.console.print(f"  {n} trials this run in {wall:.0f} s ({60 * n / max(wall, 1e-9):.1f} per minute), "
                                f"{first}", markup=False, highlight=False)
+            phases = getattr(result, "phases_ms", None)
+            if phases:  # where the benchmark worker's time went: what limits the configs per minute
+                parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e3:.2f}" for k, v in phases.items())
+                self.console.print(f"  benchmark worker, median s per trial over {result.phase_trials}: {parts} "
+                                   f"(sum {sum(phases.values()) / 1e3:.2f})", markup=False, highlight=False)
         if result.winner is None:
             self.console.print(f"  [red]no config passed the check[/] ({result.stopped})")
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import statistics
 import threading
 import time
 import warnings
@@ -80,6 +81,10 @@ class StudyResult:
     floor_ms: float | None
     stopped: str = ""
     default_kept: dict[str, Any] | None = None  # the best config, within noise of the default (kept)
+    # median ms per trial of this run's benchmarked trials in each phase of the benchmark worker
+    # (inputs, reference, first_run, check, timing; momtune.worker), and how many trials that is
+    phases_ms: dict[str, float] | None = None
+    phase_trials: int = 0
 
 
 @dataclass
@@ -101,6 +106,7 @@ class _Ctx:
     invalid_streak: int = 0
     stopped: str = ""
     pattern: Any = None  # momtune.pattern.PatternSearch of this study (--sampler pattern)
+    phases: list[dict[str, float]] = field(default_factory=list)  # benchmark worker phases of this run's trials
 
 
 class Engine:
@@ -472,6 +478,11 @@ class Engine:
                 attrs[k] = v  # the gate's failure kind (momtune.gate.KINDS)
         if isinstance(reply.get("device"), str):
             attrs["device"] = reply["device"]  # the benchmark worker (one per GPU) that measured it
+        phases = reply.get("phases_ms")
+        if isinstance(phases, dict) and not cached:  # where the benchmark worker's time went (ms)
+            attrs["phases_ms"] = {str(k): float(v) for k, v in phases.items()
+                                  if isinstance(v, (int, float)) and math.isfinite(v)}
+            ctx.phases.append(attrs["phases_ms"])
         if status == "ok" and "time_ms" not in attrs:
             status, attrs["reason"] = "error", f"the worker said ok without a finite time ({reply.get('time_ms')!r})"
         # Written in this order: the other attributes, then the status, then the state. Each is its
@@ -517,6 +528,7 @@ class Engine:
         attrs = ctx.study.user_attrs
         res = StudyResult(name, template, ctx.shape, ctx.dtype, self.interpreter, c.done, c.by_status, None, None,
                           attrs.get("default_time_ms"), attrs.get("floor_ms"), ctx.stopped)
+        res.phases_ms, res.phase_trials = phase_medians(ctx.phases)
         if not c.ok:
             return res
         old = attrs.get("winner")
@@ -542,6 +554,18 @@ class Engine:
             res.winner, res.winner_ms, res.default_ms = winner["config"], winner["time_ms"], default_ms
             res.default_kept = winner.get("default_kept")
         return res
+
+
+def phase_medians(rows: Sequence[Mapping[str, float]]) -> tuple[dict[str, float] | None, int]:
+    """(median ms per phase, number of trials) over the trials' ``phases_ms``; a phase a trial did
+    not reach (a wrong answer stops before timing) counts as 0 for it."""
+    if not rows:
+        return None, 0
+    names = sorted({k for r in rows for k in r}, key=lambda k: PHASES.index(k) if k in PHASES else len(PHASES))
+    return {k: statistics.median(float(r.get(k, 0.0)) for r in rows) for k in names}, len(rows)
+
+
+PHASES = ("inputs", "reference", "first_run", "check", "timing")
 
 
 def _result_of(attrs: Mapping[str, Any]) -> dict[str, Any]:

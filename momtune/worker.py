@@ -352,7 +352,17 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     dtype = getattr(torch, req["dtype"])
     shape = req["shape"]
     sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    phases: dict[str, float] = {}  # where a trial's wall time goes (ms), for the search's per-study line
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        sync()
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + (now - clock[0]) * 1e3
+        clock[0] = now
+
     inputs = t.make_inputs(shape, dtype, device, int(req.get("seed", 0)))
+    lap("inputs")
     op = req["op"]
     if op == "compile":
         t.launch(inputs, req["config"])
@@ -393,28 +403,34 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     seed = int(req.get("seed", 0))
     checked = _REFERENCES.reference(t, inputs, (key, seed), device)
     ref = checked.ref
+    lap("reference")
     out = buffers(config)
     t0 = time.perf_counter()
     res = t.launch(inputs, config, out=out)
     sync()
     first_ms = (time.perf_counter() - t0) * 1e3
+    lap("first_run")  # loading the compiled kernels (and the output buffers' first launch)
     got = res if res is not None else out
     bounds = checked.bounds(t, inputs, got, dtype, device)
+    lap("reference")  # the bounds' reference in the kernel's dtype (cached with the float64 one)
     verdict = check(got, ref, bounds, "check run")
     worst = verdict.worst
+    lap("check")
     reply: Reply = {"max_abs_err": worst[2], "max_rel_err": worst[1], "rel_norm_err": worst[0], "first_run_ms": first_ms,
-                    "bounds": {k: [b.norm, b.elem] for k, b in bounds.items()}}
+                    "bounds": {k: [b.norm, b.elem] for k, b in bounds.items()}, "phases_ms": phases}
     if not verdict.ok:
         return {**reply, "status": "wrong_answer", "reason": verdict.reason, "check": verdict.kind}
     fn = timed_fn(config, out)
     timing = measure(fn, opts)
-    sync()
+    lap("timing")
     # re-check after timing: other inputs copied into the same tensors, the outputs poisoned
     # again, one more call of what was timed (a launch that caches its first answer, skips work
     # after the first call or keeps a stale state fails here)
     fresh = t.make_inputs(shape, dtype, device, seed + 1)
     refill(inputs, fresh)
+    lap("inputs")
     checked2 = _REFERENCES.reference(t, inputs, (key, seed + 1), device)
+    lap("reference")
     poison_(got)
     if getattr(t, "timed_launch", None) is not None:
         # the timed step updates its cache in place (decode): the whole step is checked by launch
@@ -424,6 +440,7 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     sync()
     got2 = res2 if isinstance(res2, dict) else got
     verdict2 = check(got2, checked2.ref, checked2.bounds(t, inputs, got2, dtype, device), "after timing")
+    lap("check")
     if not verdict2.ok:
         return {**reply, "status": "wrong_answer", "reason": verdict2.reason, "check": verdict2.kind}
     return {**reply, "status": "ok", "reason": "", "time_ms": timing.median_ms, "spread": timing.spread,

@@ -113,3 +113,25 @@ def test_each_study_says_its_rate_and_time_to_first_result(monkeypatch: pytest.M
     r.study_finished(SimpleNamespace(winner=None, stopped="timeout"))
     out = capsys.readouterr().out
     assert "3 trials this run in 30 s (6.0 per minute), first result after 6.0 s" in out, out
+
+
+def test_each_study_says_where_the_benchmark_workers_time_went(capsys) -> None:  # noqa: ANN001
+    """What limits configs per minute (issue 11, item 2): the median seconds per trial in each phase."""
+    from types import SimpleNamespace
+
+    from momtune.progress import RichReporter
+    from momtune.search import phase_medians
+
+    rows = [{"inputs": 100.0, "reference": 9000.0, "first_run": 50.0, "check": 20.0, "timing": 300.0},
+            {"inputs": 120.0, "reference": 0.0, "first_run": 40.0, "check": 30.0, "timing": 310.0},
+            {"inputs": 110.0, "reference": 0.0, "first_run": 60.0, "check": 25.0}]  # a wrong answer: not timed
+    phases, n = phase_medians(rows)
+    assert n == 3 and list(phases) == ["inputs", "reference", "first_run", "check", "timing"]
+    assert phases == {"inputs": 110.0, "reference": 0.0, "first_run": 50.0, "check": 25.0, "timing": 300.0}
+    assert phase_medians([]) == (None, 0)
+    r = RichReporter()
+    r.study_started("s", target=3, space_size=9, interpreter=False, done=0, timeout_s=None)
+    r.study_finished(SimpleNamespace(winner=None, stopped="timeout", phases_ms=phases, phase_trials=n))
+    out = capsys.readouterr().out
+    assert ("benchmark worker, median s per trial over 3: inputs 0.11, reference 0.00, first run 0.05, check 0.03, "
+            "timing 0.30 (sum 0.48)") in out, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -39,10 +40,16 @@ def test_every_failure_kind_is_recorded_and_search_reaches_winner(storage: str, 
         fault, status = t.user_attrs["config"]["FAULT"], t.user_attrs["status"]
         seen.setdefault(fault, set()).add(status)
         assert t.user_attrs["cached"] is False
+        phases = t.user_attrs.get("phases_ms")
         if status == "ok":
             assert t.state.name == "COMPLETE" and t.value == t.user_attrs["time_ms"] > 0
             assert t.user_attrs["max_abs_err"] < 1e-5
-        else:
+            # where the benchmark worker's time went, every phase reached
+            assert set(phases) == {"inputs", "reference", "first_run", "check", "timing"}
+            assert all(v >= 0 for v in phases.values()) and phases["timing"] > 0
+        elif status == "wrong_answer":  # stopped at its check: never timed
+            assert "check" in phases and "timing" not in phases
+        if status != "ok":
             assert t.state.name == "FAIL" and t.user_attrs["reason"] and "\n" not in t.user_attrs["reason"]
     assert seen == {k: {v} for k, v in EXPECTED.items()}
     by_fault = {t.user_attrs["config"]["FAULT"]: t.user_attrs["reason"] for t in study.trials
@@ -52,6 +59,9 @@ def test_every_failure_kind_is_recorded_and_search_reaches_winner(storage: str, 
     assert res.by_status == {"ok": 2, "compile_error": 1, "out_of_resources": 1, "timeout": 1, "illegal_memory": 1,
                              "wrong_answer": 2, "error": 1}
     assert res.winner is not None and res.winner["FAULT"] == "none"
+    with_phases = [t.user_attrs["phases_ms"] for t in study.trials if "phases_ms" in t.user_attrs]
+    assert res.phase_trials == len(with_phases) >= 4  # the 2 ok and the 2 wrong answers at least
+    assert res.phases_ms["timing"] == statistics.median(p.get("timing", 0.0) for p in with_phases)
     attrs = study.user_attrs
     assert attrs["winner"]["config"] == res.winner and attrs["winner"]["retimed"] is True
     assert attrs["template"] == "faulty" and attrs["shape"] == {"N": 7, "C": 9} and attrs["dtype"] == "float32"
