@@ -19,7 +19,9 @@ TEMPLATE_MODULES: dict[str, str] = {
     "conv": "conv.template",
     "decode": "decode.template",
     "norm": "norm.template",
+    "norm_bwd": "norm.template_bwd",
     "swiglu": "swiglu.template",
+    "swiglu_bwd": "swiglu.template_bwd",
 }
 
 

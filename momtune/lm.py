@@ -48,14 +48,11 @@ class RMSNorm(ref_model.RMSNorm):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve_backend(self.backend, x, self) == "reference":
+        if resolve_backend(self.backend, x, self, backward=True) == "reference":
             return super().forward(x)
-        from momtune.kernels.norm import add_rms_norm
-
         D = x.shape[-1]
         x2 = x.reshape(-1, D)
-        cfg = cached_config(self._configs, "norm", dict(N=x2.shape[0], D=D, residual=0), x.dtype)
-        return add_rms_norm(x2, self.weight, eps=self.eps, config=cfg)[0].view(x.shape)
+        return _norm(self, x2, self.weight, self.eps, None)[0].view(x.shape)
 
 
 class MoMBlock(ref_model.MoMBlock):
@@ -75,23 +72,54 @@ class MoMBlock(ref_model.MoMBlock):
 
     def forward(self, x: torch.Tensor, cache: MoMCache | None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if resolve_backend(self.backend, x, self) == "reference":
+        # the norms and SwiGLU have backward kernels; the attention decides for itself (its kernels
+        # are forward-only: under autograd, 'auto' runs its reference)
+        if resolve_backend(self.backend, x, self, backward=True) == "reference":
             return super().forward(x, cache, attention_mask)
-        from momtune.kernels.norm import add_rms_norm
-        from momtune.kernels.swiglu import swiglu
-
         B, T, D = x.shape
-        N, dt, mlp = B * T, x.dtype, self.mlp
+        N, mlp = B * T, self.mlp
         x2 = x.reshape(N, D)
-        h, _ = add_rms_norm(x2, self.attn_norm.weight, eps=self.attn_norm.eps,
-                            config=cached_config(self._configs, "norm", dict(N=N, D=D, residual=0), dt))
+        h, _ = _norm(self, x2, self.attn_norm.weight, self.attn_norm.eps, None)
         o, router_logits, _ = self.attn(h.view(B, T, D), attention_mask, past_key_values=cache)
-        h, x2 = add_rms_norm(o.reshape(N, D), self.mlp_norm.weight, residual=x2, eps=self.mlp_norm.eps,
-                             config=cached_config(self._configs, "norm", dict(N=N, D=D, residual=1), dt))
+        h, x2 = _norm(self, o.reshape(N, D), self.mlp_norm.weight, self.mlp_norm.eps, x2)
         I = mlp.gate_proj.weight.shape[0]
-        a = swiglu(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight),
-                   config=cached_config(self._configs, "swiglu", dict(N=N, I=I), dt))
+        a = _swiglu(self, F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight), N, I)
         return torch.addmm(x2, a, mlp.down_proj.weight.t()).view(B, T, D), router_logits
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _norm(module: nn.Module, x2: torch.Tensor, weight: torch.Tensor, eps: float,
+          residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) of the norm kernel; through :func:`momtune.functions.add_rms_norm_train` (the
+    ``norm_bwd`` kernel for the gradients) while autograd records."""
+    from momtune.kernels.norm import add_rms_norm
+
+    N, D = x2.shape
+    shape = dict(N=N, D=D, residual=int(residual is not None))
+    cfg = cached_config(module._configs, "norm", shape, x2.dtype)
+    if _recording(x2, weight, residual):
+        from momtune.functions import add_rms_norm_train
+
+        return add_rms_norm_train(x2, weight, residual=residual, eps=eps, config=cfg,
+                                  backward_config=cached_config(module._configs, "norm_bwd", shape, x2.dtype))
+    return add_rms_norm(x2, weight, residual=residual, eps=eps, config=cfg)
+
+
+def _swiglu(module: nn.Module, g: torch.Tensor, u: torch.Tensor, N: int, I: int) -> torch.Tensor:
+    """silu(g) * u on the swiglu kernel; through :func:`momtune.functions.swiglu_train` (the
+    ``swiglu_bwd`` kernel) while autograd records."""
+    from momtune.kernels.swiglu import swiglu
+
+    cfg = cached_config(module._configs, "swiglu", dict(N=N, I=I), g.dtype)
+    if _recording(g, u):
+        from momtune.functions import swiglu_train
+
+        return swiglu_train(g, u, config=cfg, backward_config=cached_config(module._configs, "swiglu_bwd",
+                                                                             dict(N=N, I=I), g.dtype))
+    return swiglu(g, u, config=cfg)
 
 
 class MoMForCausalLM(ref_model.MoMForCausalLM):

@@ -109,13 +109,16 @@ def run_fitting(store: dict, template: str, shape: dict[str, int], dtype: torch.
                       f"{list(tmpl.fallbacks)}")
 
 
-def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None) -> str:
-    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. The Triton
-    kernels are forward-only: while autograd records for ``module``'s parameters, 'auto' runs the
-    reference (and says so once) and 'triton' is an error rather than silently lost gradients.
+def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None,
+                    backward: bool = False) -> str:
+    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. The attention's
+    Triton kernels are forward-only: while autograd records for ``module``'s parameters, 'auto'
+    runs the reference (and says so once) and 'triton' is an error rather than silently lost
+    gradients. ``backward``: the caller's kernels have backward kernels (the norms and SwiGLU,
+    :mod:`momtune.functions`), so autograd does not send it to the reference.
     Triton's interpreter computes bfloat16 dots wrongly: there, with bfloat16 ``x`` or weights,
     'auto' runs the reference (said once) and 'triton' is an error rather than garbage."""
-    if module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+    if not backward and module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         if backend == "auto":
             _say_once("auto-grad", "momtune: autograd is recording, and the Triton kernels are forward-only: "
                                    "backend 'auto' runs the PyTorch reference (use torch.no_grad() or "

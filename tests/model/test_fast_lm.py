@@ -153,3 +153,54 @@ def test_generate_checks_its_arguments_on_every_path():
         fast.generate(ids, 3, do_sample=True, temperature=0.0)
     with pytest.raises(InputError, match="top_k"):
         fast.generate(ids, 3, do_sample=True, top_k=0)
+
+
+@needs_kernels
+def test_auto_training_step_runs_the_norm_and_swiglu_backward_kernels(monkeypatch):
+    """Issue 14: with autograd recording, backend 'auto' runs the LM's norms and SwiGLU forward and
+    backward on their kernels (the attention still on its reference), and every gradient matches
+    the float64 reference LM's within 4 x the float32 reference's own error."""
+    import warnings
+
+    import momtune.functions
+    from momtune.kernels.norm import backward as norm_bwd
+    from momtune.kernels.swiglu import backward as swiglu_bwd
+
+    calls = {"norm_bwd": 0, "swiglu_bwd": 0}
+
+    def counted(fn, key):
+        def wrapper(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(norm_bwd, "rms_norm_backward", counted(norm_bwd.rms_norm_backward, "norm_bwd"))
+    monkeypatch.setattr(swiglu_bwd, "swiglu_backward", counted(swiglu_bwd.swiglu_backward, "swiglu_bwd"))
+    cfg, fast, ref = _pair(seed=4)
+    fast.backend = "auto"
+    for m in fast.modules():
+        if hasattr(m, "backend"):
+            m.backend = "auto"
+    fast.train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the attention's "autograd is recording" notice
+        loss = fast(ids, labels=ids).loss
+    loss.backward()
+    L = cfg.num_hidden_layers
+    assert calls == {"norm_bwd": 2 * L + 1, "swiglu_bwd": L}, calls  # attn_norm, mlp_norm per block, final norm
+    assert momtune.functions  # the module the LM trains through
+    names = [n for n, _ in fast.named_parameters()]
+    assert all(p.grad is not None for p in fast.parameters())
+    grads = {}
+    for dt in (torch.float64, torch.float32):
+        r = momtune.reference.MoMForCausalLM(cfg).to(DEVICE, dt).train()
+        r.load_state_dict({k: v.to(dt) for k, v in fast.state_dict().items()})
+        r(ids, labels=ids).loss.backward()
+        grads[dt] = dict(r.named_parameters())
+    for n in names:
+        got, want, want32 = (d[n].grad.double() for d in (dict(fast.named_parameters()), grads[torch.float64],
+                                                          grads[torch.float32]))
+        scale = float(want.norm()) or 1.0
+        err, ref_err = float((got - want).norm()) / scale, float((want32 - want).norm()) / scale
+        assert err <= max(4 * ref_err, 4 * torch.finfo(torch.float32).eps), (n, err, ref_err)
