@@ -843,6 +843,13 @@ def resolve_mode(tiny: bool, seed: int, localize: bool = False) -> Mode:
                 interpreter=interp, seed=seed, localize=localize)
 
 
+def selected(names: list[str], only: list[str]) -> bool:
+    """Whether ``--only`` takes a check of these row names: each entry is a name, or a prefix that
+    ends at one of its ':' parts ("template" takes template:norm; "template:norm" does not take
+    template:norm_bwd); no entries take everything."""
+    return not only or any(n == o or n.startswith(o.rstrip(":") + ":") for n in names for o in only)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -852,7 +859,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="tiny shapes, preset 'tiny', float32 (automatic without CUDA: Triton interpreter)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON file: rows, log, provenance (default $OUT/gpu-smoke.json when $OUT is set)")
-    ap.add_argument("--only", default="", help="comma-separated check names or prefixes (e.g. template,layer)")
+    ap.add_argument("--only", default="", help="comma-separated check names, or their prefixes up to a ':' "
+                    "(e.g. template,layer: every template row and the layer's)")
     ap.add_argument("--no-fla", action="store_true", help="leave out the fla comparison")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--localize", action="store_true",
@@ -881,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     rows: list[Row] = []
     for names, runner in plan(mode):
-        if only and not any(n == o or n.startswith(o) for n in names for o in only):
+        if not selected(names, only):
             continue
         if args.no_fla and names == [LM_CHECKS[3]]:
             continue

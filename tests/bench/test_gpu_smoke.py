@@ -151,3 +151,13 @@ def test_generate_divergence_passes_only_at_a_near_tie():
     assert not ok and "not a near-tie" in detail
     ok, detail = smoke._near_tie(got, want, T, [near], [ref_logits], [0])  # logits over the bound there
     assert not ok and "over the bound" in detail
+
+
+def test_only_takes_names_and_prefixes_at_a_colon():
+    smoke = _smoke()
+    assert smoke.selected(["template:norm_bwd"], [])
+    assert smoke.selected(["template:norm_bwd"], ["template"]) and smoke.selected(["template:norm"], ["template:"])
+    assert smoke.selected(["template:norm"], ["template:norm"])
+    assert not smoke.selected(["template:norm_bwd"], ["template:norm"])  # was taken as a plain prefix
+    assert smoke.selected(["lm:fp32-logits", "lm:fp32-generate"], ["layer", "lm"])
+    assert not smoke.selected(["layer:prefill+decode"], ["lay"])
