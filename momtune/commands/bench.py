@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from momtune.commands import int_in
 from momtune.errors import InputError
@@ -72,16 +73,30 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr if args.json else sys.stdout)
         write_json_atomic(args.out, {"schema": "momtune.bench/1", "provenance": prov, "rows": rows})
 
+    failed: list[str] = []
+
+    def group(kind: str, preset: str, shape: dict, measure: Any) -> None:
+        """One group of rows; a group that raises (outside the per-implementation guards) becomes
+        a failed row per implementation and the run goes on to the next group."""
+        try:
+            done(measure())
+        except Exception as exc:  # noqa: BLE001 - the reason is the result; the exit status says it
+            failed.append(f"{kind} {preset} {shape}")
+            why = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            done([bench._row(kind, preset, shape, dtype, impl, note=why) for impl in args.impls])
+
     for preset in args.presets:
         if "layer_prefill" in args.what:
             for B, T in shapes:
-                done(bench.bench_layer_prefill(preset, B, T, args.impls, dtype))
+                group("layer_prefill", preset, dict(B=B, T=T),
+                      lambda: bench.bench_layer_prefill(preset, B, T, args.impls, dtype))
         if "layer_decode" in args.what:
             for B in args.batches:
-                done(bench.bench_layer_decode(preset, B, args.impls, dtype))
+                group("layer_decode", preset, dict(B=B), lambda: bench.bench_layer_decode(preset, B, args.impls, dtype))
         if "model_decode" in args.what:
             for B in args.batches:
-                done(bench.bench_model_decode(preset, B, args.impls, dtype, layers=args.layers))
+                group("model_decode", preset, dict(B=B),
+                      lambda: bench.bench_model_decode(preset, B, args.impls, dtype, layers=args.layers))
     _print(rows, stderr=args.json)
     if args.json:
         import json
@@ -90,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(finite({"schema": "momtune.bench/1", "provenance": prov, "rows": rows}), indent=1,
                          default=str))
+    if failed:
+        print(f"momtune bench: {len(failed)} group(s) failed: {'; '.join(failed)} (their rows say why)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -81,3 +81,35 @@ def test_bench_json_prints_the_bench_file_on_stdout(tmp_path, monkeypatch, capsy
     assert printed["rows"][0]["ms"] == 0.5 and printed["rows"][0]["ms_max"] is None  # no NaN/inf in JSON
     assert json.loads(out.read_text())["rows"][0]["ms"] == 0.5
     assert "layer_decode tiny" in cap.err and "momtune bench" in cap.err
+
+
+def test_a_group_that_raises_is_a_failed_row_and_the_run_goes_on(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """On the H200 (2026-11-29) one decode batch raised outside the per-implementation guards and
+    every later row was lost; now that group's rows say why, the next groups run, and the exit
+    status is 1."""
+    import json
+
+    import torch
+
+    import momtune.bench as bench
+    import momtune.provenance as provenance
+    from momtune.cli import main
+
+    def decode(preset, B, impls, dtype, prompt=16):  # noqa: ANN001
+        if B == 1:
+            raise RuntimeError("Offset increment outside graph capture encountered unexpectedly.")
+        return [{"kind": "layer_decode", "name": preset, "shape": {"B": B}, "dtype": "bfloat16", "impl": i,
+                 "ms": 0.5, "ms_min": 0.4, "ms_max": 0.6, "calls": 30, "warmup_rounds": 2} for i in impls]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(provenance, "collect", lambda *a, **k: {"gpu": "fake"})
+    monkeypatch.setattr(bench, "bench_layer_decode", decode)
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--what", "layer_decode", "--batches", "1", "8", "--impls", "momtune", "fla",
+               "--presets", "tiny", "--out", str(out)])
+    assert rc == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"]["B"], r["impl"]) for r in rows] == [(1, "momtune"), (1, "fla"), (8, "momtune"), (8, "fla")]
+    assert all(r["note"].startswith("failed: RuntimeError: Offset increment") for r in rows[:2])
+    assert all(r["ms"] == 0.5 for r in rows[2:])
+    assert "1 group(s) failed: layer_decode tiny {'B': 1}" in capsys.readouterr().err
