@@ -24,8 +24,9 @@ layout (:mod:`momtune.reference.cache`: batch first, so HF's reorder/select of c
 the token count advances by the tokens processed. An entry written by fla's own layer (another
 layout) is refused, not misread: start a new cache after ``apply``.
 
-Backends as :class:`momtune.MoMAttention`: under autograd ``auto`` runs the PyTorch reference
-(the kernels are forward-only), so training loops keep working. The math is fla's eval-mode
+Backends as :class:`momtune.MoMAttention`: under autograd ``auto`` runs the attention's PyTorch
+reference (its kernels are forward-only) and the norms and SwiGLU on their forward and backward
+kernels (:mod:`momtune.functions`), so training loops keep working. The math is fla's eval-mode
 math (fla in training mode runs its short convs across memory segments; momtune never does).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch import nn
 from momtune import settings
 from momtune.checks import check_choice
 from momtune.errors import InputError, MomtuneError
-from momtune.model import BACKENDS, MoMAttention, cached_config, resolve_backend
+from momtune.model import BACKENDS, MoMAttention, resolve_backend
 from momtune.reference.cache import LayerCache, MoMCache
 
 #: fla 0.6.0 classes apply() swaps (exact types: a subclass may change the math), by kind.
@@ -164,13 +165,12 @@ class FlaRMSNorm(nn.Module):
         """As fla's: y = rms_norm(x + residual) * weight in x's dtype; with ``prenorm`` also the sum
         (in residual's dtype, float32 with ``residual_in_fp32`` and no residual)."""
         if self._on_kernel(x, residual, residual_in_fp32):
-            from momtune.kernels.norm import add_rms_norm
+            from momtune.functions import rms_norm_op
 
             D = x.shape[-1]
             x2 = x.reshape(-1, D)
             r2 = None if residual is None else residual.reshape(-1, D)
-            cfg = cached_config(self._configs, "norm", dict(N=x2.shape[0], D=D, residual=int(r2 is not None)), x.dtype)
-            y, h = add_rms_norm(x2, self.weight, residual=r2, eps=self.eps, config=cfg)
+            y, h = rms_norm_op(self._configs, x2, self.weight, self.eps, r2)  # trains on norm_bwd
             y, h = y.view(x.shape), h.view(x.shape)
         else:
             cd = torch.promote_types(x.dtype, torch.float32)
@@ -180,7 +180,7 @@ class FlaRMSNorm(nn.Module):
         return (y, h) if prenorm else y
 
     def _on_kernel(self, x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> bool:
-        if resolve_backend(self.backend, x, self) != "triton":
+        if resolve_backend(self.backend, x, self, backward=True) != "triton":
             return False
         return (x.dtype in KERNEL_DTYPES and self.weight.dtype in KERNEL_DTYPES and x.dim() >= 1
                 and x.shape[-1] == self.weight.shape[0]
@@ -204,13 +204,12 @@ class FlaGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
-        if resolve_backend(self.backend, x, self) == "triton" and g.dtype in KERNEL_DTYPES and u.dtype == g.dtype:
-            from momtune.kernels.swiglu import swiglu
+        if (resolve_backend(self.backend, x, self, backward=True) == "triton" and g.dtype in KERNEL_DTYPES
+                and u.dtype == g.dtype):
+            from momtune.functions import swiglu_op
 
             I = g.shape[-1]
-            g2, u2 = g.reshape(-1, I), u.reshape(-1, I)
-            a = swiglu(g2, u2, config=cached_config(self._configs, "swiglu", dict(N=g2.shape[0], I=I), g.dtype))
-            a = a.view(g.shape)
+            a = swiglu_op(self._configs, g.reshape(-1, I), u.reshape(-1, I)).view(g.shape)  # trains on swiglu_bwd
         else:  # fla's swiglu: fp32 inside, the input's dtype out
             cd = torch.promote_types(g.dtype, torch.float32)
             a = (F.silu(g.to(cd)) * u.to(cd)).to(g.dtype)

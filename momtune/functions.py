@@ -4,6 +4,8 @@ autograd the attention runs the reference, see :func:`momtune.model.resolve_back
 
     add_rms_norm_train(x, weight, residual=None, eps) -> (y, h)    norm / norm_bwd templates
     swiglu_train(g, u) -> y                                         swiglu / swiglu_bwd templates
+    rms_norm_op, swiglu_op     the kernel call the fast modules make: through the functions above
+                               while autograd records, the plain forward kernel otherwise
 
 Saved for backward: the norm's h (its input after the residual add; rstd and the normalised row
 are recomputed) and the weight; SwiGLU's g and u (silu(g) is recomputed). Configs come from the
@@ -83,3 +85,37 @@ def swiglu_train(g: torch.Tensor, u: torch.Tensor, *, config: Mapping[str, Any] 
                  backward_config: Mapping[str, Any] | None = None) -> torch.Tensor:
     """:func:`momtune.kernels.swiglu.swiglu` with gradients for g and u (the ``swiglu_bwd`` kernel)."""
     return _SwiGLU.apply(g, u, config, backward_config)
+
+
+def _recording(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def rms_norm_op(configs: dict, x2: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) of the ``norm`` kernel on x2 [N, D] (configs looked up once in ``configs``, a
+    module's own dict); through :func:`add_rms_norm_train` (``norm_bwd`` for the gradients) while
+    autograd records."""
+    from momtune.kernels.norm import add_rms_norm
+    from momtune.model import cached_config
+
+    N, D = x2.shape
+    shape = dict(N=N, D=D, residual=int(residual is not None))
+    cfg = cached_config(configs, "norm", shape, x2.dtype)
+    if _recording(x2, weight, residual):
+        return add_rms_norm_train(x2, weight, residual=residual, eps=eps, config=cfg,
+                                  backward_config=cached_config(configs, "norm_bwd", shape, x2.dtype))
+    return add_rms_norm(x2, weight, residual=residual, eps=eps, config=cfg)
+
+
+def swiglu_op(configs: dict, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u on the ``swiglu`` kernel, g and u [N, I]; through :func:`swiglu_train`
+    (``swiglu_bwd``) while autograd records."""
+    from momtune.kernels.swiglu import swiglu
+    from momtune.model import cached_config
+
+    shape = dict(N=g.shape[0], I=g.shape[1])
+    cfg = cached_config(configs, "swiglu", shape, g.dtype)
+    if _recording(g, u):
+        return swiglu_train(g, u, config=cfg, backward_config=cached_config(configs, "swiglu_bwd", shape, g.dtype))
+    return swiglu(g, u, config=cfg)

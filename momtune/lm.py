@@ -29,7 +29,8 @@ from torch import nn
 from momtune import settings
 from momtune.checks import check_choice
 from momtune.errors import InputError
-from momtune.model import BACKENDS, MoMAttention, cached_config, resolve_backend
+from momtune.functions import rms_norm_op, swiglu_op
+from momtune.model import BACKENDS, MoMAttention, resolve_backend
 from momtune.reference import model as ref_model
 from momtune.reference.cache import MoMCache
 from momtune.reference.config import MoMConfig
@@ -52,7 +53,7 @@ class RMSNorm(ref_model.RMSNorm):
             return super().forward(x)
         D = x.shape[-1]
         x2 = x.reshape(-1, D)
-        return _norm(self, x2, self.weight, self.eps, None)[0].view(x.shape)
+        return rms_norm_op(self._configs, x2, self.weight, self.eps, None)[0].view(x.shape)
 
 
 class MoMBlock(ref_model.MoMBlock):
@@ -79,47 +80,11 @@ class MoMBlock(ref_model.MoMBlock):
         B, T, D = x.shape
         N, mlp = B * T, self.mlp
         x2 = x.reshape(N, D)
-        h, _ = _norm(self, x2, self.attn_norm.weight, self.attn_norm.eps, None)
+        h, _ = rms_norm_op(self._configs, x2, self.attn_norm.weight, self.attn_norm.eps, None)
         o, router_logits, _ = self.attn(h.view(B, T, D), attention_mask, past_key_values=cache)
-        h, x2 = _norm(self, o.reshape(N, D), self.mlp_norm.weight, self.mlp_norm.eps, x2)
-        I = mlp.gate_proj.weight.shape[0]
-        a = _swiglu(self, F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight), N, I)
+        h, x2 = rms_norm_op(self._configs, o.reshape(N, D), self.mlp_norm.weight, self.mlp_norm.eps, x2)
+        a = swiglu_op(self._configs, F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))
         return torch.addmm(x2, a, mlp.down_proj.weight.t()).view(B, T, D), router_logits
-
-
-def _recording(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _norm(module: nn.Module, x2: torch.Tensor, weight: torch.Tensor, eps: float,
-          residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) of the norm kernel; through :func:`momtune.functions.add_rms_norm_train` (the
-    ``norm_bwd`` kernel for the gradients) while autograd records."""
-    from momtune.kernels.norm import add_rms_norm
-
-    N, D = x2.shape
-    shape = dict(N=N, D=D, residual=int(residual is not None))
-    cfg = cached_config(module._configs, "norm", shape, x2.dtype)
-    if _recording(x2, weight, residual):
-        from momtune.functions import add_rms_norm_train
-
-        return add_rms_norm_train(x2, weight, residual=residual, eps=eps, config=cfg,
-                                  backward_config=cached_config(module._configs, "norm_bwd", shape, x2.dtype))
-    return add_rms_norm(x2, weight, residual=residual, eps=eps, config=cfg)
-
-
-def _swiglu(module: nn.Module, g: torch.Tensor, u: torch.Tensor, N: int, I: int) -> torch.Tensor:
-    """silu(g) * u on the swiglu kernel; through :func:`momtune.functions.swiglu_train` (the
-    ``swiglu_bwd`` kernel) while autograd records."""
-    from momtune.kernels.swiglu import swiglu
-
-    cfg = cached_config(module._configs, "swiglu", dict(N=N, I=I), g.dtype)
-    if _recording(g, u):
-        from momtune.functions import swiglu_train
-
-        return swiglu_train(g, u, config=cfg, backward_config=cached_config(module._configs, "swiglu_bwd",
-                                                                             dict(N=N, I=I), g.dtype))
-    return swiglu(g, u, config=cfg)
 
 
 class MoMForCausalLM(ref_model.MoMForCausalLM):

@@ -286,10 +286,18 @@ def test_a_bare_fla_layer_keeps_fla_call_signature_and_packed_input():
 
 
 # ---------------------------------------------------------------- training
-def test_a_training_step_runs_the_reference_and_matches_its_gradients():
-    """Under autograd, backend 'auto' runs the PyTorch reference (the kernels are forward-only): fla's
+def test_a_training_step_matches_the_reference_gradients(monkeypatch):
+    """Under autograd, backend 'auto' runs the attention's PyTorch reference (its kernels are
+    forward-only) and the norms and SwiGLU on their forward and backward kernels (issue 14): fla's
     own loss (cross-entropy + aux loss from the router logits) and every gradient match momtune's
     reference LM, within FACTOR x the reference's own float32 error."""
+    from momtune.kernels.norm import backward as norm_bwd
+    from momtune.kernels.swiglu import backward as swiglu_bwd
+
+    calls = []
+    for mod, name in ((norm_bwd, "rms_norm_backward"), (swiglu_bwd, "swiglu_backward")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _name=name, **k: (calls.append(_name), _fn(*a, **k))[1])
     model, state = _fla_model(CASES[0], seed=8)
     ref32, ref64 = _references(model, state)
     momtune.apply(model)
@@ -300,6 +308,8 @@ def test_a_training_step_runs_the_reference_and_matches_its_gradients():
         warnings.simplefilter("ignore")
         out = model(ids, attention_mask=mask, labels=labels)
     out.loss.backward()
+    L = model.config.num_hidden_layers
+    assert calls.count("rms_norm_backward") == 2 * L + 1 and calls.count("swiglu_backward") == L, calls
     losses = {}
     for name, ref in (("ref64", ref64), ("ref32", ref32)):
         r = ref(ids, attention_mask=mask, labels=labels)
