@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh library2            # H200 library: routing, norm, swiglu, both sets (~8 min)
 #   bash bench/gpu_session.sh shiplib             # export the quick/ studies, verify (<6 min)
 #   bash bench/gpu_session.sh projection          # all-memories projection GEMM vs routed rows (<2 min)
+#   bash bench/gpu_session.sh backward            # norm_bwd, swiglu_bwd vs PyTorch autograd (<2 min)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
 # from the committed H100 report's), next to every log and JSON file; copy it back to .bench/
@@ -80,6 +81,9 @@ stage() {
     projection)  # issue 12, item 3: the projection for every memory vs the routed rows only (grouped GEMM)
       timeout 150 python3 bench/gpu_projection.py --out $OUT/projection.json > $OUT/projection.log 2>&1
       echo "projection: rc $?"; tail -26 $OUT/projection.log ;;
+    backward)  # issue 14: norm_bwd and swiglu_bwd against PyTorch autograd of the same ops (bf16)
+      timeout 120 python3 bench/gpu_backward.py --out $OUT/backward.json > $OUT/backward.log 2>&1
+      echo "backward: rc $?"; tail -12 $OUT/backward.log ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
@@ -159,7 +163,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 shiplib projection finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 shiplib projection backward finish report"; return 2 ;;
   esac
 }
 
