@@ -109,9 +109,12 @@ end
 begin "momtune list"
 out="$(momtune list)"
 for t in "${TEMPLATES[@]}"; do
-  # the template's module and its search space (package data) on the template's row
-  grep -Eq "momtune\.kernels\.$t\.template[[:space:]].*\b$t\.toml\b" <<< "$out" \
-    || fail "'momtune list' has no row for template $t with module momtune.kernels.$t.template and $t.toml:"$'\n'"$out"
+  # the template's module and its search space (package data) on the template's row; a backward
+  # template NAME_bwd lives beside its forward, in momtune.kernels.NAME.template_bwd
+  mod="momtune.kernels.$t.template"
+  case "$t" in *_bwd) mod="momtune.kernels.${t%_bwd}.template_bwd" ;; esac
+  grep -Eq "${mod//./\\.}[[:space:]].*\b$t\.toml\b" <<< "$out" \
+    || fail "'momtune list' has no row for template $t with module $mod and $t.toml:"$'\n'"$out"
 done
 end
 
