@@ -16,6 +16,7 @@ TEMPLATE_MODULES: dict[str, str] = {
     "routing": "routing.template",
     "recurrence": "recurrence.template",
     "merge": "merge.template",
+    "merge_bwd": "merge.template_bwd",
     "conv": "conv.template",
     "decode": "decode.template",
     "norm": "norm.template",

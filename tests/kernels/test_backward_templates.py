@@ -1,4 +1,4 @@
-"""The backward templates norm_bwd and swiglu_bwd (issue 14) and the autograd functions over them
+"""The backward templates norm_bwd, swiglu_bwd and merge_bwd (issue 14) and the autograd functions over them
 (momtune.functions): every output is checked with the tuner's gate, i.e. against float64 autograd
 of the forward's reference with bounds derived from that reference run in float32 on the same
 inputs (FACTOR x its own error, momtune.gate), outputs poisoned with NaN first, on ragged and
@@ -63,6 +63,34 @@ SWIGLU_CASES = [(7, 40, None), (3, 128, None), (33, 130, dict(BLOCK_N=2, BLOCK_I
 def test_swiglu_bwd_matches_float64_autograd(case: tuple, dtype: torch.dtype) -> None:
     N, I, cfg = case
     run("swiglu_bwd", dict(N=N, I=I), dtype, "cpu", cfg, seed=N + I)
+
+
+MERGE_CASES = [  # (B, T, H, V, J, fused_norm, config)
+    (2, 13, 2, 16, 3, 1, None), (1, 5, 3, 24, 2, 0, None), (3, 7, 2, 24, 3, 1, dict(BLOCK_T=1, num_warps=1)),
+    (1, 40, 1, 32, 1, 1, dict(BLOCK_T=32, num_warps=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", MERGE_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-V{c[3]}-J{c[4]}-fused{c[5]}-"
+                         f"{'cfg' if c[6] else 'default'}")
+def test_merge_bwd_matches_float64_autograd(case: tuple, dtype: torch.dtype) -> None:
+    B, T, H, V, J, fused, cfg = case
+    run("merge_bwd", dict(B=B, T=T, H=H, V=V, J=J, fused_norm=fused), dtype, "cpu", cfg, seed=B * T + V)
+
+
+def test_merge_bwd_writes_every_packed_row_and_the_gate_gradient_is_not_the_plain_one() -> None:
+    """do_packed: each packed row once (slot is a bijection); dgate carries silu's full derivative."""
+    t = get_template("merge_bwd")
+    inputs = t.make_inputs(dict(B=2, T=9, H=2, V=16, J=3, fused_norm=1), torch.float32, "cpu", 4)
+    got = t.launch(inputs, t.default_config)
+    assert not torch.isnan(got["do_packed"]).any()
+    wrong = dict(got)
+    g = inputs["gate"].double()
+    s = torch.sigmoid(g)
+    wrong["dgate"] = (got["dgate"].double() / (s * (1 + g * (1 - s))) * s).float()  # sigmoid instead of silu'
+    with pytest.raises(AssertionError, match="dgate"):
+        gate("merge_bwd", inputs, wrong, torch.float32, "cpu")
 
 
 def test_strided_rows_are_read_through_their_strides() -> None:
@@ -178,19 +206,19 @@ def test_bad_configs_are_refused() -> None:
         swiglu_backward(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8), config={"BLOCK_I": 100})
 
 
-@pytest.mark.parametrize("name", ["norm_bwd", "swiglu_bwd"])
+@pytest.mark.parametrize("name", ["norm_bwd", "swiglu_bwd", "merge_bwd"])
 def test_backward_search_spaces(name: str) -> None:
     check_space(name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name, shape", [(n, s) for n in ("norm_bwd", "swiglu_bwd")
+@pytest.mark.parametrize("name, shape", [(n, s) for n in ("norm_bwd", "swiglu_bwd", "merge_bwd")
                                          for s in gpu_shapes(n, ("mom-340m-prefill", "mom-1.3b-prefill"))])
 def test_backward_templates_gpu_bf16(name: str, shape: dict) -> None:
     run(name, shape, torch.bfloat16, "cuda", seed=12)
 
 
 def test_tiny_sets_exist() -> None:
-    for name in ("norm_bwd", "swiglu_bwd"):
+    for name in ("norm_bwd", "swiglu_bwd", "merge_bwd"):
         assert load_space(name)["shapes"]["tiny"]["shapes"]
