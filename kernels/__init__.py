@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 # template name -> module that defines ``TEMPLATE`` (a Template)
 TEMPLATE_MODULES: dict[str, str] = {
     "routing": "routing.template",
+    "routing_bwd": "routing.template_bwd",
     "recurrence": "recurrence.template",
     "merge": "merge.template",
     "merge_bwd": "merge.template_bwd",

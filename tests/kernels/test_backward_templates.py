@@ -1,4 +1,4 @@
-"""The backward templates norm_bwd, swiglu_bwd and merge_bwd (issue 14) and the autograd functions over them
+"""The backward templates norm_bwd, swiglu_bwd, merge_bwd and routing_bwd (issue 14) and the autograd functions over them
 (momtune.functions): every output is checked with the tuner's gate, i.e. against float64 autograd
 of the forward's reference with bounds derived from that reference run in float32 on the same
 inputs (FACTOR x its own error, momtune.gate), outputs poisoned with NaN first, on ragged and
@@ -77,6 +77,34 @@ MERGE_CASES = [  # (B, T, H, V, J, fused_norm, config)
 def test_merge_bwd_matches_float64_autograd(case: tuple, dtype: torch.dtype) -> None:
     B, T, H, V, J, fused, cfg = case
     run("merge_bwd", dict(B=B, T=T, H=H, V=V, J=J, fused_norm=fused), dtype, "cpu", cfg, seed=B * T + V)
+
+
+ROUTING_CASES = [  # (B, T, E, topk, shared, config)
+    (2, 13, 4, 2, 1, None), (1, 1, 4, 4, 0, None), (5, 40, 8, 4, 0, dict(BLOCK_T=16, num_warps=1)),
+    (2, 9, 6, 3, 1, dict(BLOCK_T=512, num_warps=8)),
+]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ROUTING_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-E{c[2]}-k{c[3]}-sh{c[4]}-"
+                         f"{'cfg' if c[5] else 'default'}")
+def test_routing_bwd_matches_float64_autograd(case: tuple, dtype: torch.dtype) -> None:
+    B, T, E, k, sh, cfg = case
+    run("routing_bwd", dict(B=B, T=T, E=E, topk=k, shared=sh, D=16), dtype, "cpu", cfg, seed=B * T + E)
+
+
+def test_routing_bwd_zero_where_there_is_no_gradient() -> None:
+    """Top-1 weights are the constant 1 and unchosen logits never matter: exact zeros there (the
+    float64 autograd reference is only zero up to rounding, so the gate alone says little)."""
+    t = get_template("routing_bwd")
+    inputs = t.make_inputs(dict(B=3, T=40, E=3, topk=1, shared=1, D=8), torch.float32, "cpu", 2)
+    assert torch.count_nonzero(t.launch(inputs, t.default_config)["dlogits"]) == 0
+    inputs = t.make_inputs(dict(B=2, T=9, E=6, topk=2, shared=0, D=8), torch.float32, "cpu", 3)
+    dl = t.launch(inputs, t.default_config)["dlogits"]
+    chosen = torch.zeros_like(dl, dtype=torch.bool).scatter_(-1, inputs["idx"].long(), True)
+    assert torch.count_nonzero(dl[~chosen]) == 0 and torch.count_nonzero(dl[chosen]) > 0
+    # a token's gradients sum to zero (the softmax's shift invariance)
+    assert float(dl.sum(-1).abs().max()) < 1e-6
 
 
 def test_merge_bwd_writes_every_packed_row_and_the_gate_gradient_is_not_the_plain_one() -> None:
@@ -206,19 +234,19 @@ def test_bad_configs_are_refused() -> None:
         swiglu_backward(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8), config={"BLOCK_I": 100})
 
 
-@pytest.mark.parametrize("name", ["norm_bwd", "swiglu_bwd", "merge_bwd"])
+@pytest.mark.parametrize("name", ["norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd"])
 def test_backward_search_spaces(name: str) -> None:
     check_space(name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name, shape", [(n, s) for n in ("norm_bwd", "swiglu_bwd", "merge_bwd")
+@pytest.mark.parametrize("name, shape", [(n, s) for n in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd")
                                          for s in gpu_shapes(n, ("mom-340m-prefill", "mom-1.3b-prefill"))])
 def test_backward_templates_gpu_bf16(name: str, shape: dict) -> None:
     run(name, shape, torch.bfloat16, "cuda", seed=12)
 
 
 def test_tiny_sets_exist() -> None:
-    for name in ("norm_bwd", "swiglu_bwd", "merge_bwd"):
+    for name in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd"):
         assert load_space(name)["shapes"]["tiny"]["shapes"]
