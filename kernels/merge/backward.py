@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from momtune.checks import check_tensor
-from momtune.errors import InputError
-from momtune.kernels.routing.common import FLOAT_DTYPES, INDEX_DTYPES, output_tensor, require_triton_device, resolve_config
+from momtune.kernels.merge.merge import checked_inputs
+from momtune.kernels.routing.common import output_tensor, require_triton_device, resolve_config
 
 DEFAULT_CONFIG: dict[str, int] = {"BLOCK_T": 8, "num_warps": 4}
 
@@ -94,30 +94,9 @@ def merge_backward(
     """Gradients of :func:`momtune.kernels.merge.merge_prefill` from dy [B, T, H, V]:
     {"do_packed": [Np, H, V] in o_packed's dtype, "dweights": [B, T, J] float32} and, with the
     fused norm, "dgate": [B*T, H*V] in gate's dtype and "dnorm_weight": [V] in its dtype."""
-    check_tensor("o_packed", o_packed, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("slot", slot, ndim=3, dtypes=INDEX_DTYPES)
-    B, T, J = slot.shape
-    Np, H, V = o_packed.shape
-    if Np != B * T * J:
-        raise InputError(f"o_packed: expected {B * T * J} packed rows (B*T*J from slot {list(slot.shape)}), got {Np}")
-    check_tensor("weights", weights, shape=(B, T, J), dtypes=(torch.float32,))
+    B, T, J, H, V, gate, norm_weight = checked_inputs(o_packed, slot, weights, gate, norm_weight, eps)
+    Np, fused = B * T * J, gate is not None
     check_tensor("dy", dy, shape=(B, T, H, V), dtypes=(o_packed.dtype,))
-    fused = gate is not None
-    if fused != (norm_weight is not None):
-        raise InputError("gate / norm_weight: give both (fused gated RMSNorm) or neither")
-    if fused:
-        assert gate is not None and norm_weight is not None
-        if gate.dim() == 3:
-            check_tensor("gate", gate, shape=(B, T, H * V), dtypes=FLOAT_DTYPES)
-        else:
-            check_tensor("gate", gate, shape=(B * T, H * V), dtypes=FLOAT_DTYPES)
-        gate = gate.reshape(B * T, H * V)
-        if gate.stride(-1) != 1:
-            gate = gate.contiguous()
-        check_tensor("norm_weight", norm_weight, shape=(V,), dtypes=FLOAT_DTYPES)
-        norm_weight = norm_weight.contiguous()
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise InputError(f"eps: expected a positive float, got {eps!r}")
     cfg = resolve_config(config, DEFAULT_CONFIG, "merge_bwd")
     require_triton_device(*([o_packed, slot, weights, dy] + ([gate, norm_weight] if fused else [])))
     dev = o_packed.device

@@ -54,24 +54,10 @@ def _merge_kernel(
     tl.store(y_ptr + t64[:, None] * (H * V) + h * V + v[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def merge_prefill(
-    o_packed: torch.Tensor,
-    slot: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    gate: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    config: Mapping[str, Any] | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y[b, t] = sum_j weights[b, t, j] * o_packed[slot[b, t, j]] (fp32 accumulation).
-
-    o_packed [Np, H, V] (Np = B*T*J), slot [B, T, J] int32/int64, weights [B, T, J] float32.
-    With ``gate`` ([B*T, H*V] or [B, T, H*V]) and ``norm_weight`` [V]: per-head
-    ``rms_norm(y) * norm_weight * silu(gate)`` fused (fp32 math). Returns y [B, T, H, V] in
-    o_packed's dtype (written into ``out`` if given).
-    """
+def checked_inputs(o_packed: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor | None,
+                   norm_weight: torch.Tensor | None, eps: float) -> tuple[Any, ...]:
+    """The merge's inputs checked, naming the argument at fault (forward and backward):
+    (B, T, J, H, V, gate as [B*T, H*V] with contiguous rows or None, norm_weight contiguous or None)."""
     check_tensor("o_packed", o_packed, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("slot", slot, ndim=3, dtypes=INDEX_DTYPES)
     B, T, J = slot.shape
@@ -95,6 +81,29 @@ def merge_prefill(
         norm_weight = norm_weight.contiguous()
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise InputError(f"eps: expected a positive float, got {eps!r}")
+    return B, T, J, H, V, gate, norm_weight
+
+
+def merge_prefill(
+    o_packed: torch.Tensor,
+    slot: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    config: Mapping[str, Any] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[b, t] = sum_j weights[b, t, j] * o_packed[slot[b, t, j]] (fp32 accumulation).
+
+    o_packed [Np, H, V] (Np = B*T*J), slot [B, T, J] int32/int64, weights [B, T, J] float32.
+    With ``gate`` ([B*T, H*V] or [B, T, H*V]) and ``norm_weight`` [V]: per-head
+    ``rms_norm(y) * norm_weight * silu(gate)`` fused (fp32 math). Returns y [B, T, H, V] in
+    o_packed's dtype (written into ``out`` if given).
+    """
+    B, T, J, H, V, gate, norm_weight = checked_inputs(o_packed, slot, weights, gate, norm_weight, eps)
+    fused = gate is not None
     cfg = resolve_config(config, DEFAULT_CONFIG, "merge")
     tensors = [o_packed, slot, weights] + ([gate, norm_weight] if fused else [])
     require_triton_device(*tensors)

@@ -77,6 +77,6 @@ TEMPLATE = Template(
     reference=reference,
     default_config=dict(DEFAULT_CONFIG),
     cost=cost,
-    sources=tuple(str(HERE / f) for f in ("backward.py", "template_bwd.py")) + (str(HERE.parent / "routing" / "common.py"),),
+    sources=tuple(str(HERE / f) for f in ("backward.py", "template_bwd.py", "merge.py")) + (str(HERE.parent / "routing" / "common.py"),),
     tolerances={**DEFAULT_TOLERANCE, torch.float32: (1e-4, 1e-4)},
 )
