@@ -101,3 +101,18 @@ class Template:
                 f"shape for template {self.name!r}: expected keys {list(self.shape_keys)}, "
                 f"missing {missing}, unknown {extra}"
             )
+
+
+def reference_gradients(reference: Callable[..., Outputs], inputs: Inputs, wrt: Mapping[str, str],
+                        grads: Mapping[str, torch.Tensor | None], dtype: torch.dtype = torch.float64) -> Outputs:
+    """A backward template's reference: autograd of a forward template's ``reference`` run in
+    ``dtype``. ``inputs``: the forward reference's inputs; ``wrt``: output name -> the forward
+    input it is the gradient of; ``grads``: forward output name -> its gradient (None: unused)."""
+    with torch.enable_grad():
+        leaves = {k: inputs[k].detach().to(dtype).requires_grad_(True) for k in wrt.values()}
+        outs = reference({**inputs, **leaves}, dtype=dtype)
+        used = [k for k, g in grads.items() if g is not None]
+        got = torch.autograd.grad([outs[k] for k in used], list(leaves.values()),
+                                  [grads[k].to(outs[k].dtype) for k in used], allow_unused=True)
+    by_input = {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(leaves.items(), got)}
+    return {name: by_input[k] for name, k in wrt.items()}

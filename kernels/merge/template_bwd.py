@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from momtune.kernels.template import DEFAULT_TOLERANCE, Inputs, Outputs, Shape, Template
+from momtune.kernels.template import DEFAULT_TOLERANCE, Inputs, Outputs, Shape, Template, reference_gradients
 
 from .backward import DEFAULT_CONFIG, merge_backward
 from .template import EPS
 from .template import make_inputs as forward_inputs
+from .template import reference as forward_reference
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,28 +36,10 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
 
 
 def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
-    from momtune.reference.norm import gated_rms_norm
-    from momtune.reference.routing import merge
-
-    slot = inputs["slot"]
-    B, T, J = slot.shape
-    _, H, V = inputs["o_packed"].shape
-    fused = inputs["gate"] is not None
-    with torch.enable_grad():
-        o = inputs["o_packed"].detach().to(dtype).requires_grad_(True)
-        w = inputs["weights"].detach().to(dtype).requires_grad_(True)
-        leaves = [o, w]
-        y = merge(o, slot.long(), w)
-        if fused:
-            g = inputs["gate"].detach().to(dtype).requires_grad_(True)
-            nw = inputs["norm_weight"].detach().to(dtype).requires_grad_(True)
-            leaves += [g, nw]
-            y = gated_rms_norm(y, g.view(B, T, H, V), nw, EPS)
-        grads = torch.autograd.grad(y, leaves, inputs["dy"].to(dtype))
-    out = {"do_packed": grads[0].detach(), "dweights": grads[1].detach()}
-    if fused:
-        out["dgate"], out["dnorm_weight"] = grads[2].detach(), grads[3].detach()
-    return out
+    wrt = {"do_packed": "o_packed", "dweights": "weights"}
+    if inputs["gate"] is not None:
+        wrt.update(dgate="gate", dnorm_weight="norm_weight")
+    return reference_gradients(forward_reference, inputs, wrt, {"y": inputs["dy"]}, dtype)
 
 
 def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:

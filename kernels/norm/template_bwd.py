@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from momtune.kernels.template import DEFAULT_TOLERANCE, Inputs, Outputs, Shape, Template
+from momtune.kernels.template import DEFAULT_TOLERANCE, Inputs, Outputs, Shape, Template, reference_gradients
 
 from .backward import DEFAULT_CONFIG, rms_norm_backward
+from .template import EPS
+from .template import reference as forward_reference
 
 HERE = Path(__file__).resolve().parent
-EPS = 1e-6
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, seed: int) -> Inputs:
@@ -37,16 +38,12 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
 
 
 def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
-    from momtune.reference.norm import rms_norm
-
-    with torch.enable_grad():
-        h = inputs["h"].detach().to(dtype).requires_grad_(True)
-        w = inputs["weight"].detach().to(dtype).requires_grad_(True)
-        y = rms_norm(h, w, EPS)
-        dh, dw = torch.autograd.grad(y, (h, w), inputs["dy"].to(dtype))
+    # the forward's reference on h (the residual add is done); h's gradient as the residual stream adds on
+    fwd = {"x": inputs["h"], "residual": None, "weight": inputs["weight"]}
+    out = reference_gradients(forward_reference, fwd, {"dh": "x", "dw": "weight"}, {"y": inputs["dy"]}, dtype)
     if inputs["dh_out"] is not None:
-        dh = dh + inputs["dh_out"].to(dtype)
-    return {"dh": dh.detach(), "dw": dw.detach()}
+        out["dh"] = out["dh"] + inputs["dh_out"].to(dtype)
+    return out
 
 
 def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:

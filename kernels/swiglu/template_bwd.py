@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from momtune.kernels.template import DEFAULT_TOLERANCE, Inputs, Outputs, Shape, Template
+from momtune.kernels.template import DEFAULT_TOLERANCE, Inputs, Outputs, Shape, Template, reference_gradients
 
 from .backward import DEFAULT_CONFIG, swiglu_backward
+from .template import reference as forward_reference
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,14 +33,7 @@ def launch(inputs: Inputs, config: dict, out: dict | None = None) -> Outputs:
 
 
 def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
-    import torch.nn.functional as F
-
-    with torch.enable_grad():
-        g = inputs["g"].detach().to(dtype).requires_grad_(True)
-        u = inputs["u"].detach().to(dtype).requires_grad_(True)
-        y = F.silu(g) * u
-        dg, du = torch.autograd.grad(y, (g, u), inputs["dy"].to(dtype))
-    return {"dg": dg.detach(), "du": du.detach()}
+    return reference_gradients(forward_reference, inputs, {"dg": "g", "du": "u"}, {"y": inputs["dy"]}, dtype)
 
 
 def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:
