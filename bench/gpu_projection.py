@@ -35,6 +35,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -51,9 +52,10 @@ def layout(layer: Any) -> tuple[int, int, int, int]:
     return slot0, width, ol, wl
 
 
-def routed_projection(layer: Any, x2: torch.Tensor, B: int, T: int) -> tuple[dict[str, torch.Tensor], Any]:
-    """(parts, routing): q/g/gate from the small GEMM and k/v/b/a of each packed row in segment
-    order, from x gathered per slot and one grouped GEMM."""
+def routed_projection(layer: Any, x2: torch.Tensor, B: int, T: int) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """(parts, routing, steps): q/g/gate from the small GEMM and k/v/b/a of each packed row in
+    segment order, from x gathered per slot and one grouped GEMM; ``steps`` holds each step's
+    inputs and output (what main times one by one)."""
     from momtune.kernels.routing.routing import route_and_group
 
     slot0, width, ol, wl = layout(layer)
@@ -66,22 +68,25 @@ def routed_projection(layer: Any, x2: torch.Tensor, B: int, T: int) -> tuple[dic
     order = torch.sort(r.row_mem.long(), stable=True).indices
     counts = torch.bincount(r.row_mem.long(), minlength=M)
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    xs = x2.index_select(0, r.token_index.long().index_select(0, order))
+    src = r.token_index.long().index_select(0, order)
+    xs = x2.index_select(0, src)
     w_slots = W[slot0:slot0 + M * width].view(M, width, -1).transpose(1, 2)  # [M, D, width], a view
     y = torch._grouped_mm(xs, w_slots, offs=offs)
     packed = torch.empty_like(y)
     packed.index_copy_(0, order, y)
-    return {"qg": qg, "kvba": packed}, r
+    steps = SimpleNamespace(head=W[:slot0], logits=logits, order=order, src=src, xs=xs, offs=offs, w_slots=w_slots, y=y)
+    return {"qg": qg, "kvba": packed}, r, steps
 
 
 def full_projection(layer: Any, x2: torch.Tensor) -> torch.Tensor:
     return F.linear(x2, layer._fused_weight())
 
 
-def check(layer: Any, x2: torch.Tensor, B: int, T: int, rows: int = 512, seed: int = 0) -> dict[str, float]:
-    """Relative errors vs float64 on ``rows`` sampled packed rows: the routed kvba and the full
-    GEMM's slice of the same slot; pass when routed <= 2 x full + half an ulp of the dtype."""
-    parts, r = routed_projection(layer, x2, B, T)
+def check(layer: Any, x2: torch.Tensor, parts: dict[str, torch.Tensor], r: Any, rows: int = 512,
+          seed: int = 0) -> dict[str, float]:
+    """Relative errors vs float64 on ``rows`` sampled packed rows: the routed kvba (``parts``,
+    ``r`` from :func:`routed_projection`) and the full GEMM's slice of the same slot; pass when
+    routed <= 2 x full + half an ulp of the dtype."""
     full = full_projection(layer, x2)
     slot0, width, _, _ = layout(layer)
     Np = parts["kvba"].shape[0]
@@ -141,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         B, T = (int(v) for v in s.lower().split("x"))
         x2 = cuda_randn((B * T, D), dt, device=dev)
         with torch.no_grad():
-            c = check(layer, x2, B, T)
-            slot0, width, ol, wl = layout(layer)
+            routed, r, st = routed_projection(layer, x2, B, T)
+            c = check(layer, x2, routed, r)
+            slot0, width, _, _ = layout(layer)
             total = slot0 + layer.num_slots * width
             J = layer.topk + int(layer.shared_mem)
             flops = {"full": 2 * B * T * D * total, "qg_gate": 2 * B * T * D * slot0,
@@ -150,23 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             flops["routed"] = flops["qg_gate"] + flops["grouped"]
             from momtune.kernels.routing.routing import route_and_group
 
-            W = layer._fused_weight()
-            logits = F.linear(x2, W[:slot0])[:, ol:ol + wl].contiguous()
-            r = route_and_group(logits.view(B, T, -1), layer.topk, shared=layer.shared_mem)
-            order = torch.sort(r.row_mem.long(), stable=True).indices
-            src = r.token_index.long().index_select(0, order)
-            xs = x2.index_select(0, src)
-            offs = torch.cumsum(torch.bincount(r.row_mem.long(), minlength=layer.num_slots), 0).to(torch.int32)
-            w_slots = W[slot0:slot0 + layer.num_slots * width].view(layer.num_slots, width, -1).transpose(1, 2)
-            y = torch._grouped_mm(xs, w_slots, offs=offs)
-            out = torch.empty_like(y)
+            out = torch.empty_like(st.y)
             parts = {
                 "full": lambda: full_projection(layer, x2),
-                "qg_gate": lambda: F.linear(x2, W[:slot0]),
-                "routing": lambda: route_and_group(logits.view(B, T, -1), layer.topk, shared=layer.shared_mem),
-                "gather": lambda: x2.index_select(0, src),
-                "grouped": lambda: torch._grouped_mm(xs, w_slots, offs=offs),
-                "scatter": lambda: out.index_copy_(0, order, y),
+                "qg_gate": lambda: F.linear(x2, st.head),
+                "routing": lambda: route_and_group(st.logits.view(B, T, -1), layer.topk, shared=layer.shared_mem),
+                "gather": lambda: x2.index_select(0, st.src),
+                "grouped": lambda: torch._grouped_mm(st.xs, st.w_slots, offs=st.offs),
+                "scatter": lambda: out.index_copy_(0, st.order, st.y),
                 "routed": lambda: routed_projection(layer, x2, B, T),
             }
             for name, fn in parts.items():
