@@ -1,6 +1,8 @@
 """Shared test helpers: one assert that says how far off and where; NaN poisoning; an op counter."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -62,3 +64,22 @@ class AtenOps:
         """The ops that move or compute data (not views, not allocations)."""
         meta = {"view", "_unsafe_view", "slice", "as_strided", "t", "empty", "empty_like", "expand", "select"}
         return {k: v for k, v in self.ops.items() if k not in meta}
+
+
+def load_script(path: "str | Path"):  # noqa: ANN201 - a module
+    """A script of bench/ (not a package) as a module, loaded once per process under its file
+    name (registered in sys.modules first: dataclasses look their module up while a class is made)."""
+    import importlib.util
+    import sys
+
+    name = Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]

@@ -2,21 +2,20 @@
 mom-340m's widths): every backward template passes the gate and gets a kernel and an autograd row."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_backward.py"
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU run needs the interpreter")
 
 
 def test_cpu_run_checks_and_rows(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("gpu_backward", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT)
     out = tmp_path / "b.json"
     assert mod.main(["--device", "cpu", "--rows", "5", "--presets", "mom-340m", "--out", str(out)]) == 0
     data = json.loads(out.read_text())

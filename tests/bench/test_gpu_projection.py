@@ -2,22 +2,20 @@
 CPU in the interpreter (float32, tiny preset); its timings are for the GPU."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_projection.py"
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU run needs the interpreter")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_projection", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 ARGS = ["--device", "cpu", "--preset", "tiny", "--shapes", "2x33", "3x7", "--dtype", "float32"]

@@ -3,7 +3,6 @@ row for every check, and a broken kernel, a skipped ``out=`` buffer or a diverge
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_smoke.py"
@@ -24,12 +25,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 def _smoke():
     """The script as a module (bench/ is not a package)."""
-    if "gpu_smoke" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_smoke", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_smoke"] = mod  # dataclasses look their module up while the class is made
-        spec.loader.exec_module(mod)
-    return sys.modules["gpu_smoke"]
+    return load_script(SCRIPT)
 
 
 def test_tiny_run_passes_with_a_row_per_check(tmp_path):
