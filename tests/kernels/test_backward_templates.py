@@ -241,8 +241,9 @@ def test_backward_search_spaces(name: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name, shape", [(n, s) for n in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd")
-                                         for s in gpu_shapes(n, ("mom-340m-prefill", "mom-1.3b-prefill"))])
+@pytest.mark.parametrize("name, shape", [pytest.param(n, p.values[0], id=f"{n}-{p.id}")
+                                         for n in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd")
+                                         for p in gpu_shapes(n, ("mom-340m-prefill", "mom-1.3b-prefill"))])
 def test_backward_templates_gpu_bf16(name: str, shape: dict) -> None:
     run(name, shape, torch.bfloat16, "cuda", seed=12)
 
