@@ -19,6 +19,7 @@ from typing import Any
 from .errors import InputError, LibraryError, StorageError
 from .provenance import git_commit, now_iso
 from .space import canonical
+from .timing import judge
 
 SCHEMA = "momtune.library/1"
 PROVENANCE_KEYS = ("gpu", "capability", "sm_count", "driver", "cuda", "torch", "triton", "momtune", "created",
@@ -28,7 +29,7 @@ TOP_FIELDS = ("schema", "provenance", "templates")
 PROVENANCE_FIELDS = (*PROVENANCE_KEYS, "searched", "python", "fla", "floor_peak")  # the last three optional
 TEMPLATE_FIELDS = ("source_hash", "default_config", "spec", "choices", "entries")
 ENTRY_FIELDS = ("shape", "dtype", "config", "time_ms", "default_time_ms", "max_abs_err", "max_rel_err", "trials",
-                "study", "retimed", "floor_ms", "shape_set", "also_searched")
+                "study", "retimed", "floor_ms", "shape_set", "also_searched", "default_kept")
 
 
 def _clean(obj: Any) -> Any:
@@ -226,8 +227,25 @@ def _searched_choices(trials: Sequence[Any], into: dict[str, list[Any]]) -> None
             known.extend(c for c in getattr(dist, "choices", ()) if c not in known)
 
 
+def _default_valid(attrs: Mapping[str, Any]) -> bool:
+    """The study's default config is a config of its search space for its shape: recorded by the
+    search since session 9; for older studies, from momtune's own search space (False when that
+    cannot be told: the entry then keeps the study's winner)."""
+    if "default_valid" in attrs:
+        return bool(attrs["default_valid"])
+    try:
+        from .space import find_space
+        from .templates import library_spec, resolve_template
+
+        name = str(attrs["template"])
+        space = find_space(name, template=resolve_template(library_spec(name, attrs.get("template_spec"))))
+        return space is not None and space.is_valid(attrs["default_config"], attrs["shape"])[0]
+    except Exception:  # noqa: BLE001 - a template or space that cannot be loaded here
+        return False
+
+
 def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[str, Any] | None:
-    from .study import count
+    from .study import count, is_done
 
     c = count(trials)
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok"]
@@ -239,6 +257,20 @@ def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[
     else:  # the search was interrupted before re-timing: the best trial
         best = min(ok, key=lambda t: (t.value, canonical(t.user_attrs["config"])))
         config, time_ms, retimed = dict(best.user_attrs["config"]), best.value, False
+    kept = None
+    default, default_ms = attrs.get("default_config"), attrs.get("default_time_ms")
+    if (retimed and isinstance(default, Mapping) and canonical(default) != canonical(config)
+            and isinstance(default_ms, (int, float)) and math.isfinite(default_ms) and time_ms is not None
+            and not any(is_done(t) and t.state.name != "COMPLETE" and t.user_attrs.get("config") == default
+                        for t in trials) and _default_valid(attrs)):
+        # the search's own rule (momtune.winner), for studies whose default had no result when
+        # their winner was named: a winner not faster than the default it was re-timed with beyond
+        # noise is no win (the default runs; a nearest-shape lookup must not lend this shape's
+        # config either); not for a default that recorded a failure or is outside the space here
+        spread = {canonical(c.get("config", {})): c.get("spread", 0.0) for c in winner.get("candidates", [])}
+        if judge(time_ms, default_ms, winner.get("spread", 0.0), spread.get(canonical(default), 0.0)) != "faster":
+            kept = {"config": config, "time_ms": time_ms, "spread": winner.get("spread", 0.0)}
+            config, time_ms = dict(default), default_ms
     mine = [t for t in ok if canonical(t.user_attrs["config"]) == canonical(config)]
     errs = [(t.user_attrs.get("max_abs_err", 0.0), t.user_attrs.get("max_rel_err", 0.0)) for t in mine]
     return {"shape": dict(attrs["shape"]), "dtype": attrs["dtype"], "config": config, "time_ms": time_ms,
@@ -246,7 +278,7 @@ def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[
             "max_abs_err": max((e[0] for e in errs), default=None),
             "max_rel_err": max((e[1] for e in errs), default=None),
             "trials": c.done, "study": study.study_name, "retimed": retimed, "floor_ms": attrs.get("floor_ms"),
-            "shape_set": attrs.get("shape_set")}
+            "shape_set": attrs.get("shape_set"), **({"default_kept": kept} if kept else {})}
 
 
 def build_library(storage_url: str, templates: Sequence[str] | None = None, gpu: str | None = None,

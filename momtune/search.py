@@ -211,7 +211,8 @@ class Engine:
                  "timing_mode": "interpreter" if self.interpreter else
                  ("cuda graph replay" if getattr(t, "cuda_graph", False) else "eager launches"),
                  "space_size": len(valid), "provenance": {**self.info, "source_hash": t.source_hash()},
-                 "default_config": default, "floor_ms": floor_ms(flops, nbytes, self.peaks),
+                 "default_config": default, "default_valid": default in valid,
+                 "floor_ms": floor_ms(flops, nbytes, self.peaks),
                  "floor_peak": dict(self.peaks or NOMINAL_PEAKS)}
         for k, v in attrs.items():
             study.set_user_attr(k, v)
@@ -408,8 +409,10 @@ class Engine:
         base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
 
         def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None) -> None:
-            # compiled, but the study's time is up: not run (a failed compile is still recorded)
-            if early is None and time.monotonic() > ctx.deadline and count(trials_of(ctx.study)).ok:
+            # compiled, but the study's time is up: not run (a failed compile is still recorded);
+            # the default still runs: the winner is judged against it
+            if (early is None and time.monotonic() > ctx.deadline and count(trials_of(ctx.study)).ok
+                    and canonical(config) != canonical(ctx.space.default_config())):
                 self._not_run(ctx, trial, config)
                 return
             seed = trial_seed(self.o.seed, trial.number)
@@ -547,7 +550,9 @@ class Engine:
                                "using the trials' times")
             return None
 
-        winner, default_ms = choose_winner(trials, ctx.space.default_config(), self.o.retime, c.done, retime)
+        default = ctx.space.default_config()
+        winner, default_ms = choose_winner(trials, default, self.o.retime, c.done, retime,
+                                           default_valid=default in ctx.valid)
         if winner is not None:
             ctx.study.set_user_attr("winner", winner)
             ctx.study.set_user_attr("default_time_ms", default_ms)

@@ -5,7 +5,9 @@ check) are the candidates; the default is re-timed with them for ``default_time_
 is :func:`momtune.timing.pick_winner` over the re-timed medians (ties within noise go to the
 smallest canonical config), so every machine picks the same winner from equal timings; then a
 winner that is not faster than the default beyond noise (:func:`momtune.timing.judge`) is no
-win: the default is kept, and ``default_kept`` records the config that came within noise.
+win: the default is kept, and ``default_kept`` records the config that came within noise. The
+default is kept so even when it has no result of its own (not run before the study's time ran
+out), but not when one of its trials recorded a failure.
 """
 from __future__ import annotations
 
@@ -14,29 +16,37 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .space import canonical
+from .study import is_done
 from .timing import Timing, judge, pick_winner
 
 Retimer = Callable[[Sequence[Mapping[str, Any]]], "list[Timing] | None"]
 
 
 def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: int, done: int,
-                  retime: Retimer) -> tuple[dict[str, Any] | None, float | None]:
+                  retime: Retimer, default_valid: bool = True) -> tuple[dict[str, Any] | None, float | None]:
     """(winner attr, default_time_ms) from a study's trials; (None, None) if no config passed.
 
     ``retime(configs)`` re-times configs interleaved (None if that failed: the trials' own times
-    are used and the winner is marked ``retimed: false``).
+    are used and the winner is marked ``retimed: false``). ``default_valid``: the default config
+    is a config of the search space for this shape (its constraints hold).
     """
     best: dict[str, float] = {}
     configs: dict[str, dict[str, Any]] = {}
+    refused: set[str] = set()  # configs with a recorded failure (wrong answer, error, ...)
     for t in trials:
         if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok":
             key = canonical(t.user_attrs["config"])
             best[key] = min(best.get(key, math.inf), float(t.value))
             configs[key] = dict(t.user_attrs["config"])
+        elif is_done(t) and isinstance(t.user_attrs.get("config"), Mapping):
+            refused.add(canonical(t.user_attrs["config"]))
     if not best:
         return None, None
     top = sorted(best, key=lambda key: (best[key], key))[: max(1, k)]
     dkey = canonical(default_config)
+    # the default may keep its place without a result of its own (its trial was not run before the
+    # study's time ran out): it is what runs without a library; a recorded failure of it is not
+    keepable = dkey in best or (default_valid and dkey not in refused)
     configs.setdefault(dkey, dict(default_config))
     cands = top + ([dkey] if dkey in best and dkey not in top else [])
     timed = cands + ([dkey] if dkey not in cands else [])
@@ -47,10 +57,10 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
     win = cands[pick_winner([(configs[key], times[key]) for key in cands])]
     default_ms = times[dkey].median_ms if math.isfinite(times[dkey].median_ms) else None
     kept = None
-    if retimed and win != dkey and dkey in best:
-        # a win within noise of the (checked) default is no win: the default is kept
+    if retimed and win != dkey and keepable:
+        # a win within noise of the default (or slower than it) is no win: the default is kept
         w, d = times[win], times[dkey]
-        if judge(w.median_ms, d.median_ms, w.spread, d.spread) != "faster":
+        if math.isfinite(d.median_ms) and judge(w.median_ms, d.median_ms, w.spread, d.spread) != "faster":
             kept = {"config": configs[win], "time_ms": w.median_ms, "spread": w.spread}
             win = dkey
     winner = {"config": configs[win], "time_ms": times[win].median_ms, "spread": times[win].spread,

@@ -260,3 +260,37 @@ def test_load_reports_unknown_fields_at_every_level(tmp_path: Path) -> None:
                                 "templates": {"fake": {"entries": [], "sorce_hash": "a"}}}))
     assert [u.split(":")[0] for u in load_library(path).unknown] == ["note", "provenance.trition",
                                                                       "templates.fake.sorce_hash"]
+
+
+@pytest.mark.parametrize(("winner_ms", "kept"), [(1.03, True), (1.01, True), (0.9, False)],
+                         ids=["slower", "within-noise", "faster"])
+def test_export_ships_the_default_for_a_winner_not_faster_than_it(tmp_path: Path, winner_ms: float, kept: bool) -> None:
+    """A study named before the winner had to beat a default without a result of its own (H200,
+    session 9: decode B128's winner re-timed 3% slower than the default and was exported): the
+    library holds the default, with the winner that lost under ``default_kept``; a nearest-shape
+    lookup then lends the default, not the loser."""
+    url = f"sqlite:///{tmp_path}/kept.db"
+    _fake_study(url, "NVIDIA H200", 64, 0.5)
+    study = optuna.load_study(study_name="fake:nvidia-h200:N64-C3-float32", storage=url)
+    study.set_user_attr("default_time_ms", 1.0)
+    study.set_user_attr("default_valid", True)
+    study.set_user_attr("winner", {"config": {"BLOCK": 16}, "time_ms": winner_ms, "spread": 0.001, "retimed": True,
+                                   "trials": 3, "default_kept": None,
+                                   "candidates": [{"config": {"BLOCK": 16}, "time_ms": winner_ms, "spread": 0.001}]})
+    [e] = build_library(url, note=lambda m: None)["templates"]["fake"]["entries"]
+    if kept:
+        assert e["config"] == {"BLOCK": 32} and e["time_ms"] == 1.0 and e["default_time_ms"] == 1.0
+        assert e["default_kept"] == {"config": {"BLOCK": 16}, "time_ms": winner_ms, "spread": 0.001}
+        assert e["max_rel_err"] == 1e-7  # the default's own trial's error, not the loser's
+    else:
+        assert e["config"] == {"BLOCK": 16} and e["time_ms"] == 0.9 and "default_kept" not in e
+    # a default outside the space for this shape, or with a recorded failure, is never shipped instead
+    study.set_user_attr("default_valid", False)
+    [e] = build_library(url, note=lambda m: None)["templates"]["fake"]["entries"]
+    assert e["config"] == {"BLOCK": 16} and "default_kept" not in e
+    study.set_user_attr("default_valid", True)
+    study.add_trial(optuna.trial.create_trial(
+        params={"BLOCK": 32}, distributions={"BLOCK": CategoricalDistribution([16, 32])},
+        state=optuna.trial.TrialState.FAIL, user_attrs={"status": "wrong", "config": {"BLOCK": 32}}))
+    [e] = build_library(url, note=lambda m: None)["templates"]["fake"]["entries"]
+    assert e["config"] == {"BLOCK": 16} and "default_kept" not in e

@@ -104,7 +104,7 @@ def test_trials_alternate_between_a_few_input_sets() -> None:
 def test_timeout_holds_to_one_trial_and_the_trials_it_cut_run_later(storage: str) -> None:
     """A batch of 4 compiled configs of a template whose trials take ~1 s: with --timeout 1 the
     first result is kept, the configs whose turn came after the deadline are told as not run (no
-    result, free again), and a later search without a time limit measures them."""
+    result, free again) except the default, and a later search without a time limit measures them."""
     opts = SearchOptions(trials=8, sampler="grid", storage=storage, space_dir=SPACES, timeout_s=1.0,
                          retime=1, rounds=1, workers=4)
     t0 = time.monotonic()
@@ -118,6 +118,10 @@ def test_timeout_holds_to_one_trial_and_the_trials_it_cut_run_later(storage: str
     assert not_run and all(t.state.name == "FAIL" and not is_done(t) and "status" not in t.user_attrs
                            for t in not_run)
     assert time.monotonic() - t0 < 60
+    # the default runs whenever its compile is done: the winner is judged against it
+    default = study.user_attrs["default_config"]
+    assert study.user_attrs["default_valid"] is True
+    assert any(t.user_attrs.get("config") == default and t.user_attrs.get("status") == "ok" for t in trials)
     [res2] = search([SLOW], "tiny", dataclasses.replace(opts, timeout_s=None))
     c2 = count(trials_of(optuna.load_study(study_name=res2.study, storage=storage)))
     assert c2.done == 8 and c2.ok == 8 and len(c2.measured) == 8

@@ -1,4 +1,5 @@
-"""momtune.winner.choose_winner: re-timed candidates, and a win within noise of the default is no win."""
+"""momtune.winner.choose_winner: re-timed candidates, and a win within noise of the default (or a
+loss to it) is no win."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -42,7 +43,28 @@ def test_a_win_under_the_noise_floor_keeps_the_default():
     assert winner["config"] == DEFAULT and winner["default_kept"]["config"] == {"BLOCK": 64}
 
 
-def test_without_a_checked_default_the_best_config_wins():
-    trials = [_trial(64, 0.9), _trial(128, 0.95)]  # the default never passed the check
-    winner, _ = choose_winner(trials, DEFAULT, 2, 2, _retimer({32: (1.0, 0.0), 64: (0.99, 0.0), 128: (1.2, 0.0)}))
+def _failed(block: int, status: str):
+    return SimpleNamespace(state=SimpleNamespace(name="FAIL"), value=None,
+                           user_attrs={"status": status, "config": {"BLOCK": block}})
+
+
+def test_a_default_that_failed_its_check_cannot_be_kept():
+    trials = [_failed(32, "wrong"), _trial(64, 0.9), _trial(128, 0.95)]
+    winner, default_ms = choose_winner(trials, DEFAULT, 2, 3,
+                                       _retimer({32: (1.0, 0.0), 64: (0.99, 0.0), 128: (1.2, 0.0)}))
+    assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None and default_ms == 1.0
+
+
+def test_a_default_without_a_result_is_kept_against_a_slower_winner():
+    """H200 session 9: the default's trial was not run before the study's --timeout (FAIL, no
+    status) and the named winner re-timed 3% slower than the default; it was shipped."""
+    not_run = SimpleNamespace(state=SimpleNamespace(name="FAIL"), value=None,
+                              user_attrs={"reason": "not run: the study's --timeout came first"})
+    trials = [not_run, _trial(64, 0.9), _trial(128, 0.95)]
+    winner, default_ms = choose_winner(trials, DEFAULT, 2, 3,
+                                       _retimer({32: (0.2414, 0.0), 64: (0.2491, 0.005), 128: (0.30, 0.0)}))
+    assert winner["config"] == DEFAULT and winner["time_ms"] == 0.2414 and default_ms == 0.2414
+    assert winner["default_kept"] == {"config": {"BLOCK": 64}, "time_ms": 0.2491, "spread": 0.005}
+    # a clear win over it is still taken
+    winner, _ = choose_winner(trials, DEFAULT, 2, 3, _retimer({32: (1.0, 0.0), 64: (0.8, 0.0), 128: (1.2, 0.0)}))
     assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None
