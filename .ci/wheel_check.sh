@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd -P)"
 BUILD_PY="$ROOT/.venv/bin/python"
 [ -x "$BUILD_PY" ] || BUILD_PY="$(command -v python3)"
 BASE_PY="${PYTHON:-python3}"
-TEMPLATES=(routing recurrence merge conv decode norm swiglu norm_bwd swiglu_bwd merge_bwd routing_bwd)
+TEMPLATES=(routing recurrence merge conv decode norm swiglu norm_bwd swiglu_bwd merge_bwd routing_bwd conv_bwd)
 COMMANDS=(search export verify bench report list)
 
 TMP="$(cd "$(mktemp -d -t momtune-wheel-check.XXXXXX)" && pwd -P)"

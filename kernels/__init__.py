@@ -19,6 +19,7 @@ TEMPLATE_MODULES: dict[str, str] = {
     "merge": "merge.template",
     "merge_bwd": "merge.template_bwd",
     "conv": "conv.template",
+    "conv_bwd": "conv.template_bwd",
     "decode": "decode.template",
     "norm": "norm.template",
     "norm_bwd": "norm.template_bwd",

@@ -165,6 +165,7 @@ SPECIFIC = {
         "stale-state": (_with_inputs(_zero_state("initial_state")), {"norm", "elementwise"}),
     },
     "conv": {"wrong-segment-boundary": (_with_inputs(_wrong_boundary), {"norm", "elementwise", "unwritten"})},
+    "conv_bwd": {"wrong-segment-boundary": (_with_inputs(_wrong_boundary), {"norm", "elementwise"})},
     "decode": {"stale-state": (_with_inputs(_zero_state("state")), {"norm", "elementwise"})},
 }
 AFTER_TIMING = {"work-skipped-after-check", "stale-outputs"}

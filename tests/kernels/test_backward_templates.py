@@ -1,4 +1,4 @@
-"""The backward templates norm_bwd, swiglu_bwd, merge_bwd and routing_bwd (issue 14) and the autograd functions over them
+"""The backward templates norm_bwd, swiglu_bwd, merge_bwd, routing_bwd and conv_bwd (issue 14) and the autograd functions over them
 (momtune.functions): every output is checked with the tuner's gate, i.e. against float64 autograd
 of the forward's reference with bounds derived from that reference run in float32 on the same
 inputs (FACTOR x its own error, momtune.gate), outputs poisoned with NaN first, on ragged and
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from momtune.errors import ConfigError, InputError
 from momtune.functions import add_rms_norm_train, swiglu_train
-from momtune.gate import bounds_for, check
+from momtune.gate import FACTOR, bounds_for, check
 from momtune.kernels import get_template
 from momtune.kernels.norm.backward import rms_norm_backward
 from momtune.kernels.swiglu.backward import swiglu_backward
@@ -91,6 +91,86 @@ ROUTING_CASES = [  # (B, T, E, topk, shared, config)
 def test_routing_bwd_matches_float64_autograd(case: tuple, dtype: torch.dtype) -> None:
     B, T, E, k, sh, cfg = case
     run("routing_bwd", dict(B=B, T=T, E=E, topk=k, shared=sh, D=16), dtype, "cpu", cfg, seed=B * T + E)
+
+
+CONV_CASES = [  # (B, T, E, topk, shared, C, config)
+    (2, 13, 4, 2, 1, 24, None), (1, 5, 3, 3, 0, 32, None), (3, 40, 4, 1, 1, 130, dict(BLOCK_N=8, BLOCK_C=32, num_warps=1)),
+    (1, 1, 4, 2, 1, 16, None),  # T 1: every segment one row or empty
+    (2, 33, 1, 1, 0, 64, dict(BLOCK_N=64, BLOCK_C=64, num_warps=4)),  # every token routed to the one memory
+]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-E{c[2]}-k{c[3]}-sh{c[4]}-C{c[5]}-"
+                         f"{'cfg' if c[6] else 'default'}")
+def test_conv_bwd_matches_float64_autograd(case: tuple, dtype: torch.dtype) -> None:
+    B, T, E, k, sh, C, cfg = case
+    run("conv_bwd", dict(B=B, T=T, E=E, topk=k, shared=sh, C=C), dtype, "cpu", cfg, seed=B * T + C)
+
+
+def _conv_case(seed: int = 5):
+    t = get_template("conv_bwd")
+    return t, t.make_inputs(dict(B=2, T=11, E=4, topk=2, shared=1, C=20), torch.float32, "cpu", seed)
+
+
+def test_conv_bwd_a_shared_source_sums_its_rows_gradients() -> None:
+    """q's source [B*T, C] is read by all J rows of a token: its gradient is the sum over them
+    (against float64 autograd of the forward reference on the 2-D source)."""
+    from momtune.kernels.conv.backward import segment_conv_backward
+    from momtune.reference.conv import short_conv
+
+    t, inputs = _conv_case()
+    src2 = inputs["src"][:, 0].contiguous()  # one row per token
+    args = (inputs["token_index"], inputs["row_mem"], inputs["row_seg"], inputs["cu_seqlens"], inputs["dy"])
+    out = {"dsrc": poison(torch.empty_like(src2)), "dw": poison(torch.empty_like(inputs["weight"]))}
+    dsrc, dw = segment_conv_backward(src2, inputs["weight"], *args, out=out)
+    def grads(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        x = src2.to(dtype).requires_grad_(True)
+        w = inputs["weight"].to(dtype).requires_grad_(True)
+        y, _ = short_conv(x[inputs["token_index"].long()], w, inputs["cu_seqlens"].long())
+        return torch.autograd.grad(y, (x, w), inputs["dy"].to(dtype))
+
+    (gx, gw), (fx, fw) = grads(torch.float64), grads(torch.float32)
+    assert dsrc.shape == src2.shape
+    for got, ref, ref32 in ((dsrc, gx, fx), (dw, gw, fw)):  # within FACTOR x the float32 reference's own error
+        err, own = (float(torch.linalg.norm(v.double() - ref)) for v in (got, ref32))
+        assert err <= FACTOR * own, (err, own)
+
+
+def test_conv_bwd_padding_tail_rows_get_and_give_no_gradient() -> None:
+    """A masked routing puts its padding rows after every segment (past cu_seqlens[-1], memory 0,
+    the last segment): their dy must not reach any source row or the weight."""
+    t, inputs = _conv_case()
+    want = t.launch(inputs, t.default_config)
+    tail = 5
+    padded = dict(inputs)
+    Np = inputs["token_index"].shape[0]
+    padded["token_index"] = torch.cat([inputs["token_index"], torch.arange(tail, dtype=torch.int32)])
+    padded["row_mem"] = torch.cat([inputs["row_mem"], torch.zeros(tail, dtype=torch.int32)])
+    padded["row_seg"] = torch.cat([inputs["row_seg"], torch.full((tail,), inputs["cu_seqlens"].numel() - 2,
+                                                                  dtype=torch.int32)])
+    padded["dy"] = torch.cat([inputs["dy"], 100 * torch.ones(tail, inputs["dy"].shape[1])])
+    assert int(padded["cu_seqlens"][-1]) == Np
+    got = t.launch(padded, t.default_config)
+    assert torch.equal(got["dsrc"], want["dsrc"]) and torch.equal(got["dw"], want["dw"])
+    # and the memories a token did not pick get exact zeros
+    picked = torch.zeros(inputs["src"].shape[:2], dtype=torch.bool)
+    picked[inputs["token_index"].long(), inputs["row_mem"].long()] = True
+    assert torch.count_nonzero(want["dsrc"][~picked]) == 0 and torch.count_nonzero(want["dsrc"][picked]) > 0
+
+
+def test_conv_bwd_gradient_does_not_cross_segments() -> None:
+    """A backward that let a row's da reach the previous segment's last rows is caught by the gate."""
+    t, inputs = _conv_case()
+    got = t.launch(inputs, t.default_config)
+    wrong = {k: v.clone() for k, v in got.items()}
+    cu = inputs["cu_seqlens"].long()
+    first = [int(c) for c, n in zip(cu[:-1], cu[1:]) if n > c and c > 0]
+    r = first[0]  # the first row of a later segment: add its tap into the row before it
+    tok, mem = int(inputs["token_index"][r - 1]), int(inputs["row_mem"][r - 1])
+    wrong["dsrc"][tok, mem] += 0.5 * inputs["dy"][r]
+    with pytest.raises(AssertionError, match="dsrc"):
+        gate("conv_bwd", inputs, wrong, torch.float32, "cpu")
 
 
 def test_routing_bwd_zero_where_there_is_no_gradient() -> None:
@@ -234,7 +314,7 @@ def test_bad_configs_are_refused() -> None:
         swiglu_backward(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8), config={"BLOCK_I": 100})
 
 
-@pytest.mark.parametrize("name", ["norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd"])
+@pytest.mark.parametrize("name", ["norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd", "conv_bwd"])
 def test_backward_search_spaces(name: str) -> None:
     check_space(name)
 
@@ -242,12 +322,12 @@ def test_backward_search_spaces(name: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name, shape", [pytest.param(n, p.values[0], id=f"{n}-{p.id}")
-                                         for n in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd")
+                                         for n in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd", "conv_bwd")
                                          for p in gpu_shapes(n, ("mom-340m-prefill", "mom-1.3b-prefill"))])
 def test_backward_templates_gpu_bf16(name: str, shape: dict) -> None:
     run(name, shape, torch.bfloat16, "cuda", seed=12)
 
 
 def test_tiny_sets_exist() -> None:
-    for name in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd"):
+    for name in ("norm_bwd", "swiglu_bwd", "merge_bwd", "routing_bwd", "conv_bwd"):
         assert load_space(name)["shapes"]["tiny"]["shapes"]
