@@ -24,9 +24,10 @@ layout (:mod:`momtune.reference.cache`: batch first, so HF's reorder/select of c
 the token count advances by the tokens processed. An entry written by fla's own layer (another
 layout) is refused, not misread: start a new cache after ``apply``.
 
-Backends as :class:`momtune.MoMAttention`: under autograd ``auto`` runs the attention's PyTorch
-reference (its kernels are forward-only) and the norms and SwiGLU on their forward and backward
-kernels (:mod:`momtune.functions`), so training loops keep working. The math is fla's eval-mode
+Backends as :class:`momtune.MoMAttention`: under autograd the norms and SwiGLU run their forward
+and backward kernels (:mod:`momtune.functions`), and so does the attention on a plain prefill (no
+padding mask, no cache); with a mask ``auto`` runs the attention's PyTorch reference, so
+training loops keep working. The math is fla's eval-mode
 math (fla in training mode runs its short convs across memory segments; momtune never does).
 """
 from __future__ import annotations

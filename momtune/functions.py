@@ -1,6 +1,7 @@
 """Autograd functions over momtune's kernels with backward kernels (issue 14): the LM's norms and
-SwiGLU activation train on Triton (the attention's kernels are still forward-only: under
-autograd the attention runs the reference, see :func:`momtune.model.resolve_backend`).
+SwiGLU activation train on Triton, and so does the attention's prefill (routing, convs, gates,
+merge on their backward kernels; the recurrence's backward is still autograd of the PyTorch
+chunked reference: :class:`_Recurrence`), see ``MoMAttention._prefill_train``.
 
     add_rms_norm_train(x, weight, residual=None, eps) -> (y, h)    norm / norm_bwd templates
     swiglu_train(g, u) -> y                                         swiglu / swiglu_bwd templates
@@ -119,3 +120,137 @@ def swiglu_op(configs: dict, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if _recording(g, u):
         return swiglu_train(g, u, config=cfg, backward_config=cached_config(configs, "swiglu_bwd", shape, g.dtype))
     return swiglu(g, u, config=cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention's pieces (issue 14): MoMAttention's prefill under autograd, see
+# momtune.model.MoMAttention._prefill_train. Saved for backward: the routing's weights and layout
+# (int32 maps), each conv's source view and weight (a is recomputed), the recurrence's inputs, the
+# merge's packed read-outs, weights and gate.
+
+class _Route(torch.autograd.Function):
+    """route_and_group's layout (not differentiable) and its weights, whose gradient reaches the
+    router logits through the renormalised top-k softmax (``routing_bwd``)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, topk: int, shared: bool, cfg: Mapping[str, Any] | None,
+                cfg_bwd: Mapping[str, Any] | None) -> Any:
+        from momtune.kernels.routing.routing import route_and_group
+
+        r = route_and_group(logits, topk, shared=shared, config=cfg)
+        ctx.save_for_backward(r.weights, r.idx)
+        ctx.topk, ctx.E, ctx.dtype, ctx.cfg_bwd = topk, logits.shape[-1], logits.dtype, cfg_bwd
+        ctx.mark_non_differentiable(r.idx, r.cu_seqlens, r.slot, r.token_index, r.row_mem, r.row_seg)
+        return r.weights, r.idx, r.cu_seqlens, r.slot, r.token_index, r.row_mem, r.row_seg
+
+    @staticmethod
+    def backward(ctx: Any, dweights: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
+        from momtune.kernels.routing.backward import route_weights_backward
+
+        if dweights is None:
+            return None, None, None, None, None
+        weights, idx = ctx.saved_tensors
+        dl = route_weights_backward(weights, idx, dweights.contiguous(), ctx.topk, ctx.E, dtype=ctx.dtype,
+                                    config=ctx.cfg_bwd)
+        return dl, None, None, None, None
+
+
+class _SegmentConv(torch.autograd.Function):
+    """segment_conv without a window (a training prefill) / segment_conv_backward (``conv_bwd``)."""
+
+    @staticmethod
+    def forward(ctx: Any, src: torch.Tensor, weight: torch.Tensor, token_index: torch.Tensor, row_mem: torch.Tensor,
+                row_seg: torch.Tensor, cu_seqlens: torch.Tensor, cfg: Mapping[str, Any] | None,
+                cfg_bwd: Mapping[str, Any] | None) -> torch.Tensor:
+        from momtune.kernels.conv.conv import segment_conv
+
+        ctx.save_for_backward(src, weight, token_index, row_mem, row_seg, cu_seqlens)
+        ctx.cfg_bwd = cfg_bwd
+        return segment_conv(src, weight, token_index, row_mem, row_seg, cu_seqlens, config=cfg)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        from momtune.kernels.conv.backward import segment_conv_backward
+
+        src, weight, *layout = ctx.saved_tensors
+        dsrc, dw = segment_conv_backward(src, weight, *layout, dy.contiguous(), config=ctx.cfg_bwd)
+        return dsrc, dw, None, None, None, None, None, None
+
+
+class _GatePrep(torch.autograd.Function):
+    """g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b) of every packed row from the
+    gather kernel; the backward is autograd of the same fp32 math on the gathered rows (a few
+    elementwise ops on [Np, H]: no kernel of its own)."""
+
+    @staticmethod
+    def forward(ctx: Any, a_all: torch.Tensor, b_all: torch.Tensor, token_index: torch.Tensor, row_mem: torch.Tensor,
+                A_log: torch.Tensor, dt_bias: torch.Tensor) -> Any:
+        from momtune.kernels.conv.conv import gate_prep
+
+        ctx.save_for_backward(a_all, b_all, token_index, row_mem, A_log, dt_bias)
+        return gate_prep(a_all, b_all, token_index, row_mem, A_log, dt_bias)
+
+    @staticmethod
+    def backward(ctx: Any, dg: torch.Tensor | None, dbeta: torch.Tensor | None) -> tuple[Any, ...]:
+        import torch.nn.functional as F
+
+        a_all, b_all, tok, mem, A_log, dt_bias = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(True) for t in (a_all, b_all, A_log, dt_bias)]
+        with torch.enable_grad():
+            tok_l, mem_l = tok.long(), mem.long()
+            a = leaves[0][tok_l, mem_l].float()
+            b = leaves[1][tok_l, mem_l].float()
+            g = -leaves[2].float().exp() * F.softplus(a + leaves[3].float())
+            beta = torch.sigmoid(b).to(b_all.dtype)
+            outs = [(o, d) for o, d in ((g, dg), (beta, dbeta)) if d is not None]
+            got = torch.autograd.grad([o for o, _ in outs], leaves, [d for _, d in outs], allow_unused=True)
+        da, db, dA, ddt = (torch.zeros_like(t) if x is None else x for t, x in zip(leaves, got))
+        return da, db, None, None, dA, ddt
+
+
+class _Recurrence(torch.autograd.Function):
+    """The chunked gated-delta recurrence from zero states (the Triton kernel, run by ``run``);
+    backward: autograd of the float32 chunked reference on the saved inputs (the recurrence's
+    backward kernel is not written yet: this is the one piece of the layer's backward that runs
+    PyTorch, batched over segments chunk by chunk)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                cu_seqlens: torch.Tensor, run: Any) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v, g, beta, cu_seqlens)
+        o, _ = run(q, k, v, g, beta)
+        return o
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor) -> tuple[Any, ...]:
+        from momtune.reference.recurrence import recurrent_chunked
+
+        q, k, v, g, beta, cu = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v, g, beta)]
+        with torch.enable_grad():
+            o, _ = recurrent_chunked(*leaves, cu_seqlens=cu, rule="gated_delta", use_qk_l2norm=True)
+            got = torch.autograd.grad(o, leaves, do)
+        return (*got, None, None)
+
+
+class _Merge(torch.autograd.Function):
+    """merge_prefill with the fused gated RMSNorm / merge_backward (``merge_bwd``)."""
+
+    @staticmethod
+    def forward(ctx: Any, o_packed: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor,
+                norm_weight: torch.Tensor, eps: float, cfg: Mapping[str, Any] | None,
+                cfg_bwd: Mapping[str, Any] | None) -> torch.Tensor:
+        from momtune.kernels.merge.merge import merge_prefill
+
+        ctx.save_for_backward(o_packed, slot, weights, gate, norm_weight)
+        ctx.eps, ctx.cfg_bwd = eps, cfg_bwd
+        return merge_prefill(o_packed, slot, weights, gate=gate, norm_weight=norm_weight, eps=eps, config=cfg)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        from momtune.kernels.merge.backward import merge_backward
+
+        o_packed, slot, weights, gate, norm_weight = ctx.saved_tensors
+        res = merge_backward(o_packed, slot, weights, dy.contiguous(), gate=gate, norm_weight=norm_weight,
+                             eps=ctx.eps, config=ctx.cfg_bwd)
+        return res["do_packed"], None, res["dweights"], res["dgate"].view(gate.shape), res["dnorm_weight"], None, None, None

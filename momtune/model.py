@@ -111,23 +111,27 @@ def run_fitting(store: dict, template: str, shape: dict[str, int], dtype: torch.
 
 def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None,
                     backward: bool = False) -> str:
-    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. The attention's
-    Triton kernels are forward-only: while autograd records for ``module``'s parameters, 'auto'
-    runs the reference (and says so once) and 'triton' is an error rather than silently lost
-    gradients. ``backward``: the caller's kernels have backward kernels (the norms and SwiGLU,
+    """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. A call whose
+    kernels have no backward (the attention with a padding mask, a cache or packed sequences):
+    while autograd records for ``module``'s parameters, 'auto' runs the reference (and says so
+    once) and 'triton' is an error rather than silently lost gradients. ``backward``: this call's
+    kernels have backward kernels (the norms and SwiGLU, the attention's plain prefill:
     :mod:`momtune.functions`), so autograd does not send it to the reference.
     Triton's interpreter computes bfloat16 dots wrongly: there, with bfloat16 ``x`` or weights,
     'auto' runs the reference (said once) and 'triton' is an error rather than garbage."""
     if not backward and module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         if backend == "auto":
-            _say_once("auto-grad", "momtune: autograd is recording, and the Triton kernels are forward-only: "
-                                   "backend 'auto' runs the PyTorch reference (use torch.no_grad() or "
-                                   "torch.inference_mode() for the fast path)")
+            _say_once("auto-grad", "momtune: autograd is recording, and this call's Triton kernels (the attention "
+                                   "with a padding mask, a cache or packed sequences) have no backward yet: backend "
+                                   "'auto' runs the PyTorch reference for it (a plain prefill trains on the kernels; "
+                                   "use torch.no_grad() or torch.inference_mode() for the fast path)")
             return "reference"
         if backend == "triton":
-            raise InputError("backend: 'triton' runs forward-only kernels, but autograd is recording gradients "
+            raise InputError("backend: 'triton' has no backward kernels for this call (the attention with a "
+                             "padding mask, a cache or packed sequences), but autograd is recording gradients "
                              "for this module's parameters; call it under torch.no_grad() or "
-                             "torch.inference_mode(), or use backend='reference' (or 'auto') to train")
+                             "torch.inference_mode(), train on plain prefills (no mask, no cache), or use "
+                             "backend='reference' (or 'auto') to train")
     if backend != "reference" and settings.interpreter_mode():
         wrong = _interpreter_wrong_dtype(x, module)
         if wrong is not None and backend == "auto":
@@ -317,7 +321,9 @@ class MoMAttention(ref_layer.MoMAttention):
             if attention_mask is None and resolve_backend(self.backend, hidden_states, self) == "triton":
                 return self._forward_packed(hidden_states, past_key_values, use_cache, kwargs)
             return self._forward_varlen(hidden_states, attention_mask, past_key_values, use_cache, kwargs)
-        backend = resolve_backend(self.backend, hidden_states, self)
+        # a training prefill (no cache, no mask) has its backward on the kernels: see _prefill_train
+        trainable = past_key_values is None and not use_cache and attention_mask is None
+        backend = resolve_backend(self.backend, hidden_states, self, backward=trainable)
         if backend == "reference":
             return super().forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions, **kwargs)
         capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -334,6 +340,8 @@ class MoMAttention(ref_layer.MoMAttention):
         valid = self._valid_tokens(attention_mask, x)
         if entry is not None and x.shape[1] == 1:
             out, logits = self._decode(x, entry, valid)
+        elif trainable and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            out, logits = self._prefill_train(x)
         else:
             out, logits = self._prefill(x, entry, valid)
         if entry is not None:
@@ -437,6 +445,68 @@ class MoMAttention(ref_layer.MoMAttention):
         cfg = self._config("merge", dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1), dt)
         y = merge_prefill(o, r.slot, r.weights, gate=gate, norm_weight=self.o_norm.weight, eps=self.norm_eps, config=cfg)
         return F.linear(y.reshape(B, T, H * V), self.o_proj.weight), logits.view(B * T, E)
+
+    def _prefill_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill of a training step (autograd records; no cache, no mask, no packed
+        sequences): the kernels of :meth:`_prefill` through :mod:`momtune.functions`' autograd
+        functions, their gradients from the backward templates (the recurrence's from autograd of
+        the chunked PyTorch reference). The fused projection weight is built from the parameters
+        by a differentiable concatenation (the inference buffer is not in the graph)."""
+        from momtune import functions as fn
+        from momtune.kernels.recurrence.chunk import chunk_recurrence
+
+        B, T, D = x.shape
+        E, M, H, K, V, W = self.num_memories, self.num_slots, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
+        J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
+        N, Np = B * T, B * T * J
+        rows, total = self._projection_rows()
+        weights = self._projection_weights()
+        pieces, at = [], 0
+        for w, r in zip(weights, rows):  # the fused layout of _fused_weight, zero rows between blocks
+            if r > at:
+                pieces.append(w.new_zeros(r - at, D))
+            pieces.append(w)
+            at = r + w.shape[0]
+        if total > at:
+            pieces.append(weights[0].new_zeros(total - at, D))
+        proj = F.linear(x.reshape(N, D), torch.cat(pieces))
+        blocks, slot_stride, _ = self._layout()
+        (_, oq, wq), (_, og, wg), (_, ol, wl) = blocks[:3]
+        slot0 = blocks[2][1] + _align(wl)
+        q_in, gate, logits = proj[:, oq:oq + wq], proj[:, og:og + wg], proj[:, ol:ol + wl]
+        if slot_stride:
+            slots = proj[:, slot0:slot0 + M * slot_stride].view(N, M, slot_stride)
+            k_in, v_in, b_in, a_in = (slots[:, :, off:off + width] for _, off, width in blocks[3:])
+        else:  # single_kv_proj: one block read by every slot
+            k_in, v_in, b_in, a_in = (proj[:, slot0 + off:slot0 + off + width, None].transpose(1, 2).expand(N, M, width)
+                                      for _, off, width in blocks[3:])
+        rshape = dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D)
+        weights_r, _, cu, slot, tok, mem, seg = fn._Route.apply(
+            logits.contiguous().view(B, T, E), self.topk, self.shared_mem, self._config("routing", rshape, dt),
+            self._config("routing_bwd", rshape, dt))
+        layout = (tok, mem, seg, cu)
+
+        def conv(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            C = weight.shape[0]
+            cshape = dict(B=B, T=T, E=E, topk=self.topk, shared=sh, C=C)
+            return fn._SegmentConv.apply(src, weight.view(C, W), *layout, self._config("conv", cshape, dt),
+                                         self._config("conv_bwd", cshape, dt))
+
+        q = conv(q_in, self.q_conv1d.weight)
+        k = conv(k_in, self.k_conv1d.weight)
+        v = conv(v_in, self.v_conv1d.weight)
+        g, beta = fn._GatePrep.apply(a_in, b_in, tok, mem, self.A_log, self.dt_bias)
+
+        def run(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, gg: torch.Tensor, bb: torch.Tensor) -> Any:
+            return run_fitting(self._configs, "recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt,
+                               lambda cfg: chunk_recurrence(qq, kk, vv, gg, bb, cu, rule="gated_delta",
+                                                            use_qk_l2norm=True, config=cfg))
+
+        o = fn._Recurrence.apply(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, cu, run)
+        mshape = dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1)
+        y = fn._Merge.apply(o, slot, weights_r, gate, self.o_norm.weight, self.norm_eps,
+                            self._config("merge", mshape, dt), self._config("merge_bwd", mshape, dt))
+        return F.linear(y.reshape(B, T, H * V), self.o_proj.weight), logits
 
     def _decode(self, x: torch.Tensor, entry: LayerCache,
                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
