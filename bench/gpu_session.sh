@@ -12,7 +12,10 @@
 #   bash bench/gpu_session.sh effort              # --effort quick on the recurrence (pattern search)
 #   bash bench/gpu_session.sh library1            # H200 library: recurrence, merge, conv, decode (~7 min)
 #   bash bench/gpu_session.sh library2            # H200 library: routing, norm, swiglu, both sets (~8 min)
-#   bash bench/gpu_session.sh shiplib             # export the quick/ studies, verify (<6 min)
+#   bash bench/gpu_session.sh library3            # H200 library: the backward templates (~6 min)
+#   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
+#   bash bench/gpu_session.sh shiplib             # export the quick/ studies (<1 min)
+#   bash bench/gpu_session.sh verify              # verify the shipped library, a template at a time (VERIFY_TEMPLATES)
 #   bash bench/gpu_session.sh projection          # all-memories projection GEMM vs routed rows (<2 min)
 #   bash bench/gpu_session.sh backward            # norm_bwd, swiglu_bwd vs PyTorch autograd (<2 min)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
@@ -84,6 +87,15 @@ stage() {
     backward)  # issue 14: norm_bwd and swiglu_bwd against PyTorch autograd of the same ops (bf16)
       timeout 120 python3 bench/gpu_backward.py --out $OUT/backward.json > $OUT/backward.log 2>&1
       echo "backward: rc $?"; tail -12 $OUT/backward.log ;;
+    train)  # issue 14: a layer's training step (forward + backward) on the kernels vs the reference
+      # backend vs fla (whose chunk backward refuses Triton < 3.7.1 on Hopper: its row says so), and the
+      # GPU training tests (backward templates in bf16, the bench's layer_train rows)
+      timeout 300 momtune bench --presets mom-340m --what layer_train --prefill 8x2048 1x4096 \
+        --impls momtune reference fla --out $OUT/bench-train.json > $OUT/bench-train.log 2>&1
+      echo "bench layer_train: rc $?"; tail -12 $OUT/bench-train.log
+      timeout -s INT -k 20 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
+        tests/kernels/test_backward_templates.py tests/bench/test_bench_train.py > $OUT/gpu-train-tests.log 2>&1
+      echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
@@ -119,12 +131,15 @@ stage() {
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
-    library1|library2)  # issue 11, item 6: every template's H200 library, --effort quick (pattern search),
-      # studies named quick/... (the recurrence resumes the effort stage's); then `shiplib`
+    library1|library2|library3)  # issue 11, item 6: every template's H200 library, --effort quick (pattern
+      # search), studies named quick/... (the recurrence resumes the effort stage's); then `shiplib`.
+      # library3: the backward templates (issue 14) on the mom-340m prefill shapes
       if [ $1 = library1 ]; then
         local runs=("recurrence merge conv:mom-340m-prefill:25" "decode:decode:25")
-      else
+      elif [ $1 = library2 ]; then
         local runs=("routing norm swiglu:mom-340m-prefill:15" "routing norm swiglu:mom-1.3b-prefill:15")
+      else
+        local runs=("norm_bwd swiglu_bwd conv_bwd:mom-340m-prefill:15" "merge_bwd routing_bwd:mom-340m-prefill:15")
       fi
       for r in "${runs[@]}"; do
         IFS=: read names set secs <<< "$r"
@@ -134,12 +149,17 @@ stage() {
           --storage $DB --workers 16 -q >> $OUT/$1.log 2>&1; echo "$names $set: rc $?"
       done
       grep -a -E "winner|per minute" $OUT/$1.log | cut -c1-200 | tail -40 ;;
-    shiplib)  # export the quick/... studies, verify every entry against the default (exits non-zero on a
-      # tuned config slower beyond noise), ship $OUT/library-h200.json as momtune/libraries/nvidia-h200-triton3.6.json
+    shiplib)  # export the quick/... studies; ship $OUT/library-h200.json as momtune/libraries/nvidia-h200-triton3.6.json
       momtune export --storage $DB --study quick --gpu "$(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
-        --out $OUT/library-h200.json 2>&1 | tail -3
-      timeout 300 momtune verify $OUT/library-h200.json > $OUT/verify-h200.log 2>&1; echo "verify rc $?"
-      tail -45 $OUT/verify-h200.log ;;
+        --out $OUT/library-h200.json 2>&1 | tail -3 ;;
+    verify)  # every entry of the shipped H200 library (or $LIB) against the default, one template per
+      # capped call so a cut run keeps what it verified (~16 s an entry: all 31 entries do not fit one
+      # device call; session 9 verified recurrence, merge, conv: VERIFY_TEMPLATES picks)
+      local lib=${LIB:-momtune/libraries/nvidia-h200-triton3.6.json}
+      for t in ${VERIFY_TEMPLATES:-routing norm swiglu decode recurrence merge conv}; do
+        timeout 200 momtune verify $lib --template $t >> $OUT/verify-h200.log 2>&1; echo "verify $t: rc $?"
+      done
+      grep -a -E "^│ [a-z]|pass their check|slower" $OUT/verify-h200.log | cut -c1-200 | tail -40 ;;
     effort)  # --effort quick on the full recurrence space, every mom-340m prefill shape: configs per
       # minute, time to the first result, and the winner against bench/gpu_recurrence.py's hand-listed best
       timeout 300 momtune search --template recurrence --shapes mom-340m-prefill --effort quick --study quick \
@@ -163,7 +183,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 shiplib projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 library3 train shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 

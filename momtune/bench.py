@@ -24,7 +24,7 @@ import torch
 from momtune.errors import InputError
 
 IMPLS = ("momtune", "fla", "reference")
-KINDS = ("layer_prefill", "layer_decode", "model_decode")
+KINDS = ("layer_prefill", "layer_decode", "model_decode", "layer_train")
 STABLE = 0.03  # two successive warm-up medians within 3%: warm
 MIN_CALLS = 30  # timed calls per measurement
 
@@ -177,6 +177,56 @@ def bench_layer_prefill(preset: str, B: int, T: int, impls: Iterable[str], dtype
         o = outs.get(row["impl"])
         if base is not None and o is not None and row["impl"] != "momtune":
             row["max_rel_err_vs_momtune"] = float((o - base).norm() / base.norm())
+    return rows
+
+
+def bench_layer_train(preset: str, B: int, T: int, impls: Iterable[str], dtype: torch.dtype) -> list[dict]:
+    """One layer's training step on x [B, T, D] (issue 14): forward with autograd recording, then
+    backward of the output against a fixed random gradient (every parameter's and x's gradient).
+    Per impl: ``ms`` (forward + backward), ``fwd_ms`` (the recording forward alone), the
+    activation memory the step adds (``peak_mem_mb``), and the relative error of each impl's
+    gradients (all parameters, then x) against momtune's (a cross-check, not a reference). fla's
+    chunk backward refuses Triton < 3.7.1 on Hopper: its row then says so (``note``)."""
+    from momtune.reference.config import MoMConfig
+
+    cfg = MoMConfig.from_preset(preset)
+    torch.manual_seed(0)
+    state = make_layer("reference", cfg, torch.float32, None).state_dict()
+    x = cuda_randn((B, T, cfg.hidden_size), dtype, seed=1).requires_grad_(True)
+    dy = cuda_randn((B, T, cfg.hidden_size), dtype, seed=2)
+    rows, grads = [], {}
+    for impl in impls:
+        layer = None
+        try:
+            layer = make_layer(impl, cfg, dtype, state).train()
+            if impl == "momtune":
+                layer.backend = "auto"  # trains on the kernels (a plain prefill)
+            params = [p for _, p in sorted(layer.named_parameters())]
+
+            def forward() -> torch.Tensor:
+                return layer(x)[0]
+
+            def step() -> tuple[torch.Tensor, ...]:
+                return torch.autograd.grad(forward(), [*params, x], dy)
+
+            got = step()
+            grads[impl] = torch.cat([g.float().flatten() for g in got])
+            fwd = stable_time(forward, calls=MIN_CALLS if impl != "reference" else 5)
+            m = stable_time(step, calls=MIN_CALLS if impl != "reference" else 5)
+            rows.append(_row("layer_train", preset, dict(B=B, T=T), dtype, impl, **m.fields(),
+                             **fwd.fields("fwd"), tokens_per_s=B * T / m.median_ms * 1e3, peak_mem_mb=_peak_mb(step)))
+        except Exception as exc:  # one impl failing must not lose the others' numbers
+            rows.append(_row("layer_train", preset, dict(B=B, T=T), dtype, impl,
+                             note=f"failed: {type(exc).__name__}: {exc!s:.200}"))
+        finally:
+            layer = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    base = grads.get("momtune")
+    for row in rows:
+        g = grads.get(row["impl"])
+        if base is not None and g is not None and row["impl"] != "momtune":
+            row["max_rel_err_vs_momtune"] = float((g - base).norm() / base.norm())
     return rows
 
 
