@@ -154,9 +154,10 @@ stage() {
         --out $OUT/library-h200.json 2>&1 | tail -3 ;;
     verify)  # every entry of the shipped H200 library (or $LIB) against the default, one template per
       # capped call so a cut run keeps what it verified (~16 s an entry: all 31 entries do not fit one
-      # device call; session 9 verified recurrence, merge, conv: VERIFY_TEMPLATES picks)
+      # device call; session 9 verified recurrence, merge, conv: VERIFY_TEMPLATES picks; default: all)
       local lib=${LIB:-momtune/libraries/nvidia-h200-triton3.6.json}
-      for t in ${VERIFY_TEMPLATES:-routing norm swiglu decode recurrence merge conv}; do
+      local all=$(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['templates']))" $lib)
+      for t in ${VERIFY_TEMPLATES:-$all}; do
         timeout 200 momtune verify $lib --template $t >> $OUT/verify-h200.log 2>&1; echo "verify $t: rc $?"
       done
       grep -a -E "^│ [a-z]|pass their check|slower" $OUT/verify-h200.log | cut -c1-200 | tail -40 ;;

@@ -55,8 +55,13 @@ class Template:
     # optional per-dtype overrides of the default (e.g. fewer pipeline stages for fp32, whose
     # tiles take twice the shared memory); ``default_for(dtype)`` merges them
     dtype_defaults: Mapping[torch.dtype, Mapping[str, Any]] = field(default_factory=dict)
-    # the model runs this op inside a CUDA graph (decode): on a GPU it is timed as a graph replay,
-    # so a few microseconds of kernel are not hidden behind the host's launch overhead
+    # on a GPU the search times this op as a CUDA graph replay (its launch must be capturable: no
+    # host synchronisation): the GPU's time, not the host's launch cost. For decode, what the model
+    # runs (a graph); for the short prefill ops (routing, norm, SwiGLU, merge, conv and their
+    # backward templates) what a config changes: eagerly, a kernel shorter than its launch measures
+    # the host, and in a search the host is shared with the compile workers (H200, session 9: merge
+    # and conv timed up to 1.7x off a quiet re-timing, routing not even monotone in the shape).
+    # The recurrence (milliseconds a launch) is timed eagerly.
     cuda_graph: bool = False
     # optional: what is timed, if not ``launch`` (same arguments). For decode, ``launch`` first
     # copies the pristine cache into the output buffers so that a check sees the whole next cache;

@@ -5,8 +5,9 @@ median of its runs, exactly what ``return_mode="median"`` returns, and keep the 
 flushes the L2 cache before every run by writing a 256 MB buffer, so numbers are cold-cache
 times. In the Triton interpreter (no GPU) a candidate is timed with ``time.perf_counter`` over a
 few calls (median): those timings measure the interpreter, not a GPU, and are marked so.
-Templates the model runs inside a CUDA graph (``Template.cuda_graph``: decode) are timed on a GPU
-as a replay of the captured launch (:func:`graph_replay`), as the model runs them.
+Templates marked ``Template.cuda_graph`` (decode, which the model runs in a graph, and the short
+prefill ops whose kernels are shorter than their launch) are timed on a GPU as a replay of the
+captured launch (:func:`graph_replay`): their GPU time, which a config changes, not the host's.
 """
 from __future__ import annotations
 
