@@ -134,10 +134,11 @@ class _Route(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, topk: int, shared: bool, cfg: Mapping[str, Any] | None,
-                cfg_bwd: Mapping[str, Any] | None) -> Any:
+                cfg_bwd: Mapping[str, Any] | None, seq_offsets: torch.Tensor | None = None,
+                max_len: int | None = None) -> Any:
         from momtune.kernels.routing.routing import route_and_group
 
-        r = route_and_group(logits, topk, shared=shared, config=cfg)
+        r = route_and_group(logits, topk, shared=shared, seq_offsets=seq_offsets, max_len=max_len, config=cfg)
         ctx.save_for_backward(r.weights, r.idx)
         ctx.topk, ctx.E, ctx.dtype, ctx.cfg_bwd = topk, logits.shape[-1], logits.dtype, cfg_bwd
         ctx.mark_non_differentiable(r.idx, r.cu_seqlens, r.slot, r.token_index, r.row_mem, r.row_seg)
@@ -148,11 +149,11 @@ class _Route(torch.autograd.Function):
         from momtune.kernels.routing.backward import route_weights_backward
 
         if dweights is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None, None
         weights, idx = ctx.saved_tensors
         dl = route_weights_backward(weights, idx, dweights.contiguous(), ctx.topk, ctx.E, dtype=ctx.dtype,
                                     config=ctx.cfg_bwd)
-        return dl, None, None, None, None
+        return dl, None, None, None, None, None, None
 
 
 class _SegmentConv(torch.autograd.Function):

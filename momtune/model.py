@@ -112,7 +112,7 @@ def run_fitting(store: dict, template: str, shape: dict[str, int], dtype: torch.
 def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None,
                     backward: bool = False) -> str:
     """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. A call whose
-    kernels have no backward (the attention with a padding mask, a cache or packed sequences):
+    kernels have no backward (the attention with a padding mask or a cache):
     while autograd records for ``module``'s parameters, 'auto' runs the reference (and says so
     once) and 'triton' is an error rather than silently lost gradients. ``backward``: this call's
     kernels have backward kernels (the norms and SwiGLU, the attention's plain prefill:
@@ -122,13 +122,13 @@ def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | Non
     if not backward and module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         if backend == "auto":
             _say_once("auto-grad", "momtune: autograd is recording, and this call's Triton kernels (the attention "
-                                   "with a padding mask, a cache or packed sequences) have no backward yet: backend "
-                                   "'auto' runs the PyTorch reference for it (a plain prefill trains on the kernels; "
-                                   "use torch.no_grad() or torch.inference_mode() for the fast path)")
+                                   "with a padding mask or a cache) have no backward yet: backend 'auto' runs the "
+                                   "PyTorch reference for it (a prefill without either, packed sequences too, trains "
+                                   "on the kernels; use torch.no_grad() or torch.inference_mode() for the fast path)")
             return "reference"
         if backend == "triton":
             raise InputError("backend: 'triton' has no backward kernels for this call (the attention with a "
-                             "padding mask, a cache or packed sequences), but autograd is recording gradients "
+                             "padding mask or a cache), but autograd is recording gradients "
                              "for this module's parameters; call it under torch.no_grad() or "
                              "torch.inference_mode(), train on plain prefills (no mask, no cache), or use "
                              "backend='reference' (or 'auto') to train")
@@ -318,7 +318,9 @@ class MoMAttention(ref_layer.MoMAttention):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, MoMCache | None]:
         if "cu_seqlens" in kwargs:
-            if attention_mask is None and resolve_backend(self.backend, hidden_states, self) == "triton":
+            trainable = past_key_values is None and not use_cache  # packed training: see _prefill_train
+            if (attention_mask is None
+                    and resolve_backend(self.backend, hidden_states, self, backward=trainable) == "triton"):
                 return self._forward_packed(hidden_states, past_key_values, use_cache, kwargs)
             return self._forward_varlen(hidden_states, attention_mask, past_key_values, use_cache, kwargs)
         # a training prefill (no cache, no mask) has its backward on the kernels: see _prefill_train
@@ -367,7 +369,11 @@ class MoMAttention(ref_layer.MoMAttention):
             out, logits, _ = self.forward(x.view(S, 1, D), None, cache)
             return out.view(1, S, D), logits, cache
         entry = None if cache is None else self._cache_entry(cache, x, batch_size=S)
-        out, logits = self._prefill(x, entry, None, seq=(cu.to(x.device, torch.int32), max_len, S))
+        seq = (cu.to(x.device, torch.int32), max_len, S)
+        if entry is None and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            out, logits = self._prefill_train(x, seq)
+        else:
+            out, logits = self._prefill(x, entry, None, seq=seq)
         if entry is not None:
             entry.seen_tokens += max_len
         return out, logits, cache
@@ -446,9 +452,10 @@ class MoMAttention(ref_layer.MoMAttention):
         y = merge_prefill(o, r.slot, r.weights, gate=gate, norm_weight=self.o_norm.weight, eps=self.norm_eps, config=cfg)
         return F.linear(y.reshape(B, T, H * V), self.o_proj.weight), logits.view(B * T, E)
 
-    def _prefill_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefill of a training step (autograd records; no cache, no mask, no packed
-        sequences): the kernels of :meth:`_prefill` through :mod:`momtune.functions`' autograd
+    def _prefill_train(self, x: torch.Tensor,
+                       seq: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill of a training step (autograd records; no cache, no mask; ``seq`` as in
+        :meth:`_prefill` for packed sequences): the kernels of :meth:`_prefill` through :mod:`momtune.functions`' autograd
         functions, their gradients from the backward templates (the recurrence's from autograd of
         the chunked PyTorch reference). The fused projection weight is built from the parameters
         by a differentiable concatenation (the inference buffer is not in the graph)."""
@@ -481,9 +488,10 @@ class MoMAttention(ref_layer.MoMAttention):
             k_in, v_in, b_in, a_in = (proj[:, slot0 + off:slot0 + off + width, None].transpose(1, 2).expand(N, M, width)
                                       for _, off, width in blocks[3:])
         rshape = dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D)
+        R = B if seq is None else seq[2]  # routing rows: batch rows or packed sequences
         weights_r, _, cu, slot, tok, mem, seg = fn._Route.apply(
             logits.contiguous().view(B, T, E), self.topk, self.shared_mem, self._config("routing", rshape, dt),
-            self._config("routing_bwd", rshape, dt))
+            self._config("routing_bwd", rshape, dt), None if seq is None else seq[0], None if seq is None else seq[1])
         layout = (tok, mem, seg, cu)
 
         def conv(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -498,7 +506,7 @@ class MoMAttention(ref_layer.MoMAttention):
         g, beta = fn._GatePrep.apply(a_in, b_in, tok, mem, self.A_log, self.dt_bias)
 
         def run(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, gg: torch.Tensor, bb: torch.Tensor) -> Any:
-            return run_fitting(self._configs, "recurrence", dict(N=Np, S=B * M, H=H, K=K, V=V), dt,
+            return run_fitting(self._configs, "recurrence", dict(N=Np, S=R * M, H=H, K=K, V=V), dt,
                                lambda cfg: chunk_recurrence(qq, kk, vv, gg, bb, cu, rule="gated_delta",
                                                             use_qk_l2norm=True, config=cfg))
 
