@@ -25,8 +25,8 @@ the token count advances by the tokens processed. An entry written by fla's own 
 layout) is refused, not misread: start a new cache after ``apply``.
 
 Backends as :class:`momtune.MoMAttention`: under autograd the norms and SwiGLU run their forward
-and backward kernels (:mod:`momtune.functions`), and so does the attention on a plain prefill (no
-padding mask, no cache); with a mask ``auto`` runs the attention's PyTorch reference, so
+and backward kernels (:mod:`momtune.functions`), and so does the attention's prefill without a
+cache (padding masks included); with a cache ``auto`` runs the attention's PyTorch reference, so
 training loops keep working. The math is fla's eval-mode
 math (fla in training mode runs its short convs across memory segments; momtune never does).
 """

@@ -135,10 +135,11 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, topk: int, shared: bool, cfg: Mapping[str, Any] | None,
                 cfg_bwd: Mapping[str, Any] | None, seq_offsets: torch.Tensor | None = None,
-                max_len: int | None = None) -> Any:
+                max_len: int | None = None, valid: torch.Tensor | None = None) -> Any:
         from momtune.kernels.routing.routing import route_and_group
 
-        r = route_and_group(logits, topk, shared=shared, seq_offsets=seq_offsets, max_len=max_len, config=cfg)
+        r = route_and_group(logits, topk, shared=shared, valid=valid, seq_offsets=seq_offsets, max_len=max_len,
+                            config=cfg)
         ctx.save_for_backward(r.weights, r.idx)
         ctx.topk, ctx.E, ctx.dtype, ctx.cfg_bwd = topk, logits.shape[-1], logits.dtype, cfg_bwd
         ctx.mark_non_differentiable(r.idx, r.cu_seqlens, r.slot, r.token_index, r.row_mem, r.row_seg)
@@ -149,11 +150,11 @@ class _Route(torch.autograd.Function):
         from momtune.kernels.routing.backward import route_weights_backward
 
         if dweights is None:
-            return None, None, None, None, None, None, None
-        weights, idx = ctx.saved_tensors
+            return None, None, None, None, None, None, None, None
+        weights, idx = ctx.saved_tensors  # a padded token: idx -1, no gradient to its logits
         dl = route_weights_backward(weights, idx, dweights.contiguous(), ctx.topk, ctx.E, dtype=ctx.dtype,
                                     config=ctx.cfg_bwd)
-        return dl, None, None, None, None, None, None
+        return dl, None, None, None, None, None, None, None
 
 
 class _SegmentConv(torch.autograd.Function):
@@ -210,10 +211,12 @@ class _GatePrep(torch.autograd.Function):
 
 
 class _Recurrence(torch.autograd.Function):
-    """The chunked gated-delta recurrence from zero states (the Triton kernel, run by ``run``);
-    backward: autograd of the float32 chunked reference on the saved inputs (the recurrence's
-    backward kernel is not written yet: this is the one piece of the layer's backward that runs
-    PyTorch, batched over segments chunk by chunk)."""
+    """The chunked gated-delta recurrence from zero states (the Triton kernel, run by ``run``,
+    which writes into ``out`` when given: a masked batch's zeroed buffer, whose rows past
+    ``cu_seqlens[-1]`` (the padding tail) no segment writes); backward: autograd of the float32
+    chunked reference on the saved inputs' rows in segments (the recurrence's backward kernel is
+    not written yet: this is the one piece of the layer's backward that runs PyTorch, batched
+    over segments chunk by chunk); the tail gets no gradient."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -227,10 +230,13 @@ class _Recurrence(torch.autograd.Function):
         from momtune.reference.recurrence import recurrent_chunked
 
         q, k, v, g, beta, cu = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v, g, beta)]
+        rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
+        leaves = [t[:rows].detach().requires_grad_(True) for t in (q, k, v, g, beta)]
         with torch.enable_grad():
             o, _ = recurrent_chunked(*leaves, cu_seqlens=cu, rule="gated_delta", use_qk_l2norm=True)
-            got = torch.autograd.grad(o, leaves, do)
+            got = torch.autograd.grad(o, leaves, do[:rows])
+        if rows < q.shape[0]:
+            got = [torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))]) for d in got]
         return (*got, None, None)
 
 

@@ -73,8 +73,8 @@ class MoMBlock(ref_model.MoMBlock):
 
     def forward(self, x: torch.Tensor, cache: MoMCache | None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # the norms and SwiGLU have backward kernels; the attention decides for itself (a plain
-        # prefill trains on its kernels; with a mask or a cache, 'auto' runs its reference)
+        # the norms and SwiGLU have backward kernels; the attention decides for itself (a prefill
+        # without a cache trains on its kernels; with a cache, 'auto' runs its reference)
         if resolve_backend(self.backend, x, self, backward=True) == "reference":
             return super().forward(x, cache, attention_mask)
         B, T, D = x.shape

@@ -112,26 +112,25 @@ def run_fitting(store: dict, template: str, shape: dict[str, int], dtype: torch.
 def resolve_backend(backend: str, x: torch.Tensor, module: torch.nn.Module | None = None,
                     backward: bool = False) -> str:
     """'auto' -> 'triton' on CUDA tensors (or in the interpreter), else 'reference'. A call whose
-    kernels have no backward (the attention with a padding mask or a cache):
+    kernels have no backward (the attention with a cache):
     while autograd records for ``module``'s parameters, 'auto' runs the reference (and says so
     once) and 'triton' is an error rather than silently lost gradients. ``backward``: this call's
-    kernels have backward kernels (the norms and SwiGLU, the attention's plain prefill:
+    kernels have backward kernels (the norms and SwiGLU, the attention's prefill without a cache:
     :mod:`momtune.functions`), so autograd does not send it to the reference.
     Triton's interpreter computes bfloat16 dots wrongly: there, with bfloat16 ``x`` or weights,
     'auto' runs the reference (said once) and 'triton' is an error rather than garbage."""
     if not backward and module is not None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         if backend == "auto":
             _say_once("auto-grad", "momtune: autograd is recording, and this call's Triton kernels (the attention "
-                                   "with a padding mask or a cache) have no backward yet: backend 'auto' runs the "
-                                   "PyTorch reference for it (a prefill without either, packed sequences too, trains "
-                                   "on the kernels; use torch.no_grad() or torch.inference_mode() for the fast path)")
+                                   "with a cache) have no backward yet: backend 'auto' runs the PyTorch reference "
+                                   "for it (a prefill without a cache, masked or packed too, trains on the kernels; "
+                                   "use torch.no_grad() or torch.inference_mode() for the fast path)")
             return "reference"
         if backend == "triton":
             raise InputError("backend: 'triton' has no backward kernels for this call (the attention with a "
-                             "padding mask or a cache), but autograd is recording gradients "
-                             "for this module's parameters; call it under torch.no_grad() or "
-                             "torch.inference_mode(), train on plain prefills (no mask, no cache), or use "
-                             "backend='reference' (or 'auto') to train")
+                             "cache), but autograd is recording gradients for this module's parameters; call it "
+                             "under torch.no_grad() or torch.inference_mode(), train without a cache "
+                             "(use_cache=False, no past_key_values), or use backend='reference' (or 'auto') to train")
     if backend != "reference" and settings.interpreter_mode():
         wrong = _interpreter_wrong_dtype(x, module)
         if wrong is not None and backend == "auto":
@@ -323,8 +322,8 @@ class MoMAttention(ref_layer.MoMAttention):
                     and resolve_backend(self.backend, hidden_states, self, backward=trainable) == "triton"):
                 return self._forward_packed(hidden_states, past_key_values, use_cache, kwargs)
             return self._forward_varlen(hidden_states, attention_mask, past_key_values, use_cache, kwargs)
-        # a training prefill (no cache, no mask) has its backward on the kernels: see _prefill_train
-        trainable = past_key_values is None and not use_cache and attention_mask is None
+        # a training prefill (no cache) has its backward on the kernels: see _prefill_train
+        trainable = past_key_values is None and not use_cache
         backend = resolve_backend(self.backend, hidden_states, self, backward=trainable)
         if backend == "reference":
             return super().forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions, **kwargs)
@@ -343,7 +342,7 @@ class MoMAttention(ref_layer.MoMAttention):
         if entry is not None and x.shape[1] == 1:
             out, logits = self._decode(x, entry, valid)
         elif trainable and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            out, logits = self._prefill_train(x)
+            out, logits = self._prefill_train(x, valid=valid)
         else:
             out, logits = self._prefill(x, entry, valid)
         if entry is not None:
@@ -452,10 +451,10 @@ class MoMAttention(ref_layer.MoMAttention):
         y = merge_prefill(o, r.slot, r.weights, gate=gate, norm_weight=self.o_norm.weight, eps=self.norm_eps, config=cfg)
         return F.linear(y.reshape(B, T, H * V), self.o_proj.weight), logits.view(B * T, E)
 
-    def _prefill_train(self, x: torch.Tensor,
-                       seq: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefill of a training step (autograd records; no cache, no mask; ``seq`` as in
-        :meth:`_prefill` for packed sequences): the kernels of :meth:`_prefill` through :mod:`momtune.functions`' autograd
+    def _prefill_train(self, x: torch.Tensor, seq: tuple[torch.Tensor, int, int] | None = None,
+                       valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill of a training step (autograd records; no cache; ``seq`` for packed sequences
+        and ``valid`` for a padding mask as in :meth:`_prefill`): the kernels of :meth:`_prefill` through :mod:`momtune.functions`' autograd
         functions, their gradients from the backward templates (the recurrence's from autograd of
         the chunked PyTorch reference). The fused projection weight is built from the parameters
         by a differentiable concatenation (the inference buffer is not in the graph)."""
@@ -491,7 +490,8 @@ class MoMAttention(ref_layer.MoMAttention):
         R = B if seq is None else seq[2]  # routing rows: batch rows or packed sequences
         weights_r, _, cu, slot, tok, mem, seg = fn._Route.apply(
             logits.contiguous().view(B, T, E), self.topk, self.shared_mem, self._config("routing", rshape, dt),
-            self._config("routing_bwd", rshape, dt), None if seq is None else seq[0], None if seq is None else seq[1])
+            self._config("routing_bwd", rshape, dt), None if seq is None else seq[0], None if seq is None else seq[1],
+            valid)
         layout = (tok, mem, seg, cu)
 
         def conv(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -505,10 +505,13 @@ class MoMAttention(ref_layer.MoMAttention):
         v = conv(v_in, self.v_conv1d.weight)
         g, beta = fn._GatePrep.apply(a_in, b_in, tok, mem, self.A_log, self.dt_bias)
 
+        # with padding, its rows (after the segments) are never written: zeros, read with weight 0
+        o_buf = None if valid is None else torch.zeros(Np, H, V, dtype=dt, device=x.device)
+
         def run(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, gg: torch.Tensor, bb: torch.Tensor) -> Any:
             return run_fitting(self._configs, "recurrence", dict(N=Np, S=R * M, H=H, K=K, V=V), dt,
                                lambda cfg: chunk_recurrence(qq, kk, vv, gg, bb, cu, rule="gated_delta",
-                                                            use_qk_l2norm=True, config=cfg))
+                                                            use_qk_l2norm=True, config=cfg, out=o_buf))
 
         o = fn._Recurrence.apply(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, cu, run)
         mshape = dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1)

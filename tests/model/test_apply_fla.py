@@ -287,9 +287,9 @@ def test_a_bare_fla_layer_keeps_fla_call_signature_and_packed_input():
 
 # ---------------------------------------------------------------- training
 def test_a_training_step_matches_the_reference_gradients(monkeypatch):
-    """Under autograd with a padding mask, backend 'auto' runs the attention's PyTorch reference
-    (no backward kernels for a masked prefill yet) and the norms and SwiGLU on their forward and
-    backward kernels (issue 14): fla's
+    """Under autograd with a padding mask, backend 'auto' runs the attention, the norms and
+    SwiGLU on their forward and backward kernels (issue 14; the recurrence's backward on the
+    chunked reference): fla's
     own loss (cross-entropy + aux loss from the router logits) and every gradient match momtune's
     reference LM, within FACTOR x the reference's own float32 error."""
     from momtune.kernels.norm import backward as norm_bwd

@@ -98,41 +98,39 @@ def test_prefill_is_gemms_and_kernels_plus_one_ids_check(monkeypatch):
 
 
 def test_triton_backend_trains_a_prefill_and_refuses_what_has_no_backward():
-    """A plain prefill (no mask, no cache) trains on the kernels with backend 'triton'; a masked
-    prefill has no backward kernels yet: with autograd recording 'triton' raises (naming the
+    """A prefill without a cache (plain or masked) trains on the kernels with backend 'triton'; a
+    call with a cache has no backward kernels: with autograd recording 'triton' raises (naming the
     backend and the way out) instead of returning outputs whose gradients would silently be lost."""
     layer = momtune.MoMAttention(hidden_size=32, head_dim=16, num_heads=2, num_memories=2, topk=1, backend="triton")
     x = torch.randn(1, 3, 32, device=DEVICE)
     layer.to(DEVICE)
     if not INTERP and DEVICE == "cpu":
         pytest.skip("the triton backend needs CUDA or the interpreter")
-    layer(x)[0].sum().backward()
-    assert all(p.grad is not None for p in layer.parameters())
     mask = torch.ones(1, 3, dtype=torch.long, device=DEVICE)
     mask[0, 0] = 0
+    layer(x, attention_mask=mask)[0].sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
     with pytest.raises(InputError, match="backend.*no_grad"):
-        layer(x, attention_mask=mask)
+        layer(x, use_cache=True)
     with torch.no_grad():
-        assert layer(x, attention_mask=mask)[0].shape == (1, 3, 32)
+        assert layer(x, use_cache=True)[0].shape == (1, 3, 32)
 
 
 @needs_kernels
-def test_auto_backend_trains_a_masked_batch_on_the_reference(monkeypatch):
-    """backend 'auto' with autograd recording and a padding mask (no backward kernels for it yet)
-    runs the reference (says so once), so a training step gets the gradients of every parameter."""
+def test_auto_backend_trains_a_cached_call_on_the_reference(monkeypatch):
+    """backend 'auto' with autograd recording and a cache (no backward kernels for it) runs the
+    reference (says so once), so the gradients of every parameter are still there."""
     import momtune.model
 
     monkeypatch.setattr(momtune.model, "_said", set())  # "once" per process: fresh for this test
-    cfg = momtune.MoMConfig.from_preset("tiny")
     torch.manual_seed(1)
-    model = momtune.MoMForCausalLM(cfg, backend="auto").to(DEVICE)
-    ids = torch.randint(0, cfg.vocab_size, (2, 6), device=DEVICE)
-    mask = torch.ones(2, 6, dtype=torch.long, device=DEVICE)
-    mask[1, :2] = 0
+    layer = momtune.MoMAttention(hidden_size=32, head_dim=16, num_heads=2, num_memories=2, topk=1,
+                                 backend="auto").to(DEVICE)
+    x = torch.randn(2, 6, 32, device=DEVICE)
     with pytest.warns(UserWarning, match="autograd is recording"):
-        out = model(ids, attention_mask=mask, labels=ids)
-    out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
+        out = layer(x, use_cache=True)[0]
+    out.sum().backward()
+    missing = [n for n, p in layer.named_parameters() if p.grad is None]
     assert not missing, missing
 
 

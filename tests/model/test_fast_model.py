@@ -372,11 +372,12 @@ def _train_grads(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, **kw
 
 
 @needs_kernels
-@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+@pytest.mark.parametrize("layout", ["batch", "packed", "masked"])
 @pytest.mark.parametrize("p", LAYERS, ids=_ids)
-def test_layer_training_step_matches_float64_reference_gradients(p, packed, monkeypatch):
-    """Issue 14: backend 'triton' trains the layer's prefill on the kernels (a batch, or packed
-    sequences with cu_seqlens: lengths 6, 0, 1, 4 and the rest); the gradients of x and of every
+def test_layer_training_step_matches_float64_reference_gradients(p, layout, monkeypatch):
+    """Issue 14: backend 'triton' trains the layer's prefill on the kernels (a batch, packed
+    sequences with cu_seqlens: lengths 6, 0, 1, 4 and the rest, or a left-padded batch with an
+    attention_mask: padded tokens join no memory and get no gradient); the gradients of x and of every
     parameter (single_kv_proj's one shared k/v/b/a block included) match the float64 reference
     layer's within 4 x the float32 reference's own error, over three float32 runs (one plain, two
     with the parameters nudged by one rounding: cancelling gradients, see test_fast_lm)."""
@@ -390,11 +391,15 @@ def test_layer_training_step_matches_float64_reference_gradients(p, packed, monk
     monkeypatch.setattr(fast, "_forward_varlen", not_this_path)
     B, T = p["B"], p["T"]
     gen = torch.Generator().manual_seed(3)
-    if packed:
+    if layout == "packed":
         N = B * T
         cuts = sorted({0, N} | {c for c in (6, 6, 7, 11) if c < N})
         kw = {"cu_seqlens": torch.tensor(cuts, device=DEVICE)}
         shape = (1, N, 32)
+    elif layout == "masked":
+        mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+        mask[-1, : T // 2] = 0  # the last row left-padded (T 1: nothing padded)
+        kw, shape = {"attention_mask": mask}, (B, T, 32)
     else:
         kw, shape = {}, (B, T, 32)
     x = torch.randn(*shape, generator=gen).to(DEVICE)
