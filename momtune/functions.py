@@ -1,7 +1,7 @@
 """Autograd functions over momtune's kernels with backward kernels (issue 14): the LM's norms and
 SwiGLU activation train on Triton, and so does the attention's prefill (routing, convs, gates,
-merge on their backward kernels; the recurrence's backward is still autograd of the PyTorch
-chunked reference: :class:`_Recurrence`), see ``MoMAttention._prefill_train``.
+merge on their backward kernels; the recurrence's backward is still PyTorch, its chunk backward
+written out by hand: :class:`_Recurrence`), see ``MoMAttention._prefill_train``.
 
     add_rms_norm_train(x, weight, residual=None, eps) -> (y, h)    norm / norm_bwd templates
     swiglu_train(g, u) -> y                                         swiglu / swiglu_bwd templates
@@ -213,10 +213,11 @@ class _GatePrep(torch.autograd.Function):
 class _Recurrence(torch.autograd.Function):
     """The chunked gated-delta recurrence from zero states (the Triton kernel, run by ``run``,
     which writes into ``out`` when given: a masked batch's zeroed buffer, whose rows past
-    ``cu_seqlens[-1]`` (the padding tail) no segment writes); backward: autograd of the float32
-    chunked reference on the saved inputs' rows in segments (the recurrence's backward kernel is
-    not written yet: this is the one piece of the layer's backward that runs PyTorch, batched
-    over segments chunk by chunk); the tail gets no gradient."""
+    ``cu_seqlens[-1]`` (the padding tail) no segment writes); backward: the chunk backward
+    written out by hand in float32 PyTorch on the saved inputs' rows in segments
+    (:func:`momtune.reference.recurrence.gated_delta_backward`, the algorithm the recurrence's
+    backward kernel will follow; not written yet: this is the one piece of the layer's backward
+    that runs PyTorch, batched over segments chunk by chunk); the tail gets no gradient."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -227,14 +228,12 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[Any, ...]:
-        from momtune.reference.recurrence import recurrent_chunked
+        from momtune.reference.recurrence import gated_delta_backward
 
         q, k, v, g, beta, cu = ctx.saved_tensors
         rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
-        leaves = [t[:rows].detach().requires_grad_(True) for t in (q, k, v, g, beta)]
-        with torch.enable_grad():
-            o, _ = recurrent_chunked(*leaves, cu_seqlens=cu, rule="gated_delta", use_qk_l2norm=True)
-            got = torch.autograd.grad(o, leaves, do[:rows])
+        got = gated_delta_backward(*(t[:rows] for t in (q, k, v, g, beta)), do[:rows], cu_seqlens=cu,
+                                   use_qk_l2norm=True)
         if rows < q.shape[0]:
             got = [torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))]) for d in got]
         return (*got, None, None)

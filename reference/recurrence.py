@@ -179,3 +179,136 @@ def recurrent_chunked(
     real = row_all < n
     o = vf.new_zeros(vf.shape).index_copy(0, row_all[real], o_all[real])
     return o.to(q.dtype), state
+
+
+def _chunk_grads(q, k, v, g, b, S, do, dSn):
+    """The backward of one gated-delta chunk (the math of :func:`_chunk_step`) for A segments
+    at once, by hand: q, k [A, H, L, K], v, do [A, H, L, V], g, b [A, H, L] (log decay, beta),
+    S [A, H, K, V] the state the chunk starts from, dSn the gradient of the state after it ->
+    (dq, dk, dv, dg, db, dS: the gradient of S). Padding rows (k = v = g = b = 0) get gradients
+    nobody reads."""
+    L = q.shape[-2]
+    dev, dt = q.device, q.dtype
+    lower = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    strict = lower & ~torch.eye(L, dtype=torch.bool, device=dev)
+    G = g.cumsum(-1)
+    D = torch.where(lower, (G[..., :, None] - G[..., None, :]).masked_fill(~lower, 0.0).exp(), 0.0)
+    KK = k @ k.transpose(-1, -2)
+    A = torch.where(strict, b[..., :, None] * KK * D, 0.0)
+    X = torch.eye(L, dtype=dt, device=dev) + A
+    eG = G.exp()
+    RW, RU = (b * eG)[..., None] * k, b[..., None] * v
+    W = torch.linalg.solve_triangular(X, RW, upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(X, RU, upper=False, unitriangular=True)
+    vnew = U - W @ S
+    qe = q * eG[..., None]
+    QK = q @ k.transpose(-1, -2)
+    P = QK * D
+    GL = G[..., -1]
+    eL = (GL[..., None] - G).exp()
+    kd = k * eL[..., None]
+    # S' = e^{GL} S + kd^T vnew
+    dS = GL.exp()[..., None, None] * dSn
+    dvnew = kd @ dSn
+    dkd = vnew @ dSn.transpose(-1, -2)
+    dk = dkd * eL[..., None]
+    t = (dkd * kd).sum(-1)
+    dG = -t
+    dGL = t.sum(-1) + (dSn * S).sum((-1, -2)) * GL.exp()
+    # o = qe S + P vnew
+    dqe = do @ S.transpose(-1, -2)
+    dq = dqe * eG[..., None]
+    dG = dG + (dqe * qe).sum(-1)
+    dS = dS + qe.transpose(-1, -2) @ do
+    dP = do @ vnew.transpose(-1, -2)
+    dvnew = dvnew + P.transpose(-1, -2) @ do
+    dQK = dP * D
+    dq = dq + dQK @ k
+    dk = dk + dQK.transpose(-1, -2) @ q
+    dD = dP * QK
+    # vnew = U - W S
+    dW = -dvnew @ S.transpose(-1, -2)
+    dS = dS - W.transpose(-1, -2) @ dvnew
+    # W = X^-1 RW, U = X^-1 RU: dR = X^-T dY, dX = -(dR_W W^T + dR_U U^T)
+    XT = X.transpose(-1, -2)
+    dRW = torch.linalg.solve_triangular(XT, dW, upper=True, unitriangular=True)
+    dRU = torch.linalg.solve_triangular(XT, dvnew, upper=True, unitriangular=True)
+    dA = torch.where(strict, -(dRW @ W.transpose(-1, -2) + dRU @ U.transpose(-1, -2)), 0.0)
+    dv = b[..., None] * dRU
+    db = (v * dRU).sum(-1) + (eG[..., None] * k * dRW).sum(-1)
+    dk = dk + (b * eG)[..., None] * dRW
+    dG = dG + (RW * dRW).sum(-1)
+    # A = b_i (k_i . k_j) D_ij below the diagonal
+    db = db + (dA * KK * D).sum(-1)
+    dKK = dA * b[..., :, None] * D
+    dk = dk + dKK @ k + dKK.transpose(-1, -2) @ k
+    dD = dD + dA * b[..., :, None] * KK
+    # D_ij = exp(G_i - G_j) on and below the diagonal
+    dDD = torch.where(lower, dD * D, 0.0)
+    dG = dG + dDD.sum(-1) - dDD.sum(-2)
+    dG[..., -1] = dG[..., -1] + dGL
+    dg = dG.flip(-1).cumsum(-1).flip(-1)  # G = cumsum(g)
+    return dq, dk, dv, dg, db, dS
+
+
+def gated_delta_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    do: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv, dg, dbeta) of the gated-delta recurrence's output o (zero initial
+    states; :func:`recurrent_chunked`'s arguments) given ``do``, by hand, chunk by chunk: a
+    forward pass keeps every chunk's starting state, a reverse pass runs :func:`_chunk_grads`
+    for all segments with a chunk at that step at once, carrying the state's gradient back; the
+    L2 normalisation of q and k goes through autograd (elementwise). The algorithm a backward
+    kernel follows; in float32 (float64 for float64 inputs), gradients in the inputs' dtypes."""
+    rule = "gated_delta"
+    qk = [t.detach().requires_grad_(True) for t in (q, k)]
+    with torch.enable_grad():
+        qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, None,
+                                                  use_qk_l2norm)
+    n, dev, L = qf.shape[0], qf.device, chunk_size
+    cd = qf.dtype
+    chunks = [-(-(cu[s + 1] - cu[s]) // L) for s in range(len(cu) - 1)]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.detach(), x.new_zeros((1,) + tuple(x.shape[1:]))])
+
+    qp, kp, vp, gp, bp = (padded(x) for x in (qf, kf, vf, gf, bf))
+    dop = padded(do.to(cd))
+    offs = torch.arange(L, device=dev)
+    steps = []
+    for c in range(max(chunks, default=0)):
+        active = [s for s, nc in enumerate(chunks) if nc > c]
+        seg = torch.tensor(active, device=dev)
+        first = torch.tensor([cu[s] + c * L for s in active], device=dev)
+        end = torch.tensor([cu[s + 1] for s in active], device=dev)
+        tok = first[:, None] + offs
+        steps.append((seg, torch.where(tok < end[:, None], tok, torch.full_like(tok, n))))
+    state, starts = state0.clone(), []
+    with torch.no_grad():
+        for seg, tok in steps:  # forward: each step's starting states
+            starts.append(state[seg])
+            _, S = _chunk_step(qp[tok], kp[tok], vp[tok], gp[tok], bp[tok], state[seg], rule)
+            state = state.index_copy(0, seg, S)
+        grads = [torch.zeros((n + 1, *x.shape[1:]), dtype=cd, device=dev) for x in (qf, kf, vf, gf, bf)]
+        dstate = torch.zeros_like(state0)
+        for (seg, tok), S in zip(reversed(steps), reversed(starts)):
+            tr = lambda x: x[tok].transpose(1, 2)  # noqa: E731 - [A, L, H, *] -> [A, H, L, *]
+            dq, dk, dv, dg, db, dS = _chunk_grads(tr(qp), tr(kp), tr(vp), tr(gp), tr(bp), S, tr(dop), dstate[seg])
+            dstate = dstate.index_copy(0, seg, dS)
+            flat = tok.flatten()
+            for acc, d in zip(grads, (dq, dk, dv, dg, db)):
+                acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
+    dqf, dkf, dv, dg, db = (x[:n] for x in grads)
+    with torch.enable_grad():
+        dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
+    return dq_in.to(q.dtype), dk_in.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype)
