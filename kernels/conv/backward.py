@@ -39,11 +39,25 @@ import triton.language as tl
 
 from momtune.checks import check_tensor
 from momtune.errors import InputError
-from momtune.kernels.routing.common import FLOAT_DTYPES, output_tensor, require_triton_device, resolve_config
+from momtune.kernels.routing.common import output_tensor, require_triton_device, resolve_config
 
-from .conv import MAX_WIDTH, _check_index, _src_strides
+from .conv import _src_strides, checked_layout
 
 DEFAULT_CONFIG: dict[str, int] = {"BLOCK_N": 32, "BLOCK_C": 128, "num_warps": 4}
+
+
+@triton.jit
+def _tap(src_ptr, tok_ptr, rr, rm, start, mem, c, cm, stride_st, stride_sm, EVEN_C: tl.constexpr):
+    """The gathered source rows of packed rows ``rr`` (one tap of rows r), fp32; zero before
+    their segment's start (no initial window) and for rows outside a segment."""
+    inseg = rm & (rr >= start)
+    tok = tl.load(tok_ptr + rr, mask=inseg, other=0).to(tl.int64)
+    if EVEN_C:
+        m2 = inseg[:, None]
+    else:
+        m2 = inseg[:, None] & cm[None, :]
+    return tl.load(src_ptr + tok[:, None] * stride_st + mem[:, None] * stride_sm + c[None, :],
+                   mask=m2, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -63,15 +77,7 @@ def _conv_bwd_da_kernel(
     mem = tl.load(mem_ptr + r, mask=rm, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     for i in tl.static_range(W):  # a, as the forward computes it
-        rr = r - (W - 1 - i)
-        inseg = rm & (rr >= start)
-        tok = tl.load(tok_ptr + rr, mask=inseg, other=0).to(tl.int64)
-        if EVEN_C:
-            m2 = inseg[:, None]
-        else:
-            m2 = inseg[:, None] & cm[None, :]
-        x = tl.load(src_ptr + tok[:, None] * stride_st + mem[:, None] * stride_sm + c[None, :],
-                    mask=m2, other=0.0).to(tl.float32)
+        x = _tap(src_ptr, tok_ptr, r - (W - 1 - i), rm, start, mem, c, cm, stride_st, stride_sm, EVEN_C)
         wt = tl.load(w_ptr + c * stride_wc + i * stride_ww, mask=cm, other=0.0).to(tl.float32)
         acc += x * wt[None, :]
     if EVEN_C:
@@ -86,15 +92,7 @@ def _conv_bwd_da_kernel(
     taps = tl.arange(0, W_PAD)
     dw = tl.zeros([W_PAD, BLOCK_C], dtype=tl.float32)
     for i in tl.static_range(W):  # the taps again (cache hits): dw[i] += sum over rows of da * x_i
-        rr = r - (W - 1 - i)
-        inseg = rm & (rr >= start)
-        tok = tl.load(tok_ptr + rr, mask=inseg, other=0).to(tl.int64)
-        if EVEN_C:
-            m2 = inseg[:, None]
-        else:
-            m2 = inseg[:, None] & cm[None, :]
-        x = tl.load(src_ptr + tok[:, None] * stride_st + mem[:, None] * stride_sm + c[None, :],
-                    mask=m2, other=0.0).to(tl.float32)
+        x = _tap(src_ptr, tok_ptr, r - (W - 1 - i), rm, start, mem, c, cm, stride_st, stride_sm, EVEN_C)
         dw += tl.where(taps[:, None] == i, tl.sum(da * x, 0)[None, :], 0.0)
     tl.store(dwp_ptr + (pid_n.to(tl.int64) * W + taps[:, None]) * C + c[None, :], dw,
              mask=(taps < W)[:, None] & cm[None, :])
@@ -156,25 +154,9 @@ def segment_conv_backward(
     [Np, C] in src's dtype -> (dsrc, the shape of src, contiguous, in src's dtype; dweight [C, W]
     in weight's dtype). ``out`` may hold ``dsrc`` and ``dw`` to write into.
     """
-    check_tensor("src", src, dtypes=FLOAT_DTYPES)
-    if src.dim() not in (2, 3):
-        raise InputError(f"src: expected [B*T, C] or [B*T, M, C], got shape {list(src.shape)}")
-    C = src.shape[-1]
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
-    if weight.dim() == 3 and weight.shape[1] == 1:
-        weight = weight[:, 0]
-    if weight.dim() != 2 or weight.shape[0] != C or not 1 <= weight.shape[1] <= MAX_WIDTH:
-        raise InputError(f"weight: expected shape [{C}, W] or [{C}, 1, W] with 1 <= W <= {MAX_WIDTH}, "
-                         f"got {list(weight.shape)}")
-    W = weight.shape[1]
-    token_index = _check_index("token_index", token_index)
-    Np = token_index.shape[0]
-    row_mem = _check_index("row_mem", row_mem, Np)
-    row_seg = _check_index("row_seg", row_seg, Np)
-    cu_seqlens = _check_index("cu_seqlens", cu_seqlens)
-    S = cu_seqlens.shape[0] - 1
-    if S < 1:
-        raise InputError(f"cu_seqlens: needs at least 2 entries (one segment), got {S + 1}")
+    weight, token_index, row_mem, row_seg, cu_seqlens = checked_layout(src, weight, token_index, row_mem, row_seg,
+                                                                        cu_seqlens)
+    C, W, Np, S = src.shape[-1], weight.shape[1], token_index.shape[0], cu_seqlens.shape[0] - 1
     check_tensor("dy", dy, shape=(Np, C), dtypes=(src.dtype,))
     if C and dy.stride(-1) != 1:
         raise InputError(f"dy: the last dimension must be contiguous, got strides {tuple(dy.stride())}")

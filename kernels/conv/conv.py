@@ -138,6 +138,31 @@ def _src_strides(name: str, src: torch.Tensor) -> tuple[int, int]:
     return src.stride(0), (src.stride(1) if src.dim() == 3 else 0)
 
 
+def checked_layout(src: torch.Tensor, weight: torch.Tensor, token_index: torch.Tensor, row_mem: torch.Tensor,
+                   row_seg: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The checks :func:`segment_conv` and its backward share: src [B*T, C] or [B*T, M, C], weight
+    [C, W] or [C, 1, W] (1 <= W <= MAX_WIDTH), index maps [Np], cu_seqlens [S+1] with S >= 1 ->
+    (weight [C, W], token_index, row_mem, row_seg, cu_seqlens), the maps contiguous."""
+    check_tensor("src", src, dtypes=FLOAT_DTYPES)
+    if src.dim() not in (2, 3):
+        raise InputError(f"src: expected [B*T, C] or [B*T, M, C], got shape {list(src.shape)}")
+    C = src.shape[-1]
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+    if weight.dim() == 3 and weight.shape[1] == 1:  # nn.Conv1d's [C, 1, W]
+        weight = weight[:, 0]
+    if weight.dim() != 2 or weight.shape[0] != C or not 1 <= weight.shape[1] <= MAX_WIDTH:
+        raise InputError(f"weight: expected shape [{C}, W] or [{C}, 1, W] with 1 <= W <= {MAX_WIDTH}, "
+                         f"got {list(weight.shape)}")
+    token_index = _check_index("token_index", token_index)
+    Np = token_index.shape[0]
+    row_mem = _check_index("row_mem", row_mem, Np)
+    row_seg = _check_index("row_seg", row_seg, Np)
+    cu_seqlens = _check_index("cu_seqlens", cu_seqlens)
+    if cu_seqlens.shape[0] < 2:
+        raise InputError(f"cu_seqlens: needs at least 2 entries (one segment), got {cu_seqlens.shape[0]}")
+    return weight, token_index, row_mem, row_seg, cu_seqlens
+
+
 def segment_conv(
     src: torch.Tensor,
     weight: torch.Tensor,
@@ -159,25 +184,9 @@ def segment_conv(
     If ``final_window`` [S, W-1, C] is given it receives each segment's last W-1 inputs (it
     may be the same tensor as ``initial_window``). y is in src's dtype.
     """
-    check_tensor("src", src, dtypes=FLOAT_DTYPES)
-    if src.dim() not in (2, 3):
-        raise InputError(f"src: expected [B*T, C] or [B*T, M, C], got shape {list(src.shape)}")
-    C = src.shape[-1]
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
-    if weight.dim() == 3 and weight.shape[1] == 1:  # nn.Conv1d's [C, 1, W]
-        weight = weight[:, 0]
-    if weight.dim() != 2 or weight.shape[0] != C or not 1 <= weight.shape[1] <= MAX_WIDTH:
-        raise InputError(f"weight: expected shape [{C}, W] or [{C}, 1, W] with 1 <= W <= {MAX_WIDTH}, "
-                         f"got {list(weight.shape)}")
-    W = weight.shape[1]
-    token_index = _check_index("token_index", token_index)
-    Np = token_index.shape[0]
-    row_mem = _check_index("row_mem", row_mem, Np)
-    row_seg = _check_index("row_seg", row_seg, Np)
-    cu_seqlens = _check_index("cu_seqlens", cu_seqlens)
-    S = cu_seqlens.shape[0] - 1
-    if S < 1:
-        raise InputError(f"cu_seqlens: needs at least 2 entries (one segment), got {S + 1}")
+    weight, token_index, row_mem, row_seg, cu_seqlens = checked_layout(src, weight, token_index, row_mem, row_seg,
+                                                                        cu_seqlens)
+    C, W, Np, S = src.shape[-1], weight.shape[1], token_index.shape[0], cu_seqlens.shape[0] - 1
     if initial_window is not None:
         _window("initial_window", initial_window, S, W, C)
     if final_window is not None:

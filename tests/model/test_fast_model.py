@@ -14,7 +14,7 @@ import torch
 import momtune
 from momtune.errors import ConfigError, InputError
 from momtune.reference.cache import MoMCache
-from tests.helpers import AtenOps, assert_close
+from tests.helpers import AtenOps, assert_close, nudged, within_own_error
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 needs_kernels = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
@@ -409,22 +409,11 @@ def test_layer_training_step_matches_float64_reference_gradients(p, layout, monk
 
     def reference(dt: torch.dtype, nudge: int | None = None) -> dict:
         r = copy.deepcopy(ref).to(dt).train()
-        sd = {k: v.to(dt) for k, v in state.items()}
-        if nudge is not None:
-            g = torch.Generator().manual_seed(nudge)
-            sd = {k: v * (1 + 2.0 ** -24 * (2 * torch.randint(0, 2, v.shape, generator=g) - 1).to(v.device, dt))
-                  for k, v in sd.items()}
-        r.load_state_dict(sd)
+        r.load_state_dict(nudged(state, dt, nudge))
         return _train_grads(r, x.to(dt), dy.to(dt), **kw)
 
-    want = reference(torch.float64)
-    runs32 = [reference(torch.float32)] + [reference(torch.float32, k) for k in (1, 2)]
-    assert set(got) == set(want)
-    for n in want:
-        scale = float(want[n].norm()) or 1.0
-        err = float((got[n] - want[n]).norm()) / scale
-        own = max(float((r[n] - want[n]).norm()) / scale for r in runs32)
-        assert err <= max(4 * own, 4 * torch.finfo(torch.float32).eps), (n, err, own)
+    runs32 = [reference(torch.float32, k) for k in (None, 1, 2)]
+    within_own_error(got, reference(torch.float64), runs32, floor=torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.gpu
@@ -450,18 +439,8 @@ def test_gpu_layer_training_step_bf16_matches_float64_reference(layout):
 
     def reference(dt: torch.dtype, nudge: int | None = None) -> dict:
         r = copy.deepcopy(ref).to(dt).train()
-        sd = {k: v.to(dt) for k, v in state.items()}
-        if nudge is not None:
-            g = torch.Generator().manual_seed(nudge)
-            sd = {k: v * (1 + 2.0 ** -8 * (2 * torch.randint(0, 2, v.shape, generator=g) - 1).to(v.device, dt))
-                  for k, v in sd.items()}
-        r.load_state_dict(sd)
+        r.load_state_dict(nudged(state, dt, nudge))
         return _train_grads(r, x.to(dt), dy.to(dt), **kw)
 
-    want = _train_grads(ref.train(), x.double(), dy.double(), **kw)
-    runs = [reference(torch.bfloat16)] + [reference(torch.bfloat16, k) for k in (1, 2)]
-    for n in want:
-        scale = float(want[n].norm()) or 1.0
-        err = float((got[n] - want[n]).norm()) / scale
-        own = max(float((r[n] - want[n]).norm()) / scale for r in runs)
-        assert err <= 4 * own, (n, err, own)
+    runs = [reference(torch.bfloat16, k) for k in (None, 1, 2)]
+    within_own_error(got, _train_grads(ref.train(), x.double(), dy.double(), **kw), runs)
