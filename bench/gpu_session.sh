@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh library2            # H200 library: routing, norm, swiglu, both sets (~8 min)
 #   bash bench/gpu_session.sh library3            # H200 library: the backward templates (~6 min)
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
+#   bash bench/gpu_session.sh trainrun            # 300 steps of associative recall, kernels vs reference (<7 min)
 #   bash bench/gpu_session.sh shiplib             # export the quick/ studies (<1 min)
 #   bash bench/gpu_session.sh verify              # verify the shipped library, a template at a time (VERIFY_TEMPLATES)
 #   bash bench/gpu_session.sh projection          # all-memories projection GEMM vs routed rows (<2 min)
@@ -96,6 +97,10 @@ stage() {
       timeout -s INT -k 20 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
         tests/kernels/test_backward_templates.py tests/bench/test_bench_train.py > $OUT/gpu-train-tests.log 2>&1
       echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;
+    trainrun)  # issue 14, item 3: a small MoM LM learns associative recall on the kernels and on the
+      # reference (same init, same batches), loss curves compared against a nudged reference's drift
+      timeout 420 python3 bench/gpu_train_run.py --steps 300 --out $OUT/train-run.json --plot $OUT/train-run.png \
+        > $OUT/train-run.log 2>&1; echo "train run: rc $?"; tail -5 $OUT/train-run.log ;;
     bench340)
       timeout 230 momtune bench --presets mom-340m --prefill 8x2048 1x4096 --batches 1 8 32 128 \
         --out $OUT/bench-340m.json > $OUT/bench-340m.log 2>&1; echo "bench rc $?"; tail -45 $OUT/bench-340m.log ;;
@@ -184,7 +189,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 library3 train shiplib verify projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 

@@ -86,18 +86,18 @@ def load_script(path: "str | Path"):  # noqa: ANN201 - a module
 
 
 def nudged(state: dict, dtype: torch.dtype, seed: int | None) -> dict:
-    """``state`` (a state_dict) in ``dtype``; with a seed, every floating value moved by one
-    rounding of ``dtype`` (relative eps / 2: 2^-24 in float32, 2^-8 in bfloat16; random signs). Gradient checks take
+    """``state`` (a state_dict) in ``dtype``; with a seed, every floating value moved by about one
+    unit in its last place in ``dtype`` (relative eps, up or down at random). Gradient checks take
     the reference's own error in a dtype as the largest over a plain run and such nudged runs: a
     gradient that cancels strongly (A_log's, summed over every row) moves by far more than one
     run's error shows."""
     out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if seed is None:
         return out
-    step = torch.finfo(dtype).eps / 2  # one rounding: half a unit in the last place
+    eps = torch.finfo(dtype).eps  # computed in float64 and rounded back: 1 + eps/2 does not exist in dtype
     gen = torch.Generator().manual_seed(seed)
-    return {k: v * (1 + step * (2 * torch.randint(0, 2, v.shape, generator=gen) - 1).to(v.device, dtype))
-            if v.is_floating_point() else v for k, v in out.items()}
+    return {k: (v.double() * (1 + eps * (2 * torch.randint(0, 2, v.shape, generator=gen) - 1).to(v.device)))
+            .to(dtype) if v.is_floating_point() else v for k, v in out.items()}
 
 
 def within_own_error(got: dict, want: dict, runs: list[dict], factor: float = 4.0, floor: float = 0.0) -> None:
