@@ -94,6 +94,9 @@ stage() {
       timeout 300 momtune bench --presets mom-340m --what layer_train --prefill 8x2048 1x4096 \
         --impls momtune reference fla --out $OUT/bench-train.json > $OUT/bench-train.log 2>&1
       echo "bench layer_train: rc $?"; tail -12 $OUT/bench-train.log
+      timeout 200 momtune bench --presets mom-340m --what model_train --prefill 4x1024 --layers 4 \
+        --impls momtune reference --out $OUT/bench-model-train.json > $OUT/bench-model-train.log 2>&1
+      echo "bench model_train: rc $?"; tail -6 $OUT/bench-model-train.log
       timeout -s INT -k 20 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
         tests/kernels/test_backward_templates.py tests/bench/test_bench_train.py > $OUT/gpu-train-tests.log 2>&1
       echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;

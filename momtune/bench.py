@@ -24,7 +24,7 @@ import torch
 from momtune.errors import InputError
 
 IMPLS = ("momtune", "fla", "reference")
-KINDS = ("layer_prefill", "layer_decode", "model_decode", "layer_train")
+KINDS = ("layer_prefill", "layer_decode", "model_decode", "layer_train", "model_train")
 STABLE = 0.03  # two successive warm-up medians within 3%: warm
 MIN_CALLS = 30  # timed calls per measurement
 
@@ -322,6 +322,55 @@ def cuda_randint(high: int, shape: tuple[int, ...], seed: int = 0, device: str =
 
 
 @torch.no_grad()
+def bench_model_train(preset: str, B: int, T: int, impls: Iterable[str], dtype: torch.dtype,
+                      layers: int | None = None) -> list[dict]:
+    """One optimizer step of the causal LM on ids [B, T] (issue 14): forward with labels (the
+    cross-entropy and, where the model has one, the router's aux loss), backward, AdamW step.
+    Per impl: ``ms`` a step, tokens per second and the step's peak memory over the weights and
+    optimizer state. Every impl starts from the same weights; the steps change them, so only the
+    first step's losses are compared (``loss``; a cross-check, not a reference)."""
+    from momtune.reference.config import MoMConfig
+
+    overrides = {} if layers is None else dict(num_hidden_layers=layers)
+    cfg = MoMConfig.from_preset(preset, **overrides)
+    torch.manual_seed(0)
+    ids = cuda_randint(cfg.vocab_size, (B, T))
+    rows, state = [], None
+    shape = dict(B=B, T=T, layers=cfg.num_hidden_layers)
+    for impl in impls:
+        model = opt = None
+        try:
+            model = make_model(impl, cfg, dtype, state).train()
+            if state is None:
+                state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+            if impl == "momtune":
+                model.backend = "auto"
+                for m in model.modules():
+                    if hasattr(m, "backend"):
+                        m.backend = "auto"  # trains on the kernels
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+            def step() -> float:
+                opt.zero_grad(set_to_none=True)
+                out = model(ids, labels=ids)
+                out.loss.backward()
+                opt.step()
+                return out.loss
+
+            first = float(step())
+            m = stable_time(step, calls=MIN_CALLS if impl != "reference" else 5)
+            rows.append(_row("model_train", preset, shape, dtype, impl, **m.fields(), loss=first,
+                             tokens_per_s=B * T / m.median_ms * 1e3, peak_mem_mb=_peak_mb(step)))
+        except Exception as exc:  # one impl failing must not lose the others' numbers
+            rows.append(_row("model_train", preset, shape, dtype, impl,
+                             note=f"failed: {type(exc).__name__}: {exc!s:.200}"))
+        finally:
+            model = opt = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_model_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.dtype, prompt: int = 16,
                        layers: int | None = None) -> list[dict]:
     """The causal LM's decode step (ms per token, all layers); momtune's in a CUDA graph."""

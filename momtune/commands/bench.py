@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and CUDA graph against CUDA graph; printed as a table and saved as JSON for `momtune report`.")
     p.add_argument("--presets", nargs="+", default=["mom-340m", "mom-1.3b"], help="model presets")
     p.add_argument("--what", nargs="+", default=["layer_prefill", "layer_decode", "model_decode"],
-                   help="layer_prefill layer_decode model_decode layer_train (forward + backward; not by default)")
+                   help="layer_prefill layer_decode model_decode; layer_train (forward + backward) and "
+                        "model_train (one AdamW step of the LM), not by default")
     p.add_argument("--prefill", nargs="+", default=["8x2048"], help="B x T shapes of the layer prefill")
     p.add_argument("--batches", nargs="+", type=int_in(1), default=[1, 8, 32, 128], help="decode batch sizes")
     p.add_argument("--impls", nargs="+", default=["momtune", "fla", "reference"], help="momtune fla reference")
@@ -94,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
             for B, T in shapes:
                 group("layer_train", preset, dict(B=B, T=T),
                       lambda: bench.bench_layer_train(preset, B, T, args.impls, dtype))
+        if "model_train" in args.what:
+            for B, T in shapes:
+                group("model_train", preset, dict(B=B, T=T),
+                      lambda: bench.bench_model_train(preset, B, T, args.impls, dtype, layers=args.layers))
         if "layer_decode" in args.what:
             for B in args.batches:
                 group("layer_decode", preset, dict(B=B), lambda: bench.bench_layer_decode(preset, B, args.impls, dtype))

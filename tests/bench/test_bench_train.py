@@ -7,8 +7,10 @@ import torch
 from momtune import bench
 
 
-def test_layer_train_is_a_bench_kind() -> None:
-    assert "layer_train" in bench.KINDS
+def test_train_kinds_are_bench_kinds() -> None:
+    from momtune.report.collect import BENCH_KINDS
+
+    assert {"layer_train", "model_train"} <= set(bench.KINDS) and {"layer_train", "model_train"} <= set(BENCH_KINDS)
 
 
 @pytest.mark.gpu
@@ -23,3 +25,15 @@ def test_layer_train_rows_time_forward_and_backward_and_cross_check_gradients() 
     for r in rows:
         assert 0 < r["fwd_ms"] < r["ms"] and r["peak_mem_mb"] > 0 and r["kind"] == "layer_train"
     assert 0 <= by["reference"]["max_rel_err_vs_momtune"] < float("inf"), by["reference"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_model_train_rows_time_an_optimizer_step() -> None:
+    """float32, the tiny preset: both impls give a row with a step's time, memory and first loss
+    (their gradients' correctness is tests/model's training-step tests)."""
+    rows = bench.bench_model_train("tiny", 2, 32, ["momtune", "reference"], torch.float32)
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"momtune", "reference"} and not any("note" in r for r in rows), rows
+    assert all(r["ms"] > 0 and r["peak_mem_mb"] > 0 and r["kind"] == "model_train" for r in rows)
+    assert all(0 < r["loss"] < float("inf") for r in rows), rows
