@@ -453,11 +453,13 @@ class MoMAttention(ref_layer.MoMAttention):
 
     def _prefill_train(self, x: torch.Tensor, seq: tuple[torch.Tensor, int, int] | None = None,
                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prefill of a training step (autograd records; no cache; ``seq`` for packed sequences
-        and ``valid`` for a padding mask as in :meth:`_prefill`): the kernels of :meth:`_prefill` through :mod:`momtune.functions`' autograd
-        functions, their gradients from the backward templates (the recurrence's from autograd of
-        the chunked PyTorch reference). The fused projection weight is built from the parameters
-        by a differentiable concatenation (the inference buffer is not in the graph)."""
+        """The prefill of a training step (autograd records; no cache; ``seq`` for packed
+        sequences and ``valid`` for a padding mask as in :meth:`_prefill`): the kernels of
+        :meth:`_prefill` through :mod:`momtune.functions`' autograd functions, their gradients from
+        the backward templates (the recurrence's from its chunk backward in PyTorch,
+        :func:`momtune.reference.recurrence.gated_delta_backward`). The fused projection weight is
+        built from the parameters by a differentiable concatenation (the inference buffer is not
+        in the graph)."""
         from momtune import functions as fn
         from momtune.kernels.recurrence.chunk import chunk_recurrence
 
