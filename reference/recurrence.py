@@ -181,40 +181,51 @@ def recurrent_chunked(
     return o.to(q.dtype), state
 
 
-def _chunk_grads(q, k, v, g, b, S, do, dSn):
-    """The backward of one gated-delta chunk (the math of :func:`_chunk_step`) for A segments
-    at once, by hand: q, k [A, H, L, K], v, do [A, H, L, V], g, b [A, H, L] (log decay, beta),
-    S [A, H, K, V] the state the chunk starts from, dSn the gradient of the state after it ->
-    (dq, dk, dv, dg, db, dS: the gradient of S). Padding rows (k = v = g = b = 0) get gradients
-    nobody reads."""
+def _chunk_terms(q, k, v, g, b, S):
+    """The forward quantities of gated-delta chunks (:func:`_chunk_step`'s math) that the backward
+    reads: q, k [..., L, K], v [..., L, V], g, b [..., L], S [..., K, V] the starting states."""
+    from types import SimpleNamespace
+
     L = q.shape[-2]
     dev, dt = q.device, q.dtype
-    lower = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-    strict = lower & ~torch.eye(L, dtype=torch.bool, device=dev)
-    G = g.cumsum(-1)
-    D = torch.where(lower, (G[..., :, None] - G[..., None, :]).masked_fill(~lower, 0.0).exp(), 0.0)
-    KK = k @ k.transpose(-1, -2)
-    A = torch.where(strict, b[..., :, None] * KK * D, 0.0)
-    X = torch.eye(L, dtype=dt, device=dev) + A
-    eG = G.exp()
-    RW, RU = (b * eG)[..., None] * k, b[..., None] * v
-    W = torch.linalg.solve_triangular(X, RW, upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(X, RU, upper=False, unitriangular=True)
-    vnew = U - W @ S
-    qe = q * eG[..., None]
-    QK = q @ k.transpose(-1, -2)
-    P = QK * D
-    GL = G[..., -1]
-    eL = (GL[..., None] - G).exp()
-    kd = k * eL[..., None]
+    t = SimpleNamespace()
+    t.lower = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    t.strict = t.lower & ~torch.eye(L, dtype=torch.bool, device=dev)
+    t.G = g.cumsum(-1)
+    t.D = torch.where(t.lower, (t.G[..., :, None] - t.G[..., None, :]).masked_fill(~t.lower, 0.0).exp(), 0.0)
+    t.KK = k @ k.transpose(-1, -2)
+    t.X = torch.eye(L, dtype=dt, device=dev) + torch.where(t.strict, b[..., :, None] * t.KK * t.D, 0.0)
+    t.eG = t.G.exp()
+    t.RW, t.RU = (b * t.eG)[..., None] * k, b[..., None] * v
+    t.W = torch.linalg.solve_triangular(t.X, t.RW, upper=False, unitriangular=True)
+    t.U = torch.linalg.solve_triangular(t.X, t.RU, upper=False, unitriangular=True)
+    t.vnew = t.U - t.W @ S
+    t.qe = q * t.eG[..., None]
+    t.QK = q @ k.transpose(-1, -2)
+    t.P = t.QK * t.D
+    t.GL = t.G[..., -1]
+    t.eL = (t.GL[..., None] - t.G).exp()
+    t.kd = k * t.eL[..., None]
+    return t
+
+
+def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
+    """The backward of gated-delta chunks (the math of :func:`_chunk_step`), by hand: q, k
+    [..., L, K], v, do [..., L, V], g, b [..., L] (log decay, beta), S [..., K, V] the state each
+    chunk starts from, dSn the gradient of the state after it, ``t`` its :func:`_chunk_terms`
+    (computed if None) -> (dq, dk, dv, dg, db, dS: the gradient of S). Padding rows (k = v = g =
+    b = 0) get gradients nobody reads."""
+    t = _chunk_terms(q, k, v, g, b, S) if t is None else t
+    lower, strict, D, KK, X, eG, RW = t.lower, t.strict, t.D, t.KK, t.X, t.eG, t.RW
+    W, U, vnew, qe, QK, P, GL, eL, kd = t.W, t.U, t.vnew, t.qe, t.QK, t.P, t.GL, t.eL, t.kd
     # S' = e^{GL} S + kd^T vnew
     dS = GL.exp()[..., None, None] * dSn
     dvnew = kd @ dSn
     dkd = vnew @ dSn.transpose(-1, -2)
     dk = dkd * eL[..., None]
-    t = (dkd * kd).sum(-1)
-    dG = -t
-    dGL = t.sum(-1) + (dSn * S).sum((-1, -2)) * GL.exp()
+    rk = (dkd * kd).sum(-1)
+    dG = -rk
+    dGL = rk.sum(-1) + (dSn * S).sum((-1, -2)) * GL.exp()
     # o = qe S + P vnew
     dqe = do @ S.transpose(-1, -2)
     dq = dqe * eG[..., None]
@@ -265,11 +276,13 @@ def gated_delta_backward(
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dg, dbeta) of the gated-delta recurrence's output o (zero initial
-    states; :func:`recurrent_chunked`'s arguments) given ``do``, by hand, chunk by chunk: a
-    forward pass keeps every chunk's starting state, a reverse pass runs :func:`_chunk_grads`
-    for all segments with a chunk at that step at once, carrying the state's gradient back; the
-    L2 normalisation of q and k goes through autograd (elementwise). The algorithm a backward
-    kernel follows; in float32 (float64 for float64 inputs), gradients in the inputs' dtypes."""
+    states; :func:`recurrent_chunked`'s arguments) given ``do``, by hand, in three passes as a
+    backward kernel splits them: (1) forward, step by step over the chunks (batched over the
+    segments), keeping each chunk's starting state; (2) the state's gradient scanned back step by
+    step, the one sequential piece, from every chunk's forward terms computed at once; (3) every
+    chunk's gradients at once (:func:`_chunk_grads`). The L2 normalisation of q and k goes
+    through autograd (elementwise). In float32 (float64 for float64 inputs), gradients in the
+    inputs' dtypes."""
     rule = "gated_delta"
     qk = [t.detach().requires_grad_(True) for t in (q, k)]
     with torch.enable_grad():
@@ -285,29 +298,46 @@ def gated_delta_backward(
     qp, kp, vp, gp, bp = (padded(x) for x in (qf, kf, vf, gf, bf))
     dop = padded(do.to(cd))
     offs = torch.arange(L, device=dev)
-    steps = []
+    steps, toks = [], []  # per step c: (segments with a chunk c, ids of those chunks); chunk rows
     for c in range(max(chunks, default=0)):
         active = [s for s, nc in enumerate(chunks) if nc > c]
-        seg = torch.tensor(active, device=dev)
         first = torch.tensor([cu[s] + c * L for s in active], device=dev)
         end = torch.tensor([cu[s + 1] for s in active], device=dev)
         tok = first[:, None] + offs
-        steps.append((seg, torch.where(tok < end[:, None], tok, torch.full_like(tok, n))))
-    state, starts = state0.clone(), []
+        ids = torch.arange(len(active), device=dev) + sum(len(x) for x in toks)
+        steps.append((torch.tensor(active, device=dev), ids))
+        toks.append(torch.where(tok < end[:, None], tok, torch.full_like(tok, n)))
+    grads = [torch.zeros((n + 1, *x.shape[1:]), dtype=cd, device=dev) for x in (qf, kf, vf, gf, bf)]
+    if not toks:
+        toks.append(torch.zeros(0, L, dtype=torch.long, device=dev))
+    tok = torch.cat(toks)  # [C, L]: every chunk of every segment, in step order
     with torch.no_grad():
-        for seg, tok in steps:  # forward: each step's starting states
-            starts.append(state[seg])
-            _, S = _chunk_step(qp[tok], kp[tok], vp[tok], gp[tok], bp[tok], state[seg], rule)
+        tr = lambda x: x[tok].transpose(1, 2)  # noqa: E731 - [C, L, H, *] -> [C, H, L, *]
+        qc, kc, vc, gc, bc, doc = (tr(x) for x in (qp, kp, vp, gp, bp, dop))
+        # 1. forward, step by step: each chunk's starting state
+        S0 = state0.new_zeros((tok.shape[0], *state0.shape[1:]))
+        state = state0.clone()
+        for seg, ids in steps:
+            S0[ids] = state[seg]
+            _, S = _chunk_step(qp[tok[ids]], kp[tok[ids]], vp[tok[ids]], gp[tok[ids]], bp[tok[ids]], state[seg], rule)
             state = state.index_copy(0, seg, S)
-        grads = [torch.zeros((n + 1, *x.shape[1:]), dtype=cd, device=dev) for x in (qf, kf, vf, gf, bf)]
+        # 2. every chunk's forward terms at once; the state's gradient scanned back step by step
+        #    (the one sequential piece): dvnew = kd dS' + P^T do, dS = e^{GL} dS' + qe^T do - W^T dvnew
+        t = _chunk_terms(qc, kc, vc, gc, bc, S0)
+        dSn = torch.zeros_like(S0)
         dstate = torch.zeros_like(state0)
-        for (seg, tok), S in zip(reversed(steps), reversed(starts)):
-            tr = lambda x: x[tok].transpose(1, 2)  # noqa: E731 - [A, L, H, *] -> [A, H, L, *]
-            dq, dk, dv, dg, db, dS = _chunk_grads(tr(qp), tr(kp), tr(vp), tr(gp), tr(bp), S, tr(dop), dstate[seg])
+        for seg, ids in reversed(steps):
+            d = dstate[seg]
+            dSn[ids] = d
+            dvnew = t.kd[ids] @ d + t.P[ids].transpose(-1, -2) @ doc[ids]
+            dS = (t.GL[ids].exp()[..., None, None] * d + t.qe[ids].transpose(-1, -2) @ doc[ids]
+                  - t.W[ids].transpose(-1, -2) @ dvnew)
             dstate = dstate.index_copy(0, seg, dS)
-            flat = tok.flatten()
-            for acc, d in zip(grads, (dq, dk, dv, dg, db)):
-                acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
+        # 3. every chunk's gradients at once
+        dq, dk, dv, dg, db, _ = _chunk_grads(qc, kc, vc, gc, bc, S0, doc, dSn, t)
+        flat = tok.flatten()
+        for acc, d in zip(grads, (dq, dk, dv, dg, db)):
+            acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
     dqf, dkf, dv, dg, db = (x[:n] for x in grads)
     with torch.enable_grad():
         dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
