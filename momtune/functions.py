@@ -89,6 +89,7 @@ def swiglu_train(g: torch.Tensor, u: torch.Tensor, *, config: Mapping[str, Any] 
 
 
 def _recording(*tensors: torch.Tensor | None) -> bool:
+    """Autograd records a graph through any of ``tensors``."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

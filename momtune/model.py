@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from momtune import settings
 from momtune.checks import check_choice
 from momtune.errors import InputError, KernelError
+from momtune.functions import _recording
 from momtune.reference import layer as ref_layer
 from momtune.reference.cache import LayerCache, MoMCache
 
@@ -341,7 +342,7 @@ class MoMAttention(ref_layer.MoMAttention):
         valid = self._valid_tokens(attention_mask, x)
         if entry is not None and x.shape[1] == 1:
             out, logits = self._decode(x, entry, valid)
-        elif trainable and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        elif trainable and _recording(x, *self.parameters()):
             out, logits = self._prefill_train(x, valid=valid)
         else:
             out, logits = self._prefill(x, entry, valid)
@@ -369,7 +370,7 @@ class MoMAttention(ref_layer.MoMAttention):
             return out.view(1, S, D), logits, cache
         entry = None if cache is None else self._cache_entry(cache, x, batch_size=S)
         seq = (cu.to(x.device, torch.int32), max_len, S)
-        if entry is None and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if entry is None and _recording(x, *self.parameters()):
             out, logits = self._prefill_train(x, seq)
         else:
             out, logits = self._prefill(x, entry, None, seq=seq)
@@ -386,20 +387,41 @@ class MoMAttention(ref_layer.MoMAttention):
             head_k=self.head_dim, head_v=self.head_v_dim, conv_size=self.conv_size,
             state_dtype=compute_dtype(x.dtype), window_dtype=x.dtype, device=x.device)
 
-    def _project(self, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(self, x2: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """x2 [N, D] -> strided views q [N, HK], gate [N, HV], logits [N, E], k/v/b/a [N, M, *]
-        into one aligned GEMM output (with ``single_kv_proj`` the slot axis has stride 0)."""
+        into one aligned GEMM output (with ``single_kv_proj`` the slot axis has stride 0), by
+        slicing and view ops (autograd follows them). ``weight``: the fused weight to use
+        (default :meth:`_fused_weight`; a training step passes :meth:`_fused_weight_train`'s)."""
         blocks, slot_stride, total = self._layout()
         N, M = x2.shape[0], self.num_slots
-        proj = F.linear(x2, self._fused_weight())
+        proj = F.linear(x2, self._fused_weight() if weight is None else weight)
         (_, oq, wq), (_, og, wg), (_, ol, wl) = blocks[:3]
         slot0 = blocks[2][1] + _align(wl)
         q, gate, logits = proj[:, oq:oq + wq], proj[:, og:og + wg], proj[:, ol:ol + wl]
-        per = []
-        for _, off, width in blocks[3:]:
-            per.append(proj.as_strided((N, M, width), (total, slot_stride, 1), proj.storage_offset() + slot0 + off))
-        k, v, b, a = per
+        if slot_stride:
+            slots = proj[:, slot0:slot0 + M * slot_stride].view(N, M, slot_stride)
+            k, v, b, a = (slots[:, :, off:off + width] for _, off, width in blocks[3:])
+        else:  # one k/v/b/a block read by every slot
+            k, v, b, a = (proj[:, None, slot0 + off:slot0 + off + width].expand(N, M, width)
+                          for _, off, width in blocks[3:])
         return q, gate, logits, k, v, b, a
+
+    def _fused_weight_train(self) -> torch.Tensor:
+        """The fused weight of :meth:`_fused_weight`'s layout built from the parameters by a
+        differentiable concatenation (zero rows between blocks): the inference buffer is not in
+        autograd's graph, this is."""
+        rows, total = self._projection_rows()
+        weights = self._projection_weights()
+        D = weights[0].shape[1]
+        pieces, at = [], 0
+        for w, r in zip(weights, rows):
+            if r > at:
+                pieces.append(w.new_zeros(r - at, D))
+            pieces.append(w)
+            at = r + w.shape[0]
+        if total > at:
+            pieces.append(weights[0].new_zeros(total - at, D))
+        return torch.cat(pieces)
 
     def _prefill(self, x: torch.Tensor, entry: LayerCache | None, valid: torch.Tensor | None = None,
                  seq: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,27 +489,7 @@ class MoMAttention(ref_layer.MoMAttention):
         E, M, H, K, V, W = self.num_memories, self.num_slots, self.num_heads, self.head_dim, self.head_v_dim, self.conv_size
         J, dt, sh = self.topk + int(self.shared_mem), x.dtype, int(self.shared_mem)
         N, Np = B * T, B * T * J
-        rows, total = self._projection_rows()
-        weights = self._projection_weights()
-        pieces, at = [], 0
-        for w, r in zip(weights, rows):  # the fused layout of _fused_weight, zero rows between blocks
-            if r > at:
-                pieces.append(w.new_zeros(r - at, D))
-            pieces.append(w)
-            at = r + w.shape[0]
-        if total > at:
-            pieces.append(weights[0].new_zeros(total - at, D))
-        proj = F.linear(x.reshape(N, D), torch.cat(pieces))
-        blocks, slot_stride, _ = self._layout()
-        (_, oq, wq), (_, og, wg), (_, ol, wl) = blocks[:3]
-        slot0 = blocks[2][1] + _align(wl)
-        q_in, gate, logits = proj[:, oq:oq + wq], proj[:, og:og + wg], proj[:, ol:ol + wl]
-        if slot_stride:
-            slots = proj[:, slot0:slot0 + M * slot_stride].view(N, M, slot_stride)
-            k_in, v_in, b_in, a_in = (slots[:, :, off:off + width] for _, off, width in blocks[3:])
-        else:  # single_kv_proj: one block read by every slot
-            k_in, v_in, b_in, a_in = (proj[:, slot0 + off:slot0 + off + width, None].transpose(1, 2).expand(N, M, width)
-                                      for _, off, width in blocks[3:])
+        q_in, gate, logits, k_in, v_in, b_in, a_in = self._project(x.reshape(N, D), self._fused_weight_train())
         rshape = dict(B=B, T=T, E=E, topk=self.topk, shared=sh, D=D)
         R = B if seq is None else seq[2]  # routing rows: batch rows or packed sequences
         weights_r, _, cu, slot, tok, mem, seg = fn._Route.apply(
