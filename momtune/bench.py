@@ -321,7 +321,6 @@ def cuda_randint(high: int, shape: tuple[int, ...], seed: int = 0, device: str =
     return torch.randint(0, high, shape, generator=_cpu_generator(seed)).to(device)
 
 
-@torch.no_grad()
 def bench_model_train(preset: str, B: int, T: int, impls: Iterable[str], dtype: torch.dtype,
                       layers: int | None = None) -> list[dict]:
     """One optimizer step of the causal LM on ids [B, T] (issue 14): forward with labels (the

@@ -545,6 +545,8 @@ class Engine:
                                            "timing": self.timing(retime=True).__dict__},
                                           self.trial_timeout * (1 + len(configs)))
             if reply.get("status") == "ok":
+                for err in reply.get("errors", []):  # a config whose timing raised is timed as inf
+                    self.reporter.note(f"  re-timing: {err}")
                 return [Timing(*x) for x in reply["times"]]
             self.reporter.note(f"  re-timing failed ({reply.get('status')}: {reply.get('reason')}); "
                                "using the trials' times")

@@ -86,10 +86,12 @@ def graph_replay(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,
-                       timer: Callable[[Callable[[], Any]], Timing] | None = None) -> list[Timing]:
+                       timer: Callable[[Callable[[], Any]], Timing] | None = None,
+                       errors: list[str] | None = None) -> list[Timing]:
     """Time every fn once per round in turn (ABCABC...); per fn, the median and spread of its round medians.
 
-    A fn that raises is timed as inf from then on.
+    A fn that raises is timed as inf from then on; ``errors`` (when given) gets one line per such
+    fn: its index and the exception.
     """
     timer = timer or (lambda f: measure(f, opts))
     per: list[list[float]] = [[] for _ in fns]
@@ -100,8 +102,10 @@ def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,
                 continue
             try:
                 per[i].append(timer(fn).median_ms)
-            except Exception:  # noqa: BLE001 - a candidate that fails now is out
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails now is out
                 dead[i] = True
+                if errors is not None:
+                    errors.append(f"config {i}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
     return [_summary(p) if p and not dead[i] else Timing(float("inf"), 0.0, 0) for i, p in enumerate(per)]
 
 

@@ -396,7 +396,9 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
             sync()
             return res
 
-        return {"status": "ok", "times": [[x.median_ms, x.spread, x.runs] for x in retime_interleaved(fns, opts, timed)]}
+        errors: list[str] = []
+        times = retime_interleaved(fns, opts, timed, errors)
+        return {"status": "ok", "times": [[x.median_ms, x.spread, x.runs] for x in times], "errors": errors}
     if op != "trial":
         raise ValueError(f"unknown worker op {op!r}")
     config = req["config"]
