@@ -82,7 +82,15 @@ def graph_replay(fn: Callable[[], Any]) -> Callable[[], Any]:
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
-    return graph.replay
+
+    # The replay holds ``fn`` and with it every tensor ``fn`` reaches (inputs, output buffers):
+    # the graph writes to their addresses. Returning only ``graph.replay`` let a caller's output
+    # buffers be freed while the graph still wrote to them: the re-timing of several configs at
+    # the largest shapes then faulted with an illegal memory access (H200, session 10).
+    def replay(_graph: Any = graph, _fn: Callable[[], Any] = fn) -> None:
+        _graph.replay()
+
+    return replay
 
 
 def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,

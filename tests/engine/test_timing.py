@@ -26,6 +26,51 @@ def test_retime_failing_candidate_is_inf() -> None:
     assert math.isfinite(times[0].median_ms) and times[1].median_ms == math.inf
 
 
+def test_retime_says_why_a_candidate_is_inf() -> None:
+    def boom() -> None:
+        raise RuntimeError("an illegal memory access was encountered\nmore")
+
+    errors: list[str] = []
+    times = retime_interleaved([lambda: None, boom], TimingOptions(interpreter=True, runs=1, rounds=3), errors=errors)
+    assert times[1].median_ms == math.inf and times[1].runs == 0
+    assert errors == ["config 1: RuntimeError: an illegal memory access was encountered"]  # once, first line
+
+
+def test_graph_replay_keeps_what_the_graph_writes_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay owns the captured callable and so the buffers it writes: a caller that keeps only
+    the replay (the worker's re-timing builds one per config) must not free them under the graph.
+    CUDA's pieces are stood in for: what is checked is who holds what."""
+    import contextlib
+    import gc
+    import weakref
+
+    class FakeGraph:
+        replays = 0
+
+        def replay(self) -> None:
+            FakeGraph.replays += 1
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: type("S", (), {"wait_stream": lambda self, o: None})())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"wait_stream": lambda self, o: None})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def capture() -> tuple[object, weakref.ref]:
+        out = {"y": torch.empty(4)}  # what the graph would write
+        return graph_replay(lambda: out["y"].fill_(1.0)), weakref.ref(out["y"])
+
+    replay, buffer = capture()
+    gc.collect()
+    assert buffer() is not None, "the output buffer was freed while the graph still writes to it"
+    replay()
+    assert FakeGraph.replays == 1
+    del replay
+    gc.collect()
+    assert buffer() is None  # and it is the replay that held it
+
+
 def test_measure_interpreter_median() -> None:
     t = measure(lambda: time.sleep(0.002), TimingOptions(interpreter=True, runs=3))
     assert t.runs == 3 and 1.5 < t.median_ms < 50
@@ -125,3 +170,22 @@ def test_short_ops_are_timed_as_graph_replays_and_the_recurrence_eagerly() -> No
     assert graphed == {"decode", "routing", "norm", "swiglu", "merge", "conv",
                        "routing_bwd", "norm_bwd", "swiglu_bwd", "merge_bwd", "conv_bwd"}, graphed
     assert not get_template("recurrence").cuda_graph
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("template,shape,configs", [
+    ("routing", dict(B=16, T=4096, E=4, topk=2, shared=1, D=2048), [{"BLOCK_T": 64, "num_warps": 4}, {"BLOCK_T": 128, "num_warps": 4}]),
+    ("norm", dict(N=65536, D=2048, residual=1), [{"BLOCK_N": 2, "num_warps": 8}, {"BLOCK_N": 1, "num_warps": 4}]),
+])
+def test_worker_retimes_several_graphed_configs_at_the_largest_shapes(template, shape, configs) -> None:
+    """The H200 fault of session 10: re-timing two graph-timed configs at B16 T4096 / N65536 timed
+    both as inf (the graphs wrote to freed output buffers) and the next request died of an illegal
+    memory access. Every config must get a finite time and the device must stay usable."""
+    from momtune.worker import _handle
+
+    reply = _handle({"op": "retime", "template": template, "shape": shape, "dtype": "bfloat16", "seed": 17,
+                     "configs": configs, "timing": {"interpreter": False, "rounds": 2}}, "cuda:0", {})
+    torch.cuda.synchronize()
+    assert reply["status"] == "ok" and reply["errors"] == [], reply
+    assert all(math.isfinite(t[0]) and t[0] > 0 for t in reply["times"]), reply
