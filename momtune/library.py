@@ -245,7 +245,7 @@ def _default_valid(attrs: Mapping[str, Any]) -> bool:
 
 
 def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[str, Any] | None:
-    from .study import count, is_done
+    from .study import count, is_config_failure
 
     c = count(trials)
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok"]
@@ -261,8 +261,8 @@ def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[
     default, default_ms = attrs.get("default_config"), attrs.get("default_time_ms")
     if (retimed and isinstance(default, Mapping) and canonical(default) != canonical(config)
             and isinstance(default_ms, (int, float)) and math.isfinite(default_ms) and time_ms is not None
-            and not any(is_done(t) and t.state.name != "COMPLETE" and t.user_attrs.get("config") == default
-                        for t in trials) and _default_valid(attrs)):
+            and not any(is_config_failure(t) and t.user_attrs.get("config") == default for t in trials)
+            and _default_valid(attrs)):
         # the search's own rule (momtune.winner), for studies whose default had no result when
         # their winner was named: a winner not faster than the default it was re-timed with beyond
         # noise is no win (the default runs; a nearest-shape lookup must not lend this shape's

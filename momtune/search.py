@@ -37,6 +37,11 @@ from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_enviro
 
 INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
 KILLED_ATTEMPTS = 2  # a config whose worker is killed this many times in a row is recorded "killed"
+#: failures that may not be the config's own, run again in the restarted worker up to this many times
+#: in all: "killed" from outside (the OOM killer may have picked the worker for another process's
+#: memory), and "illegal_memory": CUDA reports a fault at a later synchronisation, so a request can
+#: die of the one before it (H200, session 10: a default config failed so after a faulting re-timing)
+RETRIED_ATTEMPTS = {"killed": KILLED_ATTEMPTS, "illegal_memory": 2}
 #: the input sets a study's trials are checked on: trial n uses seeds trial_seed(seed, n) (check run)
 #: and that + 1 (after timing). Few, so each worker computes their float64 references once
 #: (momtune.worker.ReferenceCache); two, so consecutive trials see other inputs.
@@ -419,13 +424,12 @@ class Engine:
             request = {**base, "op": "trial", "config": config, "seed": seed, "timing": self.timing().__dict__}
             reply = early or bencher.call(request, self.trial_timeout)
             attempts = 1
-            while reply.get("status") == "killed" and attempts < KILLED_ATTEMPTS and not ctx.stopped:
-                # killed from outside (the OOM killer may have picked the worker for another
-                # process's memory): not the config's fault until it happens again
+            while attempts < RETRIED_ATTEMPTS.get(reply.get("status"), 0) and not ctx.stopped:
+                # not the config's fault until it happens again (see RETRIED_ATTEMPTS)
                 self.reporter.note(f"  trial {trial.number}: {reply.get('reason')}; running it again")
                 reply = bencher.call(request, self.trial_timeout)
                 attempts += 1
-            if reply.get("status") == "killed":
+            if reply.get("status") in RETRIED_ATTEMPTS and attempts > 1:
                 reply["reason"] = f"{reply.get('reason')}, on each of {attempts} attempts"
             reply["attempts"] = attempts
             reply["seed"] = seed

@@ -181,6 +181,18 @@ def is_done(t: Any) -> bool:
     return t.state.name == "FAIL" and t.user_attrs.get("status") not in (None, "ok", "invalid_config")
 
 
+def is_config_failure(t: Any) -> bool:
+    """A done trial whose failure is the config's own: every recorded failure but a single
+    ``illegal_memory`` or ``killed`` attempt (what a search before session 10 recorded without
+    running the config again: CUDA reports a fault at a later synchronisation, so such a trial may
+    have died of the request before it; see ``momtune.search.RETRIED_ATTEMPTS``)."""
+    if not is_done(t) or t.state.name == "COMPLETE":
+        return False
+    if t.user_attrs.get("status") in ("illegal_memory", "killed"):
+        return int(t.user_attrs.get("attempts", 1) or 1) >= 2
+    return True
+
+
 def trials_of(study: Any) -> list[Any]:
     return list(study._storage.get_all_trials(study._study_id, deepcopy=False))
 

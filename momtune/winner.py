@@ -7,7 +7,7 @@ smallest canonical config), so every machine picks the same winner from equal ti
 winner that is not faster than the default beyond noise (:func:`momtune.timing.judge`) is no
 win: the default is kept, and ``default_kept`` records the config that came within noise. The
 default is kept so even when it has no result of its own (not run before the study's time ran
-out), but not when one of its trials recorded a failure.
+out), but not when one of its trials recorded a failure of its own (:func:`momtune.study.is_config_failure`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .space import canonical
-from .study import is_done
+from .study import is_config_failure
 from .timing import Timing, judge, pick_winner
 
 Retimer = Callable[[Sequence[Mapping[str, Any]]], "list[Timing] | None"]
@@ -38,7 +38,7 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
             key = canonical(t.user_attrs["config"])
             best[key] = min(best.get(key, math.inf), float(t.value))
             configs[key] = dict(t.user_attrs["config"])
-        elif is_done(t) and isinstance(t.user_attrs.get("config"), Mapping):
+        elif is_config_failure(t) and isinstance(t.user_attrs.get("config"), Mapping):
             refused.add(canonical(t.user_attrs["config"]))
     if not best:
         return None, None

@@ -6,7 +6,7 @@ crash of the process (what an illegal memory access does), a wrong answer, an un
 (left NaN), any other exception, and a right answer 20 ms late (``slow``). ``KILLER``'s worker
 is killed from outside (SIGKILL, as the out-of-memory killer does) on its first run of a config
 (``FAULT = "oom_once"``, a marker file in ``$MOMTUNE_TEST_MARKERS`` remembers it) or on every run
-(``"oom_always"``).
+(``"oom_always"``), or dies as of an illegal memory access (``"crash_once"``, ``"crash_always"``).
 """
 from __future__ import annotations
 
@@ -93,9 +93,11 @@ def killer_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tens
     fault = config.get("FAULT", "none")
     if fault != "none":
         marker = Path(os.environ["MOMTUNE_TEST_MARKERS"]) / f"{fault}-{config['BLOCK']}"
-        if fault == "oom_always" or not marker.exists():
+        if fault.endswith("_always") or not marker.exists():
             marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+            if fault.startswith("oom"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(1)  # crash_*: the worker dies as of an illegal memory access
     return launch(inputs, {**config, "FAULT": "none"}, out=out)
 
 

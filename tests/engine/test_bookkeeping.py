@@ -26,15 +26,18 @@ class Notes(Reporter):
         self.notes.append(message)
 
 
-def test_a_killed_worker_is_retried_once_then_recorded_as_killed(storage: str, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_or_crashed_worker_is_retried_once_then_recorded(storage: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed from outside, or dead as of an illegal memory access (which CUDA may report in the
+    request after the faulting one): run again in the restarted worker; recorded only when it
+    happens again."""
     monkeypatch.setenv("MOMTUNE_TEST_MARKERS", str(tmp_path))
     notes = Notes()
-    [res] = search([KILLER], "tiny", SearchOptions(trials=3, sampler="grid", storage=storage, space_dir=SPACES,
+    [res] = search([KILLER], "tiny", SearchOptions(trials=5, sampler="grid", storage=storage, space_dir=SPACES,
                                                    heartbeat_s=2, retime=1, rounds=1), notes)
     study = optuna.load_study(study_name=res.study, storage=storage)
     by_fault = {t.user_attrs["config"]["FAULT"]: t for t in study.trials}
-    assert set(by_fault) == {"none", "oom_once", "oom_always"}
+    assert set(by_fault) == {"none", "oom_once", "oom_always", "crash_once", "crash_always"}
     assert by_fault["none"].user_attrs["status"] == "ok" and by_fault["none"].user_attrs["attempts"] == 1
     once = by_fault["oom_once"]  # killed on its first run: not the config's fault, it ran again and passed
     assert once.state.name == "COMPLETE" and once.user_attrs["status"] == "ok" and once.user_attrs["attempts"] == 2
@@ -43,8 +46,13 @@ def test_a_killed_worker_is_retried_once_then_recorded_as_killed(storage: str, t
     assert always.user_attrs["attempts"] == 2
     assert "SIGKILL" in always.user_attrs["reason"] and "2 attempts" in always.user_attrs["reason"]
     assert is_done(always)  # a recorded outcome: a rerun does not run it a third time
-    assert res.by_status == {"ok": 2, "killed": 1}
-    assert sum("running it again" in n for n in notes.notes) == 2  # oom_once once, oom_always once
+    once = by_fault["crash_once"]
+    assert once.state.name == "COMPLETE" and once.user_attrs["status"] == "ok" and once.user_attrs["attempts"] == 2
+    crash = by_fault["crash_always"]
+    assert crash.state.name == "FAIL" and crash.user_attrs["status"] == "illegal_memory"
+    assert crash.user_attrs["attempts"] == 2 and "2 attempts" in crash.user_attrs["reason"]
+    assert res.by_status == {"ok": 3, "killed": 1, "illegal_memory": 1}
+    assert sum("running it again" in n for n in notes.notes) == 4  # each faulty config once
 
 
 def _running_trial_with(study: optuna.Study, config: dict[str, Any], status: str) -> int:

@@ -68,3 +68,20 @@ def test_a_default_without_a_result_is_kept_against_a_slower_winner():
     # a clear win over it is still taken
     winner, _ = choose_winner(trials, DEFAULT, 2, 3, _retimer({32: (1.0, 0.0), 64: (0.8, 0.0), 128: (1.2, 0.0)}))
     assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None
+
+
+def test_a_single_crash_of_the_default_does_not_stop_it_being_kept():
+    """H200 session 10: the default's first trial died of the previous request's illegal memory
+    access (reported at the next synchronisation), once; the winner re-timed 2% slower than the
+    default and was shipped. One such attempt is not the config's failure; a crash on the retry
+    (attempts 2) and every other failure kind are."""
+    retimer = _retimer({32: (0.02186, 0.0), 64: (0.0223, 0.004), 128: (0.03, 0.0)})
+    once = SimpleNamespace(state=SimpleNamespace(name="FAIL"), value=None,
+                           user_attrs={"status": "illegal_memory", "attempts": "1", "config": {"BLOCK": 32}})
+    winner, _ = choose_winner([once, _trial(64, 0.9), _trial(128, 0.95)], DEFAULT, 2, 3, retimer)
+    assert winner["config"] == DEFAULT and winner["default_kept"]["config"] == {"BLOCK": 64}
+    for status, attempts in (("illegal_memory", 2), ("killed", 2), ("wrong_answer", 1), ("timeout", 1)):
+        failed = SimpleNamespace(state=SimpleNamespace(name="FAIL"), value=None,
+                                 user_attrs={"status": status, "attempts": attempts, "config": {"BLOCK": 32}})
+        winner, _ = choose_winner([failed, _trial(64, 0.9), _trial(128, 0.95)], DEFAULT, 2, 3, retimer)
+        assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None, status
