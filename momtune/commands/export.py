@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default=None,
                    help="export the studies of this GPU name (default: the only one, else this machine's, else the "
                         "one with most studies, with a warning)")
-    p.add_argument("--study", default=None, metavar="PREFIX", help="export studies named PREFIX/... ('*': every study, the fastest per shape)")
+    p.add_argument("--study", default=None, metavar="PREFIX", help="export studies named PREFIX/... (several: PREFIX,PREFIX; '*': every study); where several studies tuned a shape, the larger speed-up over the default each re-timed with wins")
     p.add_argument("--force", action="store_true",
                    help="replace --out even if it holds what this export would lose: the library of another GPU "
                         "or Triton version, entries of templates this export lacks, or a file that is not a "

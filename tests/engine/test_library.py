@@ -65,14 +65,16 @@ def test_export_template_filter_and_missing(searched: tuple[str, list]) -> None:
         build_library(url, prefix="tpe", note=lambda m: None)
 
 
-def _fake_study(url: str, gpu: str, n: int, time_ms: float, prefix: str = "") -> None:
+def _fake_study(url: str, gpu: str, n: int, time_ms: float, prefix: str = "", default_ms: float | None = None,
+                winner: dict | None = None) -> None:
     shape = {"N": n, "C": 3}
     name = f"{prefix}fake:{gpu.lower().replace(' ', '-')}:N{n}-C3-float32"
     study = optuna.create_study(study_name=name, storage=url, direction="minimize")
     for k, v in {"template": "fake", "shape": shape, "shape_key": f"N{n}-C3-float32", "dtype": "float32",
                  "gpu": gpu, "provenance": {"gpu": gpu, "triton": "3.6.0", "created": "2026-01-01T00:00:00",
                                             "source_hash": "abc"},
-                 "default_config": {"BLOCK": 32}, "default_time_ms": 2 * time_ms}.items():
+                 "default_config": {"BLOCK": 32}, "default_time_ms": default_ms or 2 * time_ms,
+                 **({"winner": winner} if winner else {})}.items():
         study.set_user_attr(k, v)
     dist = {"BLOCK": CategoricalDistribution([16, 32])}
     for block, t in ((16, time_ms), (32, 2 * time_ms)):
@@ -112,6 +114,45 @@ def test_several_gpus_warns_and_gpu_option_selects(tmp_path: Path) -> None:
     [e] = lib["templates"]["fake"]["entries"]
     assert e["time_ms"] == 0.1 and e["study"].startswith("exp/")
     assert e["also_searched"] == ["fake:nvidia-h200:N64-C3-float32"] and e["default_time_ms"] == 0.2
+
+
+def test_several_prefixes_keep_per_shape_the_larger_speed_up_over_each_study_s_own_default(tmp_path: Path) -> None:
+    """Two studies of one shape ran in two processes (the H200's sampler comparison and its quick
+    library search, session 10): each winner is compared with the default it was re-timed with,
+    not with the other process's times."""
+    url = f"sqlite:///{tmp_path}/two.db"
+    win = {"config": {"BLOCK": 16}, "retimed": True, "spread": 0.0}
+    _fake_study(url, "NVIDIA H200", 64, 0.40, prefix="quick/", default_ms=0.50, winner={**win, "time_ms": 0.40})
+    _fake_study(url, "NVIDIA H200", 64, 0.38, prefix="exh/", default_ms=0.42, winner={**win, "time_ms": 0.38})
+    _fake_study(url, "NVIDIA H200", 64, 0.01, prefix="other/")  # not asked for
+    notes: list[str] = []
+    [e] = build_library(url, prefix="quick,exh", note=notes.append)["templates"]["fake"]["entries"]
+    assert e["study"].startswith("quick/") and e["time_ms"] == 0.40 and e["default_time_ms"] == 0.50  # 1.25x > 1.11x
+    assert e["also_searched"] == ["exh/fake:nvidia-h200:N64-C3-float32"]
+    [e] = build_library(url, prefix="exh", note=notes.append)["templates"]["fake"]["entries"]
+    assert e["study"].startswith("exh/")
+
+
+def test_a_reduced_space_s_config_is_written_out_with_the_template_defaults(tmp_path: Path) -> None:
+    """bench/spaces' studies record only the parameters they searched; the kernel ran the rest at
+    the template's defaults, and the library entry names them."""
+    from momtune.templates import resolve_template
+
+    url = f"sqlite:///{tmp_path}/reduced.db"
+    study = optuna.create_study(study_name="exhaustive/norm:nvidia-h200:N64-D32-residual1-float32", storage=url)
+    shape = {"N": 64, "D": 32, "residual": 1}
+    for k, v in {"template": "norm", "shape": shape, "shape_key": "N64-D32-residual1-float32", "dtype": "float32",
+                 "gpu": "NVIDIA H200", "provenance": {"gpu": "NVIDIA H200", "triton": "3.6.0",
+                                                      "created": "2026-01-01T00:00:00",
+                                                      "source_hash": resolve_template("norm").source_hash()},
+                 "default_config": {"BLOCK_N": 1}, "default_time_ms": 1.0}.items():
+        study.set_user_attr(k, v)
+    study.add_trial(optuna.trial.create_trial(
+        params={"BLOCK_N": 2}, distributions={"BLOCK_N": CategoricalDistribution([1, 2])}, value=0.5,
+        user_attrs={"status": "ok", "config": {"BLOCK_N": 2}, "time_ms": 0.5}))
+    [e] = build_library(url, prefix="exhaustive", note=lambda m: None)["templates"]["norm"]["entries"]
+    full = resolve_template("norm").default_for("float32")
+    assert e["config"] == {**full, "BLOCK_N": 2} and set(e["config"]) == set(full)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
