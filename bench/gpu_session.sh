@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh library1            # H200 library: recurrence, merge, conv, decode (~7 min)
 #   bash bench/gpu_session.sh library2            # H200 library: routing, norm, swiglu, both sets (~8 min)
 #   bash bench/gpu_session.sh library3            # H200 library: the backward templates (~6 min)
+#   bash bench/gpu_session.sh exhaustive          # the reduced recurrence space, every config, 3 shapes (~4 min)
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
 #   bash bench/gpu_session.sh trainrun            # 300 steps of associative recall, kernels vs reference (<7 min)
 #   bash bench/gpu_session.sh shiplib             # export the quick/ studies (<1 min)
@@ -140,6 +141,11 @@ stage() {
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
+    exhaustive)  # every config of the reduced recurrence space at every mom-340m prefill shape (N 49152
+      # resumes the sampler comparison's sweep); then `shiplib` takes each shape's better study
+      timeout 450 momtune search --template recurrence --shapes mom-340m-prefill --space-dir bench/spaces \
+        --sampler grid --trials 56 --study exhaustive --storage $DB --workers 16 > $OUT/exhaustive.log 2>&1
+      echo "exhaustive: rc $?"; grep -a "^│ exh" $OUT/exhaustive.log | cut -c1-220 ;;
     library1|library2|library3)  # issue 11, item 6: every template's H200 library, --effort quick (pattern
       # search), studies named quick/... (the recurrence resumes the effort stage's); then `shiplib`.
       # library3: the backward templates (issue 14) on the mom-340m prefill shapes
@@ -164,7 +170,7 @@ stage() {
       done
       grep -a -E "winner|per minute" $OUT/$1.log | cut -c1-200 | tail -40 ;;
     shiplib)  # export the quick/... studies; ship $OUT/library-h200.json as momtune/libraries/nvidia-h200-triton3.6.json
-      momtune export --storage $DB --study quick --gpu "$(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
+      momtune export --storage $DB --study quick,exhaustive --gpu "$(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
         --out $OUT/library-h200.json 2>&1 | tail -3 ;;
     verify)  # every entry of the shipped H200 library (or $LIB) against the default, one template per
       # capped call so a cut run keeps what it verified (~16 s an entry: all 31 entries do not fit one
@@ -198,7 +204,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 
