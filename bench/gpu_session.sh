@@ -14,6 +14,8 @@
 #   bash bench/gpu_session.sh library2            # H200 library: routing, norm, swiglu, both sets (~8 min)
 #   bash bench/gpu_session.sh library3            # H200 library: the backward templates (~6 min)
 #   bash bench/gpu_session.sh exhaustive          # the reduced recurrence space, every config, 3 shapes (~4 min)
+#   bash bench/gpu_session.sh diagrec             # recurrence configs that fault: which kernel (<7 min)
+#   bash bench/gpu_session.sh trainprof           # profile of a layer's training step + layer_train bench
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
 #   bash bench/gpu_session.sh trainrun            # 300 steps of associative recall, kernels vs reference (<7 min)
 #   bash bench/gpu_session.sh shiplib             # export the quick/ studies (<1 min)
@@ -141,6 +143,15 @@ stage() {
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
+    diagrec)  # which recurrence configs fail and in which kernel (BT 64, BV 32: session 10's failures)
+      timeout 400 python3 bench/gpu_diag_recurrence.py > $OUT/diag-recurrence.log 2>&1; echo "diag recurrence: rc $?"
+      cut -c1-300 $OUT/diag-recurrence.log | tail -16 ;;
+    trainprof)  # issue 14: where a layer's training step goes (torch.profiler), then the step's bench rows
+      OUT=$OUT timeout 200 python3 bench/gpu_profile_layer.py --train --impls momtune --top 20 > $OUT/profile-train.log 2>&1
+      echo "profile train: rc $?"; grep -A22 "^momtune" $OUT/profile-train.log | cut -c1-150
+      timeout 200 momtune bench --presets mom-340m --what layer_train --prefill 8x2048 1x4096 \
+        --impls momtune reference --out $OUT/bench-train.json > $OUT/bench-train.log 2>&1
+      echo "bench layer_train: rc $?"; grep -a "layer_train mom" $OUT/bench-train.log ;;
     exhaustive)  # every config of the reduced recurrence space at every mom-340m prefill shape (N 49152
       # resumes the sampler comparison's sweep); then `shiplib` takes each shape's better study
       timeout 450 momtune search --template recurrence --shapes mom-340m-prefill --space-dir bench/spaces \
@@ -204,7 +215,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 

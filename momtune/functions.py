@@ -215,10 +215,11 @@ class _Recurrence(torch.autograd.Function):
     """The chunked gated-delta recurrence from zero states (the Triton kernel, run by ``run``,
     which writes into ``out`` when given: a masked batch's zeroed buffer, whose rows past
     ``cu_seqlens[-1]`` (the padding tail) no segment writes); backward: the chunk backward
-    written out by hand in float32 PyTorch on the saved inputs' rows in segments
-    (:func:`momtune.reference.recurrence.gated_delta_backward`, the algorithm the recurrence's
-    backward kernel will follow; not written yet: this is the one piece of the layer's backward
-    that runs PyTorch, batched over segments chunk by chunk); the tail gets no gradient."""
+    written out by hand on the saved inputs' rows in segments
+    (:func:`momtune.reference.recurrence.gated_delta_backward`): its two sequential scans (every
+    chunk's starting state, the state's gradient) on Triton kernels
+    (:mod:`momtune.kernels.recurrence.scan`), the chunk-local terms and gradients batched in
+    float32 PyTorch over all chunks (float64 inputs: all in PyTorch); the tail gets no gradient."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -229,12 +230,15 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[Any, ...]:
+        from momtune.kernels.recurrence.chunk import dot_precision
+        from momtune.kernels.recurrence.scan import TritonScans
         from momtune.reference.recurrence import gated_delta_backward
 
         q, k, v, g, beta, cu = ctx.saved_tensors
         rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
+        scans = None if q.dtype == torch.float64 else TritonScans(dot=dot_precision(q.dtype))
         got = gated_delta_backward(*(t[:rows] for t in (q, k, v, g, beta)), do[:rows], cu_seqlens=cu,
-                                   use_qk_l2norm=True)
+                                   use_qk_l2norm=True, scans=scans)
         if rows < q.shape[0]:
             got = [torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))]) for d in got]
         return (*got, None, None)

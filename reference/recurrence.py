@@ -18,6 +18,8 @@ input dtype and states stay in the compute dtype.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 RULES = ("gated_delta", "gated_linear")
@@ -274,6 +276,7 @@ def gated_delta_backward(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
+    scans: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dg, dbeta) of the gated-delta recurrence's output o (zero initial
     states; :func:`recurrent_chunked`'s arguments) given ``do``, by hand, in three passes as a
@@ -282,7 +285,12 @@ def gated_delta_backward(
     step, the one sequential piece, from every chunk's forward terms computed at once; (3) every
     chunk's gradients at once (:func:`_chunk_grads`). The L2 normalisation of q and k goes
     through autograd (elementwise). In float32 (float64 for float64 inputs), gradients in the
-    inputs' dtypes."""
+    inputs' dtypes.
+
+    ``scans``: an object with ``forward(w, u, kd, gl, state0, table, nch)`` and ``backward(w, kd,
+    qe, p, do, gl, table, nch)`` that run (1) and (2) over chunk-major terms (momtune's Triton
+    scans, :mod:`momtune.kernels.recurrence.scan`, which documents the layout); None: the
+    PyTorch steps here."""
     rule = "gated_delta"
     qk = [t.detach().requires_grad_(True) for t in (q, k)]
     with torch.enable_grad():
@@ -314,25 +322,37 @@ def gated_delta_backward(
     with torch.no_grad():
         tr = lambda x: x[tok].transpose(1, 2)  # noqa: E731 - [C, L, H, *] -> [C, H, L, *]
         qc, kc, vc, gc, bc, doc = (tr(x) for x in (qp, kp, vp, gp, bp, dop))
-        # 1. forward, step by step: each chunk's starting state
-        S0 = state0.new_zeros((tok.shape[0], *state0.shape[1:]))
-        state = state0.clone()
-        for seg, ids in steps:
-            S0[ids] = state[seg]
-            _, S = _chunk_step(qp[tok[ids]], kp[tok[ids]], vp[tok[ids]], gp[tok[ids]], bp[tok[ids]], state[seg], rule)
-            state = state.index_copy(0, seg, S)
-        # 2. every chunk's forward terms at once; the state's gradient scanned back step by step
-        #    (the one sequential piece): dvnew = kd dS' + P^T do, dS = e^{GL} dS' + qe^T do - W^T dvnew
-        t = _chunk_terms(qc, kc, vc, gc, bc, S0)
-        dSn = torch.zeros_like(S0)
-        dstate = torch.zeros_like(state0)
-        for seg, ids in reversed(steps):
-            d = dstate[seg]
-            dSn[ids] = d
-            dvnew = t.kd[ids] @ d + t.P[ids].transpose(-1, -2) @ doc[ids]
-            dS = (t.GL[ids].exp()[..., None, None] * d + t.qe[ids].transpose(-1, -2) @ doc[ids]
-                  - t.W[ids].transpose(-1, -2) @ dvnew)
-            dstate = dstate.index_copy(0, seg, dS)
+        if scans is not None:  # (1) and (2) by ``scans`` over every chunk's S-free terms
+            # table[s, c]: the id of chunk c of segment s (chunks are numbered in step order)
+            table = torch.zeros((len(chunks), max(max(chunks, default=0), 1)), dtype=torch.int32, device=dev)
+            for c, (seg, ids) in enumerate(steps):
+                table[seg, c] = ids.to(torch.int32)
+            nch = torch.tensor(chunks, dtype=torch.int32, device=dev)
+            t = _chunk_terms(qc, kc, vc, gc, bc, state0.new_zeros((1, 1, *state0.shape[2:])))  # vnew: below
+            S0 = scans.forward(t.W, t.U, t.kd, t.GL, state0, table, nch)
+            t.vnew = t.U - t.W @ S0
+            dSn = scans.backward(t.W, t.kd, t.qe, t.P, doc, t.GL, table, nch)
+        else:
+            # 1. forward, step by step: each chunk's starting state
+            S0 = state0.new_zeros((tok.shape[0], *state0.shape[1:]))
+            state = state0.clone()
+            for seg, ids in steps:
+                S0[ids] = state[seg]
+                _, S = _chunk_step(qp[tok[ids]], kp[tok[ids]], vp[tok[ids]], gp[tok[ids]], bp[tok[ids]], state[seg],
+                                   rule)
+                state = state.index_copy(0, seg, S)
+            # 2. every chunk's forward terms at once; the state's gradient scanned back step by step
+            #    (the one sequential piece): dvnew = kd dS' + P^T do, dS = e^{GL} dS' + qe^T do - W^T dvnew
+            t = _chunk_terms(qc, kc, vc, gc, bc, S0)
+            dSn = torch.zeros_like(S0)
+            dstate = torch.zeros_like(state0)
+            for seg, ids in reversed(steps):
+                d = dstate[seg]
+                dSn[ids] = d
+                dvnew = t.kd[ids] @ d + t.P[ids].transpose(-1, -2) @ doc[ids]
+                dS = (t.GL[ids].exp()[..., None, None] * d + t.qe[ids].transpose(-1, -2) @ doc[ids]
+                      - t.W[ids].transpose(-1, -2) @ dvnew)
+                dstate = dstate.index_copy(0, seg, dS)
         # 3. every chunk's gradients at once
         dq, dk, dv, dg, db, _ = _chunk_grads(qc, kc, vc, gc, bc, S0, doc, dSn, t)
         flat = tok.flatten()
