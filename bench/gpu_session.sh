@@ -101,7 +101,7 @@ stage() {
         --impls momtune reference --out $OUT/bench-model-train.json > $OUT/bench-model-train.log 2>&1
       echo "bench model_train: rc $?"; tail -6 $OUT/bench-model-train.log
       timeout -s INT -k 20 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
-        tests/kernels/test_backward_templates.py tests/bench/test_bench_train.py \
+        tests/kernels/test_backward_templates.py tests/kernels/test_recurrence_scan.py tests/bench/test_bench_train.py \
         "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" > $OUT/gpu-train-tests.log 2>&1
       echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;
     trainrun)  # issue 14, item 3: a small MoM LM learns associative recall on the kernels and on the
