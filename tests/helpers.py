@@ -109,3 +109,25 @@ def within_own_error(got: dict, want: dict, runs: list[dict], factor: float = 4.
         err = float((got[n] - want[n]).norm()) / scale
         own = max(float((r[n] - want[n]).norm()) / scale for r in runs)
         assert err <= factor * max(own, floor), (n, err, own)
+
+
+def gated_delta_case(cu: list[int], H: int, K: int, V: int, seed: int, device: str = "cpu") -> dict:
+    """Random inputs of the gated-delta recurrence on segments ``cu`` (float32, on ``device``):
+    q, k [N, H, K], v and the output gradient do [N, H, V], log decays g in (-1, 0), beta in
+    (0, 1), cu_seqlens."""
+    gen = torch.Generator().manual_seed(seed)
+    N = cu[-1]
+    q, k = torch.randn(N, H, K, generator=gen), torch.randn(N, H, K, generator=gen)
+    v, do = torch.randn(N, H, V, generator=gen), torch.randn(N, H, V, generator=gen)
+    g, b = -torch.rand(N, H, generator=gen), torch.rand(N, H, generator=gen)
+    out = dict(q=q, k=k, v=v, g=g, beta=b, do=do)
+    return {**{n: t.to(device) for n, t in out.items()}, "cu_seqlens": torch.tensor(cu, device=device)}
+
+
+def gated_delta_autograd(case: dict, dtype: torch.dtype, chunk: int) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dg, dbeta) by autograd of the chunked reference recurrence in ``dtype``."""
+    from momtune.reference.recurrence import recurrent_chunked
+
+    leaves = [case[n].to(dtype).requires_grad_(True) for n in ("q", "k", "v", "g", "beta")]
+    o, _ = recurrent_chunked(*leaves, cu_seqlens=case["cu_seqlens"], chunk_size=chunk)
+    return torch.autograd.grad(o, leaves, case["do"].to(dtype))

@@ -29,21 +29,25 @@ from momtune.errors import InputError
 
 
 @triton.jit
+def _program(H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr,
+             BV: tl.constexpr, NV: tl.constexpr):
+    """This program's (segment, head) index i_sh = s * H + h, its segment and head, and the
+    offsets and masks of its [KP, BV] state block, chunk rows and K columns."""
+    pid = tl.program_id(0)
+    i_sh = (pid // NV).to(tl.int64)
+    o_k = tl.arange(0, KP)
+    o_v = (pid % NV) * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    return (i_sh, i_sh // H, i_sh % H, tl.arange(0, L), o_k, m_k, m_v, m_k[:, None] & m_v[None, :],
+            o_k[:, None] * V + o_v[None, :], o_v)
+
+
+@triton.jit
 def _forward_scan_kernel(w, u, kd, gl, state0, s0, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                          DOT: tl.constexpr):
-    pid = tl.program_id(0)
-    i_v = pid % NV
-    i_sh = (pid // NV).to(tl.int64)
-    i_s = i_sh // H
-    i_h = i_sh % H
-    o_k = tl.arange(0, KP)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_l = tl.arange(0, L)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_state = m_k[:, None] & m_v[None, :]
-    o_state = o_k[:, None] * V + o_v[None, :]
+    i_sh, i_s, i_h, o_l, o_k, m_k, m_v, m_state, o_state, o_v = _program(H, K, V, KP, L, BV, NV)
     S = tl.load(state0 + i_sh * K * V + o_state, mask=m_state, other=0.0).to(tl.float32)
     n_c = tl.load(nch + i_s)
     for c in range(0, n_c):
@@ -62,18 +66,7 @@ def _forward_scan_kernel(w, u, kd, gl, state0, s0, table, nch, MAXC, H: tl.const
 def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                           NV: tl.constexpr, DOT: tl.constexpr):
-    pid = tl.program_id(0)
-    i_v = pid % NV
-    i_sh = (pid // NV).to(tl.int64)
-    i_s = i_sh // H
-    i_h = i_sh % H
-    o_k = tl.arange(0, KP)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_l = tl.arange(0, L)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_state = m_k[:, None] & m_v[None, :]
-    o_state = o_k[:, None] * V + o_v[None, :]
+    i_sh, i_s, i_h, o_l, o_k, m_k, m_v, m_state, o_state, o_v = _program(H, K, V, KP, L, BV, NV)
     dS = tl.zeros([KP, BV], dtype=tl.float32)
     n_c = tl.load(nch + i_s)
     for j in range(0, n_c):

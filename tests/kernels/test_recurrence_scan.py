@@ -10,6 +10,7 @@ import torch
 from momtune.errors import InputError
 from momtune.kernels.recurrence.scan import TritonScans, forward_scan
 from momtune.reference.recurrence import gated_delta_backward, recurrent_chunked
+from tests.helpers import gated_delta_autograd, gated_delta_case
 
 
 @pytest.mark.parametrize(("cu", "chunk", "K", "V", "block_v"),
@@ -17,21 +18,11 @@ from momtune.reference.recurrence import gated_delta_backward, recurrent_chunked
                           ([0, 0, 9], 16, 32, 40, 32), ([0, 33, 97], 32, 16, 16, 16)],
                          ids=["ragged-empty", "one-segment-K20", "short", "leading-empty-V40", "two-chunks-of-32"])
 def test_scanned_backward_matches_autograd(cu: list[int], chunk: int, K: int, V: int, block_v: int) -> None:
-    gen = torch.Generator().manual_seed(len(cu) * 100 + chunk + K)
-    N, H = cu[-1], 2
-    q, k = torch.randn(N, H, K, generator=gen), torch.randn(N, H, K, generator=gen)
-    v, do = torch.randn(N, H, V, generator=gen), torch.randn(N, H, V, generator=gen)
-    g, b = -torch.rand(N, H, generator=gen), torch.rand(N, H, generator=gen)
-    cu_t = torch.tensor(cu)
-
-    def autograd(dt: torch.dtype) -> tuple[torch.Tensor, ...]:
-        leaves = [t.to(dt).requires_grad_(True) for t in (q, k, v, g, b)]
-        o, _ = recurrent_chunked(*leaves, cu_seqlens=cu_t, chunk_size=chunk)
-        return torch.autograd.grad(o, leaves, do.to(dt))
-
-    want, want32 = autograd(torch.float64), autograd(torch.float32)
+    case = gated_delta_case(cu, 2, K, V, seed=len(cu) * 100 + chunk + K)
+    want, want32 = (gated_delta_autograd(case, dt, chunk) for dt in (torch.float64, torch.float32))
     scans = TritonScans(dot="ieee", block_v=block_v, poison=True)
-    got = gated_delta_backward(q, k, v, g, b, do, cu_seqlens=cu_t, chunk_size=chunk, scans=scans)
+    got = gated_delta_backward(*(case[n] for n in ("q", "k", "v", "g", "beta", "do")),
+                               cu_seqlens=case["cu_seqlens"], chunk_size=chunk, scans=scans)
     for name, a, w, w32 in zip(("dq", "dk", "dv", "dg", "dbeta"), got, want, want32):
         assert a.dtype == torch.float32 and a.shape == w.shape and bool(torch.isfinite(a).all()), name
         err, own = (float((x.double() - w).norm() / w.norm()) for x in (a, w32))
@@ -81,3 +72,24 @@ def test_gpu_scanned_backward_at_the_model_shape(dot: str) -> None:
         assert bool(torch.isfinite(a).all()), name
         err, ref_err = (float((x.double() - w).norm() / w.norm()) for x in (a, r))
         assert err <= 4 * max(ref_err, torch.finfo(torch.float32).eps), (name, err, ref_err)
+
+
+@pytest.mark.parametrize("kernel", ["_forward_scan_kernel", "_backward_scan_kernel"])
+def test_scans_compile_for_hopper_within_its_shared_memory(kernel: str) -> None:
+    """The interpreter never compiles: both scans compile for sm_90 at the model's K = V = 256,
+    chunks of 64, V blocks of 32 (TritonScans' default), under the H100/H200's 227 KiB."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from momtune.kernels.recurrence import scan
+
+    fn = getattr(scan, kernel)
+    sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
+                    else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
+    const = dict(H=4, K=256, V=256, KP=256, L=64, BV=32, NV=8, DOT="tf32")
+    assert {n for n, t in sig.items() if t == "constexpr"} == set(const)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=1))
+    assert 0 < compiled.metadata.shared <= 227 * 1024

@@ -87,20 +87,12 @@ def test_hand_written_backward_matches_autograd(cu: list[int], chunk: int) -> No
     input's gradient; ragged segments, empty ones, a partial last chunk."""
     from momtune.reference.recurrence import gated_delta_backward
 
-    gen = torch.Generator().manual_seed(len(cu) * 100 + chunk)
-    N, H, K, V = cu[-1], 2, 8, 6
-    q, k = torch.randn(N, H, K, generator=gen), torch.randn(N, H, K, generator=gen)
-    v, do = torch.randn(N, H, V, generator=gen), torch.randn(N, H, V, generator=gen)
-    g, b = -torch.rand(N, H, generator=gen), torch.rand(N, H, generator=gen)
-    cu_t = torch.tensor(cu)
+    from tests.helpers import gated_delta_autograd, gated_delta_case
 
-    def autograd(dt: torch.dtype) -> tuple[torch.Tensor, ...]:
-        leaves = [t.to(dt).requires_grad_(True) for t in (q, k, v, g, b)]
-        o, _ = recurrent_chunked(*leaves, cu_seqlens=cu_t, chunk_size=chunk)
-        return torch.autograd.grad(o, leaves, do.to(dt))
-
-    want, want32 = autograd(torch.float64), autograd(torch.float32)
-    got = gated_delta_backward(q, k, v, g, b, do, cu_seqlens=cu_t, chunk_size=chunk)
+    case = gated_delta_case(cu, 2, 8, 6, seed=len(cu) * 100 + chunk)
+    want, want32 = (gated_delta_autograd(case, dt, chunk) for dt in (torch.float64, torch.float32))
+    got = gated_delta_backward(*(case[n] for n in ("q", "k", "v", "g", "beta", "do")),
+                               cu_seqlens=case["cu_seqlens"], chunk_size=chunk)
     for name, a, w, w32 in zip(("dq", "dk", "dv", "dg", "dbeta"), got, want, want32):
         assert a.dtype == torch.float32 and a.shape == w.shape
         err, own = (float((x.double() - w).norm() / w.norm()) for x in (a, w32))
