@@ -128,3 +128,41 @@ def resources_isolated(dtype: str, cfg: Mapping[str, Any], kernels: list[str] | 
 def shared_memory_isolated(dtype: str, cfg: Mapping[str, Any], **shape: int) -> int:
     """:func:`recurrence_shared_memory` (the sequential kernel) in a subprocess without TRITON_INTERPRET."""
     return resources_isolated(dtype, cfg, ["recurrence"], **shape)["recurrence"]["shared"]
+
+
+def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int = 64, block_v: int = 32,
+                   num_warps: int = 4, capability: int = 90, registers: bool = False) -> dict[str, int]:
+    """Compile one of the recurrence backward's scans (``"forward"`` or ``"backward"``,
+    :mod:`momtune.kernels.recurrence.scan`) for sm_<capability>: {"shared": bytes} (and, with
+    ``registers``, "n_regs" and "n_spills")."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from momtune.kernels.recurrence import scan
+
+    fn = {"forward": scan._forward_scan_kernel, "backward": scan._backward_scan_kernel}[kernel]
+    sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
+                    else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
+    kp = max(16, triton.next_power_of_2(K))
+    bv = min(block_v, max(16, triton.next_power_of_2(V)))
+    const = dict(H=H, K=K, V=V, KP=kp, L=L, BV=bv, NV=triton.cdiv(V, bv), DOT="tf32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=1))
+    out = {"shared": int(compiled.metadata.shared)}
+    if registers:
+        out.update(_ptxas_info(compiled.asm["ptx"], capability))
+    return out
+
+
+def scan_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
+    """:func:`scan_resources` in a subprocess without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json,sys; from momtune.resources import scan_resources as f; "
+            "a=json.loads(sys.argv[1]); print(json.dumps(f(a['kernel'], **a['kw'])))")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(dict(kernel=kernel, kw=kw))], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"compiling the {kernel} scan for sm_90 failed: {res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
