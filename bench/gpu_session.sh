@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh library3            # H200 library: the backward templates (~6 min)
 #   bash bench/gpu_session.sh exhaustive          # the reduced recurrence space, every config, 3 shapes (~4 min)
 #   bash bench/gpu_session.sh diagrec             # recurrence configs that fault: which kernel (<7 min)
+#   bash bench/gpu_session.sh recbench            # recurrence alone: momtune vs fla vs FlashInfer (<7 min)
 #   bash bench/gpu_session.sh trainprof           # profile of a layer's training step + layer_train bench
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
 #   bash bench/gpu_session.sh trainrun            # 300 steps of associative recall, kernels vs reference (<7 min)
@@ -101,7 +102,7 @@ stage() {
         --impls momtune reference --out $OUT/bench-model-train.json > $OUT/bench-model-train.log 2>&1
       echo "bench model_train: rc $?"; tail -6 $OUT/bench-model-train.log
       timeout -s INT -k 20 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
-        tests/kernels/test_backward_templates.py tests/kernels/test_recurrence_scan.py tests/bench/test_bench_train.py \
+        tests/kernels/test_backward_templates.py tests/kernels/test_recurrence_scan.py tests/bench/test_bench_train.py tests/bench/test_bench_recurrence.py \
         "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" > $OUT/gpu-train-tests.log 2>&1
       echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;
     trainrun)  # issue 14, item 3: a small MoM LM learns associative recall on the kernels and on the
@@ -143,6 +144,19 @@ stage() {
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
+    recbench)  # issue 12: the recurrence alone, momtune (tuned library) vs fla vs FlashInfer, every shape
+      # set, one run, floors from this GPU's measured peaks. FlashInfer comes from .peers-stage (the
+      # pieces .peers/part-k carried by the calls before, see bench/peers_split.sh), else it is left out.
+      local impls="momtune fla"
+      if ! python3 -c "import flashinfer" 2>/dev/null && ls .peers-stage/peers.tar.* >/dev/null 2>&1; then
+        cat .peers-stage/peers.tar.* | tar xf - -C /tmp && python3 -m pip install -q --no-index --no-deps \
+          --no-compile --target /tmp/site /tmp/peers/*.whl 2>&1 | grep -v "already exists" | tail -3
+      fi
+      python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1 && impls="$impls flashinfer"
+      timeout 420 momtune bench --what recurrence --presets mom-340m mom-1.3b \
+        --recurrence-sets mom-340m-prefill mom-1.3b-prefill fla-varlen --impls $impls \
+        --out $OUT/bench-recurrence.json > $OUT/bench-recurrence.log 2>&1
+      echo "bench recurrence: rc $?"; grep -a "recurrence mom\|recurrence fla" $OUT/bench-recurrence.log | cut -c1-160 ;;
     diagrec)  # which recurrence configs fail and in which kernel (BT 64, BV 32: session 10's failures)
       timeout 400 python3 bench/gpu_diag_recurrence.py > $OUT/diag-recurrence.log 2>&1; echo "diag recurrence: rc $?"
       cut -c1-300 $OUT/diag-recurrence.log | tail -16 ;;
@@ -215,7 +229,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof recbench effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 

@@ -23,8 +23,10 @@ import torch
 
 from momtune.errors import InputError
 
-IMPLS = ("momtune", "fla", "reference")
-KINDS = ("layer_prefill", "layer_decode", "model_decode", "layer_train", "model_train")
+IMPLS = ("momtune", "fla", "reference", "flashinfer")
+KINDS = ("layer_prefill", "layer_decode", "model_decode", "layer_train", "model_train", "recurrence")
+#: who has what: FlashInfer has the gated-delta recurrence (prefill) but no MoM layer or model
+RECURRENCE_IMPLS = ("momtune", "fla", "flashinfer")
 STABLE = 0.03  # two successive warm-up medians within 3%: warm
 MIN_CALLS = 30  # timed calls per measurement
 
@@ -99,6 +101,8 @@ def make_layer(impl: str, cfg: Any, dtype: torch.dtype, state: dict | None) -> t
     """A layer of ``impl`` on CUDA in ``dtype``; all impls share one state_dict (strict load)."""
     import momtune
 
+    if impl not in ("momtune", "reference", "fla"):
+        raise InputError(f"impl: {impl!r} has no MoM layer; layers are momtune, fla and reference")
     kw = layer_kwargs(cfg)
     if impl == "momtune":
         layer = momtune.MoMAttention(**kw, backend="triton")
@@ -108,8 +112,6 @@ def make_layer(impl: str, cfg: Any, dtype: torch.dtype, state: dict | None) -> t
         from fla.layers import MomAttention as FlaMom
 
         layer = FlaMom(**kw)
-    else:
-        raise InputError(f"impl: {impl!r} is not accepted; use one of {', '.join(IMPLS)}")
     if state is not None:
         layer.load_state_dict(state, strict=True)
     return layer.cuda().to(dtype).eval()
@@ -129,7 +131,7 @@ def make_model(impl: str, cfg: Any, dtype: torch.dtype, state: dict | None) -> t
         fcfg = FlaConfig(**{k: v for k, v in cfg.to_dict().items() if k in names})
         model = FlaLM(fcfg)
     else:
-        raise InputError(f"impl: {impl!r} is not accepted; use one of {', '.join(IMPLS)}")
+        raise InputError(f"impl: {impl!r} has no MoM model; models are momtune, fla and reference")
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model.cuda().to(dtype).eval()
@@ -410,6 +412,116 @@ def bench_model_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
                              note=f"failed: {exc!s:.200}"))
         finally:
             model = cache = step = graph = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
+
+
+def recurrence_shapes(set_name: str) -> list[dict[str, int]]:
+    """The recurrence's shapes of a shape set of its search space (e.g. mom-340m-prefill, fla-varlen)."""
+    from momtune.space import load_space
+
+    sets = load_space("recurrence").shape_sets
+    if set_name not in sets:
+        raise InputError(f"recurrence shape set {set_name!r} is not one of {', '.join(sorted(sets))}")
+    return [dict(s) for s in sets[set_name].shapes]
+
+
+def flashinfer_recurrence(inp: dict[str, Any], chunk_fn: Callable[..., Any] | None = None) -> Callable[[], dict]:
+    """FlashInfer's gated-delta-rule prefill (``flashinfer.gdn_prefill.chunk_gated_delta_rule``, its
+    SM90 CUTLASS kernel) on the recurrence template's inputs, as one call: q and k L2-normalised
+    first (momtune and fla normalise inside their kernels; FlashInfer's SM90 path does not, so the
+    normalisation is part of the timed call), then the kernel. What a model using FlashInfer keeps
+    in FlashInfer's own conventions is prepared once, outside the call: the decay as a factor,
+    alpha = exp(g), beta in float32, int64 cu_seqlens, and the state in its [S, H, V, K] layout
+    (the returned final state is turned back to [S, H, K, V] for the check, not in the call).
+    ``chunk_fn``: the kernel (default: FlashInfer's, imported here)."""
+    from momtune.reference.recurrence import L2_EPS
+
+    if chunk_fn is None:
+        from flashinfer.gdn_prefill import chunk_gated_delta_rule as chunk_fn
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    alpha = inp["g"].float().exp().contiguous()
+    beta = inp["beta"].float().contiguous()
+    cu = inp["cu_seqlens"].long()
+    h0 = inp["initial_state"].float().transpose(-1, -2).contiguous() if inp.get("initial_state") is not None else None
+    scale = inp.get("scale") or q.shape[-1] ** -0.5
+
+    def normed(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + L2_EPS)).to(x.dtype).contiguous()
+
+    def run() -> dict[str, torch.Tensor]:
+        o, ht = chunk_fn(normed(q), normed(k), v, g=alpha, beta=beta, scale=scale, initial_state=h0,
+                         output_final_state=True, cu_seqlens=cu)
+        return {"o": o, "final_state_vk": ht}
+
+    return run
+
+
+def _recurrence_impl(impl: str, tpl: Any, inp: dict, shape: dict, dtype: torch.dtype) -> tuple[Callable, dict]:
+    """(call, row extras) of one implementation of the recurrence on the template's inputs."""
+    if impl == "momtune":  # the config the layer would run: the tuned library's (or the default)
+        from momtune.dispatch import get_dispatcher
+
+        cfg, source = get_dispatcher().config(tpl, shape, dtype)
+        return (lambda: tpl.launch(inp, cfg)), {"config": dict(cfg), "config_source": source}
+    if impl == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        q, k, v, g, b = (inp[x][None] for x in ("q", "k", "v", "g", "beta"))
+        cu = inp["cu_seqlens"].long()
+
+        def run() -> dict[str, torch.Tensor]:
+            o, ht = chunk_gated_delta_rule(q, k, v, g, b, initial_state=inp["initial_state"], output_final_state=True,
+                                           use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+            return {"o": o[0], "final_state": ht}
+
+        return run, {}
+    if impl == "flashinfer":
+        return flashinfer_recurrence(inp), {"how": "q, k L2-normalised by torch in the call; alpha = exp(g) and "
+                                                   "the [V, K] state layout prepared outside it"}
+    raise InputError(f"impl: {impl!r} has no recurrence here; use {', '.join(RECURRENCE_IMPLS)}")
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@torch.no_grad()
+def bench_recurrence(set_name: str, shape: dict[str, int], impls: Iterable[str], dtype: torch.dtype,
+                     peaks: dict[str, Any] | None = None) -> list[dict]:
+    """The chunked gated-delta recurrence alone (issue 12): momtune (with the tuned library's config
+    for the shape), fla's ``chunk_gated_delta_rule`` and FlashInfer's SM90 prefill on the same
+    inputs. Per impl: eager time (the headline) and CUDA graph time where it can be captured, the
+    floor from this GPU's measured peaks and the time over it, and the norm-wise errors of o and
+    the final state against the float64 reference."""
+    from momtune.kernels import get_template
+    from momtune.timing import floor_ms
+
+    tpl = get_template("recurrence")
+    inp = tpl.make_inputs(shape, dtype, "cuda", 0)
+    ref = tpl.reference(inp)
+    flops, nbytes = tpl.cost(shape, dtype)
+    floor = floor_ms(flops, nbytes, peaks)
+    rows = []
+    for impl in impls:
+        fn = None
+        try:
+            fn, extra = _recurrence_impl(impl, tpl, inp, shape, dtype)
+            out = fn()
+            torch.cuda.synchronize()
+            state = out["final_state"] if "final_state" in out else out["final_state_vk"].transpose(-1, -2)
+            errs = {"rel_err_o": _rel(out["o"], ref["o"]), "rel_err_state": _rel(state, ref["final_state"])}
+            m = stable_time(fn)
+            graph = _graph_fields(fn)
+            rows.append(_row("recurrence", set_name, shape, dtype, impl, **m.fields(), **graph, floor_ms=floor,
+                             x_floor=m.median_ms / floor, **errs, **extra))
+        except Exception as exc:  # one impl failing must not lose the others' numbers
+            rows.append(_row("recurrence", set_name, shape, dtype, impl, floor_ms=floor,
+                             note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:240]))
+        finally:
+            fn = None
             gc.collect()
             torch.cuda.empty_cache()
     return rows

@@ -18,11 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and CUDA graph against CUDA graph; printed as a table and saved as JSON for `momtune report`.")
     p.add_argument("--presets", nargs="+", default=["mom-340m", "mom-1.3b"], help="model presets")
     p.add_argument("--what", nargs="+", default=["layer_prefill", "layer_decode", "model_decode"],
-                   help="layer_prefill layer_decode model_decode; layer_train (forward + backward) and "
-                        "model_train (one AdamW step of the LM), not by default")
+                   help="layer_prefill layer_decode model_decode; layer_train (forward + backward), "
+                        "model_train (one AdamW step of the LM) and recurrence (the chunked recurrence alone, "
+                        "with FlashInfer's where --impls names flashinfer), not by default")
     p.add_argument("--prefill", nargs="+", default=["8x2048"], help="B x T shapes of the layer prefill")
+    p.add_argument("--recurrence-sets", nargs="+", default=None, metavar="SET",
+                   help="shape sets of the recurrence's search space for --what recurrence (default: each "
+                        "preset's PRESET-prefill; e.g. fla-varlen)")
     p.add_argument("--batches", nargs="+", type=int_in(1), default=[1, 8, 32, 128], help="decode batch sizes")
-    p.add_argument("--impls", nargs="+", default=["momtune", "fla", "reference"], help="momtune fla reference")
+    p.add_argument("--impls", nargs="+", default=["momtune", "fla", "reference"],
+                   help="momtune fla reference flashinfer (flashinfer: the recurrence only)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     p.add_argument("--layers", type=int_in(1), default=None, help="model decode with this many layers (default: preset's)")
     p.add_argument("--out", default="bench.json", help="JSON file to write (atomically)")
@@ -106,6 +111,16 @@ def run(args: argparse.Namespace) -> int:
             for B in args.batches:
                 group("model_decode", preset, dict(B=B),
                       lambda: bench.bench_model_decode(preset, B, args.impls, dtype, layers=args.layers))
+    if "recurrence" in args.what:
+        from momtune.timing import measure_peaks
+
+        peaks = measure_peaks()  # every floor of the run from this GPU's own copy and GEMM rates
+        prov["peaks"] = peaks
+        impls = [i for i in args.impls if i in bench.RECURRENCE_IMPLS]
+        for set_name in args.recurrence_sets or [f"{p}-prefill" for p in args.presets]:
+            for shape in bench.recurrence_shapes(set_name):
+                group("recurrence", set_name, shape,
+                      lambda: bench.bench_recurrence(set_name, shape, impls, dtype, peaks))
     _print(rows, stderr=args.json)
     if args.json:
         import json
@@ -144,6 +159,19 @@ def ratios(rows: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def _note(r: dict) -> str:
+    """The note column: why a number is missing; for the recurrence rows, time over the floor and
+    the errors against the float64 reference too."""
+    parts = []
+    if r.get("x_floor") is not None:
+        parts.append(f"{r['x_floor']:.1f}x floor {r['floor_ms']:.3f} ms")
+    if r.get("rel_err_o") is not None:
+        parts.append(f"err o {r['rel_err_o']:.1e} S {r.get('rel_err_state', float('nan')):.1e}")
+    if r.get("note"):
+        parts.append(str(r["note"]))
+    return "; ".join(parts)
+
+
 def _print(rows: list[dict], stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -158,5 +186,5 @@ def _print(rows: list[dict], stderr: bool = False) -> None:
         table.add_row(r["kind"], r["name"], str(r["shape"]), r["impl"], _spread(r), _spread(r, "graph_"),
                       f"{r['tokens_per_s']:.3g}" if r.get("tokens_per_s") else "-",
                       f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-", er, gr,
-                      r.get("note", ""))
+                      _note(r))
     Console(stderr=stderr).print(table)

@@ -18,7 +18,8 @@ from momtune.errors import ReportError
 from momtune.study import safe_url
 
 BENCH_SCHEMA = "momtune.bench/1"
-BENCH_KINDS = ("kernel", "layer_prefill", "layer_decode", "model_prefill", "model_decode", "layer_train", "model_train")
+BENCH_KINDS = ("kernel", "layer_prefill", "layer_decode", "model_prefill", "model_decode", "layer_train", "model_train",
+               "recurrence")
 # Shape keys that count problem size (tokens, segments, batch); the others must match exactly
 # for one shape's config to stand in for another's (the nearest-bucket dispatch rule). The set of
 # momtune.dispatch is used when that module exists (see size_keys()).

@@ -37,3 +37,4 @@ def test_model_train_rows_time_an_optimizer_step() -> None:
     assert set(by) == {"momtune", "reference"} and not any("note" in r for r in rows), rows
     assert all(r["ms"] > 0 and r["peak_mem_mb"] > 0 and r["kind"] == "model_train" for r in rows)
     assert all(0 < r["loss"] < float("inf") for r in rows), rows
+
