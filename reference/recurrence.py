@@ -215,13 +215,13 @@ def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
     """The backward of gated-delta chunks (the math of :func:`_chunk_step`), by hand: q, k
     [..., L, K], v, do [..., L, V], g, b [..., L] (log decay, beta), S [..., K, V] the state each
     chunk starts from, dSn the gradient of the state after it, ``t`` its :func:`_chunk_terms`
-    (computed if None) -> (dq, dk, dv, dg, db, dS: the gradient of S). Padding rows (k = v = g =
-    b = 0) get gradients nobody reads."""
+    (computed if None) -> (dq, dk, dv, dg, db). The gradient of S itself is not formed: the
+    backward's state scan gives it (:func:`gated_delta_backward`). Padding rows (k = v = g = b =
+    0) get gradients nobody reads."""
     t = _chunk_terms(q, k, v, g, b, S) if t is None else t
     lower, strict, D, KK, X, eG, RW = t.lower, t.strict, t.D, t.KK, t.X, t.eG, t.RW
     W, U, vnew, qe, QK, P, GL, eL, kd = t.W, t.U, t.vnew, t.qe, t.QK, t.P, t.GL, t.eL, t.kd
     # S' = e^{GL} S + kd^T vnew
-    dS = GL.exp()[..., None, None] * dSn
     dvnew = kd @ dSn
     dkd = vnew @ dSn.transpose(-1, -2)
     dk = dkd * eL[..., None]
@@ -232,7 +232,6 @@ def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
     dqe = do @ S.transpose(-1, -2)
     dq = dqe * eG[..., None]
     dG = dG + (dqe * qe).sum(-1)
-    dS = dS + qe.transpose(-1, -2) @ do
     dP = do @ vnew.transpose(-1, -2)
     dvnew = dvnew + P.transpose(-1, -2) @ do
     dQK = dP * D
@@ -241,7 +240,6 @@ def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
     dD = dP * QK
     # vnew = U - W S
     dW = -dvnew @ S.transpose(-1, -2)
-    dS = dS - W.transpose(-1, -2) @ dvnew
     # W = X^-1 RW, U = X^-1 RU: dR = X^-T dY, dX = -(dR_W W^T + dR_U U^T)
     XT = X.transpose(-1, -2)
     dRW = torch.linalg.solve_triangular(XT, dW, upper=True, unitriangular=True)
@@ -261,7 +259,19 @@ def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
     dG = dG + dDD.sum(-1) - dDD.sum(-2)
     dG[..., -1] = dG[..., -1] + dGL
     dg = dG.flip(-1).cumsum(-1).flip(-1)  # G = cumsum(g)
-    return dq, dk, dv, dg, db, dS
+    return dq, dk, dv, dg, db
+
+
+#: the backward's chunk gradients run in groups of chunks whose [G, H, L, K] tensors take at most
+#: this many bytes (mom-340m B8 T2048: ~800 chunks in one group; longer inputs keep the same peak)
+GRAD_GROUP_BYTES = 1 << 28
+
+
+def _sliced(t: Any, sl: slice) -> Any:
+    """:func:`_chunk_terms`' terms of the chunks ``sl`` (the masks are shared)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: (v if k in ("lower", "strict") else v[sl]) for k, v in vars(t).items()})
 
 
 def gated_delta_backward(
@@ -353,11 +363,16 @@ def gated_delta_backward(
                 dS = (t.GL[ids].exp()[..., None, None] * d + t.qe[ids].transpose(-1, -2) @ doc[ids]
                       - t.W[ids].transpose(-1, -2) @ dvnew)
                 dstate = dstate.index_copy(0, seg, dS)
-        # 3. every chunk's gradients at once
-        dq, dk, dv, dg, db, _ = _chunk_grads(qc, kc, vc, gc, bc, S0, doc, dSn, t)
-        flat = tok.flatten()
-        for acc, d in zip(grads, (dq, dk, dv, dg, db)):
-            acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
+        # 3. every chunk's gradients, in groups of chunks that bound the temporaries (~30 tensors
+        #    of a group's [G, H, L, K] size: at most GRAD_GROUP_BYTES each)
+        per_chunk = qc.shape[1] * qc.shape[2] * max(qc.shape[3], vc.shape[3]) * qc.element_size()
+        group = max(1, GRAD_GROUP_BYTES // max(1, per_chunk))
+        for lo in range(0, tok.shape[0], group):
+            sl = slice(lo, lo + group)
+            got = _chunk_grads(qc[sl], kc[sl], vc[sl], gc[sl], bc[sl], S0[sl], doc[sl], dSn[sl], _sliced(t, sl))
+            flat = tok[sl].flatten()
+            for acc, d in zip(grads, got):
+                acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
     dqf, dkf, dv, dg, db = (x[:n] for x in grads)
     with torch.enable_grad():
         dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
