@@ -382,14 +382,11 @@ class KernelSpec(NamedTuple):
 
 def dot_precision(dtype: torch.dtype) -> str:
     """How the kernels' float32 ``tl.dot``s run: TF32 for bf16/fp16 inputs (their own rounding is
-    coarser); for float32 inputs IEEE float32 unless TF32 is chosen (``MOMTUNE_FP32_PRECISION=tf32``,
-    or by default where torch allows TF32 for float32 matmuls:
-    ``torch.backends.cuda.matmul.allow_tf32``, e.g. ``torch.set_float32_matmul_precision("high")``;
-    :func:`momtune.settings.fp32_uses_tf32`). A float32 layer was 1.8e-3 from float64 in TF32,
-    1.9e-6 in IEEE, on the H200."""
-    from momtune.settings import fp32_uses_tf32
-
-    if dtype == torch.float32 and not fp32_uses_tf32():
+    coarser), and for float32 inputs only where PyTorch allows TF32 for float32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, e.g. ``torch.set_float32_matmul_precision("high")``),
+    as torch's own matmuls do; else IEEE float32 (a float32 layer was 1.8e-3 from float64 in TF32,
+    1.9e-6 in IEEE, on the H200)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 

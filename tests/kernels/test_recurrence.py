@@ -347,31 +347,6 @@ def test_float32_dots_follow_torchs_tf32_setting() -> None:
     assert {sp.const["DOT"] for sp in specs.values()} == {"ieee"} and len(specs) == 3
 
 
-@pytest.mark.parametrize("env,torch_tf32,want", [("ieee", True, "ieee"), ("tf32", False, "tf32"),
-                                                 ("auto", True, "tf32"), ("auto", False, "ieee"), ("", False, "ieee")])
-def test_float32_precision_is_a_setting(monkeypatch: pytest.MonkeyPatch, env: str, torch_tf32: bool, want: str) -> None:
-    """MOMTUNE_FP32_PRECISION picks the float32 inputs' dots whatever torch allows (ieee, tf32);
-    auto (or unset) follows torch; the correctness gate derives its bounds from the same choice."""
-    from momtune.kernels.recurrence.chunk import dot_precision
-    from momtune.layer_check import tf32_matmuls
-    from momtune.settings import fp32_uses_tf32
-
-    monkeypatch.setenv("MOMTUNE_FP32_PRECISION", env) if env else monkeypatch.delenv("MOMTUNE_FP32_PRECISION",
-                                                                                    raising=False)
-    with tf32_matmuls(torch_tf32):
-        assert dot_precision(torch.float32) == want and fp32_uses_tf32() == (want == "tf32")
-        assert dot_precision(torch.bfloat16) == "tf32"
-
-
-def test_a_bad_float32_precision_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from momtune.errors import ConfigError
-    from momtune.kernels.recurrence.chunk import dot_precision
-
-    monkeypatch.setenv("MOMTUNE_FP32_PRECISION", "fp16")
-    with pytest.raises(ConfigError, match="MOMTUNE_FP32_PRECISION='fp16' is not accepted; use one of auto, ieee, tf32"):
-        dot_precision(torch.float32)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
