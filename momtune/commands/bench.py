@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         check_choice("--what", w, bench.KINDS)
     for i in args.impls:
         check_choice("--impls", i, bench.IMPLS)
+    if "recurrence" in args.what:
+        for set_name in args.recurrence_sets or [f"{p}-prefill" for p in args.presets]:
+            bench.recurrence_shapes(set_name)  # an unknown set is an input error before anything runs
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(args.dtype)
     if dtype is None:
         raise InputError(f"--dtype: {args.dtype!r} is not accepted; use bfloat16, float16 or float32")
