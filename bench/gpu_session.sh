@@ -124,7 +124,7 @@ stage() {
         IFS=: read sampler trials seed secs <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
         timeout $((secs + 40)) momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
-          --sampler $sampler --seed $seed --trials $trials --timeout $secs --trial-timeout 30 --study $study \
+          --sampler $sampler --seed $seed --no-transfer --trials $trials --timeout $secs --trial-timeout 30 --study $study \
           --storage $DB --workers 16 >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;
@@ -140,7 +140,7 @@ stage() {
         IFS=: read sampler trials seed <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
         timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
-          --sampler $sampler --seed $seed --trials $trials --study $study --storage $DB --workers 16 \
+          --sampler $sampler --seed $seed --no-transfer --trials $trials --study $study --storage $DB --workers 16 \
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
       done ;;

@@ -36,6 +36,7 @@ from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_enviro
 
 
 INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
+LEARNT_STARTS = 8  # at most this many winners of other studies measured right after the default
 KILLED_ATTEMPTS = 2  # a config whose worker is killed this many times in a row is recorded "killed"
 #: failures that may not be the config's own, run again in the restarted worker up to this many times
 #: in all: "killed" from outside (the OOM killer may have picked the worker for another process's
@@ -69,6 +70,7 @@ class SearchOptions:
     heartbeat_s: int = 10
     devices: Sequence[int] | None = None  # GPU indices to benchmark on (None: every visible GPU); without a
     # GPU, each listed device is one more interpreter worker on the same studies (tests the scheduling)
+    transfer: bool = True  # pattern search: the winners of the template's other studies on this GPU first
 
 
 @dataclass
@@ -111,6 +113,7 @@ class _Ctx:
     invalid_streak: int = 0
     stopped: str = ""
     pattern: Any = None  # momtune.pattern.PatternSearch of this study (--sampler pattern)
+    learnt: list[dict[str, Any]] = field(default_factory=list)  # other studies' winners (Engine._learnt_starts)
     phases: list[dict[str, float]] = field(default_factory=list)  # benchmark worker phases of this run's trials
 
 
@@ -226,6 +229,8 @@ class Engine:
                    self.o.sampler in ("grid", "exhaustive", "pattern"),
                    deadline, random.Random(f"{self.o.seed}:{name}:{os.getpid()}"),
                    InFlight(self.storage, self.o.heartbeat_s))
+        if self.o.sampler == "pattern":
+            ctx.learnt = self._learnt_starts(t, gpu, name, default)
         self._adopt_heartbeat(ctx, announce=True)
         optuna.storages.fail_stale_trials(study)
         c = count(trials_of(study))
@@ -372,6 +377,41 @@ class Engine:
         ctx.invalid_streak = 0
         return trial, config
 
+    def _learnt_starts(self, t: Any, gpu: str, name: str, default: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The re-timed winners of this template's other studies on this GPU and this version of its
+        kernels (any shape, any study prefix), the largest speed-up over their own default first, at
+        most LEARNT_STARTS: the pattern search measures them right after the default, before the
+        space's ``[[starts]]`` (a config that won at one shape is the best guess at the next: on the
+        H200 the recurrence's optimum at N 49152 had no neighbour within 20% of it, so a local
+        search from the default never reached it). Configs of a reduced space take this space's
+        defaults for the rest; one not valid here is skipped by the search. ``--no-transfer``: none."""
+        if not self.o.transfer:
+            return []
+        import optuna
+
+        found: list[tuple[float, str, dict[str, Any]]] = []
+        source = t.source_hash()
+        for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False):
+            a = s.user_attrs
+            if s.study_name == name or a.get("template") != t.name or str(a.get("gpu")) != gpu:
+                continue
+            if (a.get("provenance") or {}).get("source_hash") != source:
+                continue
+            w, d = a.get("winner") or {}, a.get("default_time_ms")
+            if not (w.get("retimed") and isinstance(w.get("config"), Mapping) and isinstance(d, (int, float))
+                    and isinstance(w.get("time_ms"), (int, float)) and d > 0 and math.isfinite(w["time_ms"])):
+                continue
+            config = {k: w["config"].get(k, v) for k, v in default.items()}
+            found.append((float(w["time_ms"]) / float(d), canonical(config), config))
+        out: list[dict[str, Any]] = []
+        for _, key, config in sorted(found, key=lambda f: (f[0], f[1])):
+            if key != canonical(default) and all(key != canonical(c) for c in out):
+                out.append(config)
+        if out:
+            self.reporter.note(f"  {name}: {min(len(out), LEARNT_STARTS)} winner(s) of other studies measured first "
+                               "(--no-transfer: none)")
+        return out[:LEARNT_STARTS]
+
     def _pattern_order(self, ctx: _Ctx) -> list[dict[str, Any]]:
         """The unmeasured valid configs, best candidate first (momtune.pattern), from the study's trials."""
         trials = trials_of(ctx.study)
@@ -385,7 +425,7 @@ class Engine:
             fallbacks = [{**default, **fb} for fb in getattr(resolve_template(ctx.spec), "fallbacks", ())
                          if set(fb) <= set(default)]
             ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, default, self.o.seed,
-                                                starts=[*ctx.space.starts, *fallbacks])
+                                                starts=[*ctx.learnt, *ctx.space.starts, *fallbacks])
         claimed = sum(t.state.name == "RUNNING" for t in trials)
         return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64)
 

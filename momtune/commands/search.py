@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "candidates. A batch compiles up to N candidates at once (TPE: at most a quarter "
                    "of --trials, so that it learns between batches)")
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help=f"sampler and input seed, 0 .. {SEED_MAX} (0)")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="pattern search: do not measure the winners of the template's other studies on this GPU "
+                        "first (sampler comparisons use it: a study must not start from another's answer)")
     p.add_argument("--space-dir", default=None, metavar="DIR", help="read search spaces from DIR instead of the package")
     p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S",
                    help="kill a trial after S seconds (120 on a GPU, 300 in the interpreter)")
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                          storage=args.storage or settings.load().storage, study_prefix=args.study,
                          workers=args.workers, seed=args.seed, space_dir=args.space_dir,
                          trial_timeout_s=args.trial_timeout, retime=args.retime, rounds=args.rounds,
-                         heartbeat_s=args.heartbeat, devices=args.devices)
+                         heartbeat_s=args.heartbeat, devices=args.devices, transfer=not args.no_transfer)
     results = search(specs, args.shapes, opts, reporter)
     reporter.summary(results)
     if args.json:

@@ -144,3 +144,24 @@ def test_a_search_measures_the_starts_second(storage: str, tmp_path) -> None:  #
     configs = [t.user_attrs["config"] for t in sorted(study.trials, key=lambda t: t.number)]
     # two parameters from the default, so no neighbour of it: second only as a start
     assert configs == [{"BLOCK": 32, "num_warps": 1}, {"BLOCK": 64, "num_warps": 2}], configs
+
+
+def test_a_pattern_search_measures_other_studies_winners_second(storage: str) -> None:
+    """Transfer: the re-timed winner of another study of the template on this GPU and kernel version
+    (here another prefix's) is measured right after the default, before any neighbour; with
+    --no-transfer (sampler comparisons) it is not."""
+    opts = SearchOptions(trials=1, sampler="pattern", storage=storage, space_dir=SPACES, retime=1, rounds=1)
+    [donor] = search([FAKE], "tiny", SearchOptions(**{**opts.__dict__, "study_prefix": "donor"}))
+    study = optuna.load_study(study_name=donor.study, storage=storage)
+    learnt = {"BLOCK": 64, "num_warps": 2}  # two parameters from the default: no neighbour of it
+    study.set_user_attr("winner", {"config": learnt, "time_ms": 0.5, "retimed": True})
+    study.set_user_attr("default_time_ms", 1.0)
+    [res] = search([FAKE], "tiny", SearchOptions(**{**opts.__dict__, "trials": 2, "study_prefix": "new"}))
+    configs = [t.user_attrs["config"] for t in sorted(optuna.load_study(study_name=res.study, storage=storage).trials,
+                                                      key=lambda t: t.number)]
+    assert configs == [{"BLOCK": 32, "num_warps": 1}, learnt], configs
+    [res] = search([FAKE], "tiny", SearchOptions(**{**opts.__dict__, "trials": 2, "study_prefix": "cold",
+                                                    "transfer": False}))
+    configs = [t.user_attrs["config"] for t in sorted(optuna.load_study(study_name=res.study, storage=storage).trials,
+                                                      key=lambda t: t.number)]
+    assert configs[1] != learnt and sum(configs[1][k] != configs[0][k] for k in configs[0]) == 1, configs
