@@ -26,8 +26,8 @@ from . import pattern
 from .errors import InputError
 from .progress import Reporter
 from .space import SearchSpace, canonical, load_space
-from .study import (SAMPLERS, InFlight, Shield, claim_config, count, is_done, make_sampler, measured_result,
-                    pinning_sampler, shape_key, storage_failure, study_name, trials_of)
+from .study import (RETRIED_ATTEMPTS, SAMPLERS, InFlight, Shield, claim_config, count, is_done, make_sampler,
+                    measured_result, pinning_sampler, shape_key, storage_failure, study_name, trials_of)
 from .templates import resolve_template
 from .timing import NOMINAL_PEAKS, Timing, TimingOptions, floor_ms
 from .winner import choose_winner
@@ -37,12 +37,6 @@ from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_enviro
 
 INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
 LEARNT_STARTS = 8  # at most this many winners of other studies measured right after the default
-KILLED_ATTEMPTS = 2  # a config whose worker is killed this many times in a row is recorded "killed"
-#: failures that may not be the config's own, run again in the restarted worker up to this many times
-#: in all: "killed" from outside (the OOM killer may have picked the worker for another process's
-#: memory), and "illegal_memory": CUDA reports a fault at a later synchronisation, so a request can
-#: die of the one before it (H200, session 10: a default config failed so after a faulting re-timing)
-RETRIED_ATTEMPTS = {"killed": KILLED_ATTEMPTS, "illegal_memory": 2}
 #: the input sets a study's trials are checked on: trial n uses seeds trial_seed(seed, n) (check run)
 #: and that + 1 (after timing). Few, so each worker computes their float64 references once
 #: (momtune.worker.ReferenceCache); two, so consecutive trials see other inputs.

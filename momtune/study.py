@@ -181,15 +181,23 @@ def is_done(t: Any) -> bool:
     return t.state.name == "FAIL" and t.user_attrs.get("status") not in (None, "ok", "invalid_config")
 
 
+#: failures that may not be the config's own: the search runs such a trial again in the restarted
+#: worker, up to this many attempts in all. "killed" from outside (the OOM killer may have picked the
+#: worker for another process's memory); "illegal_memory": CUDA reports a fault at a later
+#: synchronisation, so a request can die of the one before it (H200, session 10: a default config
+#: failed so after a faulting re-timing)
+RETRIED_ATTEMPTS = {"killed": 2, "illegal_memory": 2}
+
+
 def is_config_failure(t: Any) -> bool:
-    """A done trial whose failure is the config's own: every recorded failure but a single
-    ``illegal_memory`` or ``killed`` attempt (what a search before session 10 recorded without
-    running the config again: CUDA reports a fault at a later synchronisation, so such a trial may
-    have died of the request before it; see ``momtune.search.RETRIED_ATTEMPTS``)."""
+    """A done trial whose failure is the config's own: every recorded failure but one of the
+    :data:`RETRIED_ATTEMPTS` kinds with fewer attempts than its retries (a search before session
+    10 recorded a single ``illegal_memory`` attempt without running the config again)."""
     if not is_done(t) or t.state.name == "COMPLETE":
         return False
-    if t.user_attrs.get("status") in ("illegal_memory", "killed"):
-        return int(t.user_attrs.get("attempts", 1) or 1) >= 2
+    status = t.user_attrs.get("status")
+    if status in RETRIED_ATTEMPTS:
+        return int(t.user_attrs.get("attempts", 1) or 1) >= RETRIED_ATTEMPTS[status]
     return True
 
 

@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from momtune.commands import int_in
-from momtune.errors import InputError
+from momtune.errors import InputError, one_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             done(measure())
         except Exception as exc:  # noqa: BLE001 - the reason is the result; the exit status says it
             failed.append(f"{kind} {preset} {shape}")
-            why = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            why = f"failed: {one_line(exc)}"[:200]
             done([bench._row(kind, preset, shape, dtype, impl, note=why) for impl in args.impls])
 
     for preset in args.presets:
