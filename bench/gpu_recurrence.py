@@ -66,21 +66,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return (d.norm() / ref.double().norm()).item(), (d.abs().max() / ref.double().abs().max()).item()
 
 
-def fla_fn(inp: dict):
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-    q, k, v, g, b = (inp[x][None] for x in ("q", "k", "v", "g", "beta"))
-    cu = inp["cu_seqlens"].long()
-    h0 = inp["initial_state"]
-
-    def run():
-        o, ht = chunk_gated_delta_rule(q, k, v, g, b, initial_state=h0, output_final_state=True,
-                                       use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
-        return {"o": o[0], "final_state": ht}
-
-    return run
-
-
 def kernel_times(inp: dict, cfg: dict, do_bench) -> dict[str, float]:
     """Median ms of each launch of one call (pre-pass, sequential pass, output kernel), timed alone
     (each re-run reads what the launch before it wrote once)."""
@@ -116,6 +101,7 @@ def main() -> int:
     import triton
     from triton.testing import do_bench
 
+    from momtune.bench import fla_recurrence
     from momtune.kernels import get_template
 
     tpl = get_template("recurrence")
@@ -139,7 +125,7 @@ def main() -> int:
             ref = tpl.reference(inp)
             print(f"\n[{set_name}] {key}: floor {floor:.3f} ms (flops {flops:.3g}, bytes {nbytes:.3g})", flush=True)
             print(hdr)
-            impls = [("fla chunk_gated_delta_rule", fla_fn(inp), None)] if have_fla else []
+            impls = [("fla chunk_gated_delta_rule", fla_recurrence(inp), None)] if have_fla else []
             impls += [(("momtune " + (",".join(f"{a}={b}" for a, b in c.items()) or "default")),
                        (lambda c=c, inp=inp: tpl.launch(inp, c)), c) for c in configs]
             for name, fn, cfg in impls:

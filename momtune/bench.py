@@ -427,6 +427,22 @@ def recurrence_shapes(set_name: str) -> list[dict[str, int]]:
     return [dict(s) for s in sets[set_name].shapes]
 
 
+def fla_recurrence(inp: dict[str, Any]) -> Callable[[], dict]:
+    """fla's ``chunk_gated_delta_rule`` (varlen, q and k L2-normalised in its kernel) on the
+    recurrence template's inputs, as one call returning {"o", "final_state"}."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    q, k, v, g, b = (inp[x][None] for x in ("q", "k", "v", "g", "beta"))
+    cu = inp["cu_seqlens"].long()
+
+    def run() -> dict[str, torch.Tensor]:
+        o, ht = chunk_gated_delta_rule(q, k, v, g, b, initial_state=inp["initial_state"], output_final_state=True,
+                                       use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+        return {"o": o[0], "final_state": ht}
+
+    return run
+
+
 def flashinfer_recurrence(inp: dict[str, Any], chunk_fn: Callable[..., Any] | None = None) -> Callable[[], dict]:
     """FlashInfer's gated-delta-rule prefill (``flashinfer.gdn_prefill.chunk_gated_delta_rule``, its
     SM90 CUTLASS kernel) on the recurrence template's inputs, as one call: q and k L2-normalised
@@ -467,17 +483,7 @@ def _recurrence_impl(impl: str, tpl: Any, inp: dict, shape: dict, dtype: torch.d
         cfg, source = get_dispatcher().config(tpl, shape, dtype)
         return (lambda: tpl.launch(inp, cfg)), {"config": dict(cfg), "config_source": source}
     if impl == "fla":
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-        q, k, v, g, b = (inp[x][None] for x in ("q", "k", "v", "g", "beta"))
-        cu = inp["cu_seqlens"].long()
-
-        def run() -> dict[str, torch.Tensor]:
-            o, ht = chunk_gated_delta_rule(q, k, v, g, b, initial_state=inp["initial_state"], output_final_state=True,
-                                           use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
-            return {"o": o[0], "final_state": ht}
-
-        return run, {}
+        return fla_recurrence(inp), {}
     if impl == "flashinfer":
         return flashinfer_recurrence(inp), {"how": "q, k L2-normalised by torch in the call; alpha = exp(g) and "
                                                    "the [V, K] state layout prepared outside it"}

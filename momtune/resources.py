@@ -114,14 +114,21 @@ def resources_isolated(dtype: str, cfg: Mapping[str, Any], kernels: list[str] | 
                        registers: bool = False, **shape: int) -> dict[str, dict[str, int]]:
     """:func:`recurrence_resources` of ``kernels`` (default: every kernel ``cfg`` launches) in one
     subprocess without TRITON_INTERPRET; {kernel: {"shared": ..., ...}}."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json,sys; from momtune.resources import recurrence_resources as f, recurrence_kernel_names as n; "
             "a=json.loads(sys.argv[1]); ks=a['kernels'] or n(a['cfg'], a['dtype']); "
             "print(json.dumps({k: f(a['dtype'], a['cfg'], k, registers=a['registers'], **a['shape']) for k in ks}))")
-    arg = json.dumps(dict(dtype=dtype, cfg=dict(cfg), kernels=kernels, registers=registers, shape=shape))
-    res = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, timeout=900)
+    return _compiled_apart(code, dict(dtype=dtype, cfg=dict(cfg), kernels=kernels, registers=registers, shape=shape),
+                           "compiling for sm_90")
+
+
+def _compiled_apart(code: str, arg: dict[str, Any], what: str) -> Any:
+    """Run ``code`` (which prints one JSON line, reading ``arg`` as JSON from argv[1]) in a
+    subprocess without TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(arg)], env=env, capture_output=True, text=True,
+                         timeout=900)
     if res.returncode != 0:
-        raise RuntimeError(f"compiling for sm_90 failed: {res.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{what} failed: {res.stderr.strip().splitlines()[-1:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -144,9 +151,7 @@ def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int =
     fn = {"forward": scan._forward_scan_kernel, "backward": scan._backward_scan_kernel}[kernel]
     sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
                     else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
-    kp = max(16, triton.next_power_of_2(K))
-    bv = min(block_v, max(16, triton.next_power_of_2(V)))
-    const = dict(H=H, K=K, V=V, KP=kp, L=L, BV=bv, NV=triton.cdiv(V, bv), DOT="tf32")
+    const = scan.constants(H, K, V, L, block_v, "tf32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=num_warps, num_stages=1))
@@ -158,11 +163,6 @@ def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int =
 
 def scan_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
     """:func:`scan_resources` in a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json,sys; from momtune.resources import scan_resources as f; "
             "a=json.loads(sys.argv[1]); print(json.dumps(f(a['kernel'], **a['kw'])))")
-    res = subprocess.run([sys.executable, "-c", code, json.dumps(dict(kernel=kernel, kw=kw))], env=env,
-                         capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        raise RuntimeError(f"compiling the {kernel} scan for sm_90 failed: {res.stderr.strip().splitlines()[-1:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return _compiled_apart(code, dict(kernel=kernel, kw=kw), f"compiling the {kernel} scan for sm_90")

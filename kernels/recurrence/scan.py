@@ -94,13 +94,16 @@ def _checked(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.d
     return x.contiguous()
 
 
-def _grid(table: torch.Tensor, nch: torch.Tensor, h: int, vd: int, block_v: int) -> tuple[int, int, int]:
+def constants(h: int, kd: int, vd: int, L: int, block_v: int, dot: str) -> dict[str, object]:
+    """Both scans' compile-time constants (K padded to a power of two, the V block clamped to V)."""
+    bv = min(block_v, max(16, triton.next_power_of_2(vd)))
+    return dict(H=h, K=kd, V=vd, KP=max(16, triton.next_power_of_2(kd)), L=L, BV=bv, NV=triton.cdiv(vd, bv), DOT=dot)
+
+
+def _checked_tables(table: torch.Tensor, nch: torch.Tensor) -> None:
     if table.dtype != torch.int32 or table.dim() != 2 or nch.dtype != torch.int32 or nch.shape != (table.shape[0],):
         raise InputError(f"table, nch: expected int32 [S, MAXC] and [S], got {table.dtype} {tuple(table.shape)} "
                          f"and {nch.dtype} {tuple(nch.shape)}")
-    bv = min(block_v, max(16, triton.next_power_of_2(vd)))
-    nv = triton.cdiv(vd, bv)
-    return bv, nv, table.shape[0] * h * nv
 
 
 def forward_scan(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, gl: torch.Tensor, state0: torch.Tensor,
@@ -115,13 +118,14 @@ def forward_scan(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, gl: torch.T
     u = _checked("u", u, (c, h, L, vd), dev)
     gl = _checked("gl", gl, (c, h), dev)
     state0 = _checked("state0", state0, (table.shape[0], h, kd_, vd), dev)
-    bv, nv, programs = _grid(table, nch, h, vd, block_v)
+    _checked_tables(table, nch)
+    const = constants(h, kd_, vd, L, block_v, dot)
     s0 = torch.empty((c, h, kd_, vd), dtype=torch.float32, device=dev) if out is None else \
         _checked("out", out, (c, h, kd_, vd), dev)
+    programs = table.shape[0] * h * const["NV"]
     if programs and c:
         _forward_scan_kernel[(programs,)](w, u, kd, gl, state0, s0, table.contiguous(), nch, table.shape[1],
-                                          H=h, K=kd_, V=vd, KP=max(16, triton.next_power_of_2(kd_)), L=L, BV=bv,
-                                          NV=nv, DOT=dot, num_warps=num_warps, num_stages=1)
+                                          **const, num_warps=num_warps, num_stages=1)
     return s0
 
 
@@ -138,13 +142,14 @@ def backward_scan(w: torch.Tensor, kd: torch.Tensor, qe: torch.Tensor, p: torch.
     p = _checked("p", p, (c, h, L, L), dev)
     do = _checked("do", do, (c, h, L, vd), dev)
     gl = _checked("gl", gl, (c, h), dev)
-    bv, nv, programs = _grid(table, nch, h, vd, block_v)
+    _checked_tables(table, nch)
+    const = constants(h, kd_, vd, L, block_v, dot)
     ds = torch.empty((c, h, kd_, vd), dtype=torch.float32, device=dev) if out is None else \
         _checked("out", out, (c, h, kd_, vd), dev)
+    programs = table.shape[0] * h * const["NV"]
     if programs and c:
         _backward_scan_kernel[(programs,)](w, kd, qe, p, do, gl, ds, table.contiguous(), nch, table.shape[1],
-                                           H=h, K=kd_, V=vd, KP=max(16, triton.next_power_of_2(kd_)), L=L, BV=bv,
-                                           NV=nv, DOT=dot, num_warps=num_warps, num_stages=1)
+                                           **const, num_warps=num_warps, num_stages=1)
     return ds
 
 

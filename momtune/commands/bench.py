@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         check_choice("--what", w, bench.KINDS)
     for i in args.impls:
         check_choice("--impls", i, bench.IMPLS)
+    rec_sets = args.recurrence_sets or [f"{p}-prefill" for p in args.presets]
     if "recurrence" in args.what:
-        for set_name in args.recurrence_sets or [f"{p}-prefill" for p in args.presets]:
+        for set_name in rec_sets:
             bench.recurrence_shapes(set_name)  # an unknown set is an input error before anything runs
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(args.dtype)
     if dtype is None:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         peaks = measure_peaks()  # every floor of the run from this GPU's own copy and GEMM rates
         prov["peaks"] = peaks
         impls = [i for i in args.impls if i in bench.RECURRENCE_IMPLS]
-        for set_name in args.recurrence_sets or [f"{p}-prefill" for p in args.presets]:
+        for set_name in rec_sets:
             for shape in bench.recurrence_shapes(set_name):
                 group("recurrence", set_name, shape,
                       lambda: bench.bench_recurrence(set_name, shape, impls, dtype, peaks))
