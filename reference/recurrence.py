@@ -183,9 +183,10 @@ def recurrent_chunked(
     return o.to(q.dtype), state
 
 
-def _chunk_terms(q, k, v, g, b, S):
+def _chunk_terms(q, k, v, g, b, S=None):
     """The forward quantities of gated-delta chunks (:func:`_chunk_step`'s math) that the backward
-    reads: q, k [..., L, K], v [..., L, V], g, b [..., L], S [..., K, V] the starting states."""
+    reads: q, k [..., L, K], v [..., L, V], g, b [..., L], S [..., K, V] the starting states (None:
+    not known yet; ``vnew``, the one term that needs them, is left for the caller)."""
     from types import SimpleNamespace
 
     L = q.shape[-2]
@@ -201,7 +202,8 @@ def _chunk_terms(q, k, v, g, b, S):
     t.RW, t.RU = (b * t.eG)[..., None] * k, b[..., None] * v
     t.W = torch.linalg.solve_triangular(t.X, t.RW, upper=False, unitriangular=True)
     t.U = torch.linalg.solve_triangular(t.X, t.RU, upper=False, unitriangular=True)
-    t.vnew = t.U - t.W @ S
+    if S is not None:
+        t.vnew = t.U - t.W @ S
     t.qe = q * t.eG[..., None]
     t.QK = q @ k.transpose(-1, -2)
     t.P = t.QK * t.D
@@ -338,7 +340,7 @@ def gated_delta_backward(
             for c, (seg, ids) in enumerate(steps):
                 table[seg, c] = ids.to(torch.int32)
             nch = torch.tensor(chunks, dtype=torch.int32, device=dev)
-            t = _chunk_terms(qc, kc, vc, gc, bc, state0.new_zeros((1, 1, *state0.shape[2:])))  # vnew: below
+            t = _chunk_terms(qc, kc, vc, gc, bc)  # the start states come from the scan: vnew below
             S0 = scans.forward(t.W, t.U, t.kd, t.GL, state0, table, nch)
             t.vnew = t.U - t.W @ S0
             dSn = scans.backward(t.W, t.kd, t.qe, t.P, doc, t.GL, table, nch)
