@@ -164,7 +164,7 @@ def test_generate_checks_its_arguments_on_every_path():
 def test_auto_training_step_runs_every_backward_kernel(monkeypatch):
     """Issue 14: with autograd recording, backend 'auto' runs the LM's norms, SwiGLU and the
     attention's prefill forward and backward on their kernels (the recurrence's backward is
-    its chunk backward in PyTorch), and every gradient matches the float64 reference LM's within
+    its hand-written chunk backward: the two scans on Triton kernels, the chunk terms in PyTorch), and every gradient matches the float64 reference LM's within
     4 x the float32 reference's own error. That error is the largest of seven float32 reference
     runs, one on the parameters as they are and six with every parameter moved by one unit in
     the last place (random signs; tests.helpers.nudged): a gradient that cancels strongly (A_log's
