@@ -120,7 +120,7 @@ stage() {
       search decode decode 24 10
       search norm mom-340m-prefill 10 5
       search swiglu mom-340m-prefill 10 5
-      for s in grid:56:0:100 tpe:11:0:40 random:11:0:40; do
+      for s in grid:112:0:100 tpe:22:0:40 random:22:0:40; do
         IFS=: read sampler trials seed secs <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
         timeout $((secs + 40)) momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
@@ -134,9 +134,9 @@ stage() {
       search merge mom-340m-prefill 12 10
       search conv mom-340m-prefill 12 10
       search routing mom-340m-prefill 10 8 ;;
-    sampler)  # ground truth = every config of the reduced 56-config space; TPE, random, pattern at 11 (<= 20%)
-      for s in grid:56:0 tpe:11:0 tpe:11:1 tpe:11:2 random:11:0 random:11:1 random:11:2 \
-               pattern:11:0 pattern:11:1 pattern:11:2; do
+    sampler)  # ground truth = every config of the reduced 112-config space; TPE, random, pattern at 22 (<= 20%)
+      for s in grid:112:0 tpe:22:0 tpe:22:1 tpe:22:2 random:22:0 random:22:1 random:22:2 \
+               pattern:22:0 pattern:22:1 pattern:22:2; do
         IFS=: read sampler trials seed <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
         timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
@@ -168,8 +168,10 @@ stage() {
       echo "bench layer_train: rc $?"; grep -a "layer_train mom" $OUT/bench-train.log ;;
     exhaustive)  # every config of the reduced recurrence space at every mom-340m prefill shape (N 49152
       # resumes the sampler comparison's sweep); then `shiplib` takes each shape's better study
-      timeout 450 momtune search --template recurrence --shapes mom-340m-prefill --space-dir bench/spaces \
-        --sampler grid --trials 56 --study exhaustive --storage $DB --workers 16 > $OUT/exhaustive.log 2>&1
+      # (112 configs: both state layouts; EXH_SHAPES picks a set, EXH_CAP the seconds: a cut sweep resumes)
+      timeout ${EXH_CAP:-450} momtune search --template recurrence --shapes ${EXH_SHAPES:-mom-340m-prefill} \
+        --space-dir bench/spaces --sampler grid --trials 112 --study exhaustive --storage $DB --workers 16 \
+        >> $OUT/exhaustive.log 2>&1
       echo "exhaustive: rc $?"; grep -a "^│ exh" $OUT/exhaustive.log | cut -c1-220 ;;
     library1|library2|library3)  # issue 11, item 6: every template's H200 library, --effort quick (pattern
       # search), studies named quick/... (the recurrence resumes the effort stage's); then `shiplib`.
@@ -234,6 +236,11 @@ stage() {
 }
 
 [ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE..."; exit 2; }
-for s in "$@"; do stage $s; done
-save_cache
+for s in "$@"; do
+  stage $s
+  # the database also stays on the machine (a warm machine keeps .bench between calls), so the next
+  # call needs not carry it
+  cp $OUT/momtune-h100.db .bench/ 2>/dev/null || true
+done
+[ "${SAVE_CACHE:-1}" = 0 ] || save_cache
 echo "=== done ($(date +%T))"

@@ -132,9 +132,11 @@ def bounds_for(template: Any, inputs: Mapping[str, Any], reference: Mapping[str,
                outputs: Mapping[str, torch.Tensor], dtype: torch.dtype, device: str) -> dict[str, Bound]:
     """:func:`derive_bounds` for a template's trial: ``outputs`` give each output's dtype, TF32
     where the template declares ``tf32``, the kernels run on CUDA and their float32 dots run in
-    TF32 (bf16/fp16 inputs; float32 inputs only where torch allows TF32 matmuls)."""
+    TF32 (bf16/fp16 inputs; float32 inputs only where TF32 is chosen: :func:`momtune.settings.fp32_uses_tf32`)."""
+    from .settings import fp32_uses_tf32
+
     tf32 = (bool(getattr(template, "tf32", False)) and str(device).startswith("cuda")
-            and (dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32))
+            and (dtype != torch.float32 or fp32_uses_tf32()))
     computed = reference_float32(template, inputs, tf32)
     return derive_bounds(reference, {k: v.dtype for k, v in outputs.items()}, kernel_dtype=dtype,
                          computed=computed, tf32=tf32)

@@ -133,7 +133,9 @@ def check_layer(fast: torch.nn.Module, ref64: torch.nn.Module, x: torch.Tensor, 
     dtype-rounded reference runs its matmuls in TF32 too."""
     dtype = x.dtype
     if tf32 is None:  # the interpreter has no TF32
-        tf32 = dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        from .settings import fp32_uses_tf32
+
+        tf32 = dtype == torch.float32 and x.is_cuda and fp32_uses_tf32()
     with torch.no_grad():
         out, logits = fast(x, **kwargs)[:2]
         free, logits64 = ref64(x.double(), **kwargs)[:2]

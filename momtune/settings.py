@@ -12,6 +12,9 @@ list of valid ones.
                                                      also checks values (hidden_states finite: a
                                                      host sync per layer call), shapes only checks
                                                      metadata, auto = full on CPU, shapes on CUDA
+    MOMTUNE_FP32_PRECISION  auto | ieee | tf32       the kernels' float32 dots for float32 inputs
+                                                     (auto: as torch's float32 matmuls, i.e. TF32
+                                                     only where torch.backends.cuda.matmul.allow_tf32)
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from .errors import ConfigError
 BACKENDS = ("auto", "triton", "reference")
 POLICIES = ("strict", "warn", "ignore")
 CHECKS = ("auto", "full", "shapes")
+FP32_PRECISIONS = ("auto", "ieee", "tf32")
 
 
 def _choice(var: str, default: str, choices: tuple[str, ...]) -> str:
@@ -52,6 +56,18 @@ def load() -> Settings:
         out=os.environ.get("MOMTUNE_OUT", "out"),
         checks=_choice("MOMTUNE_CHECKS", "auto", CHECKS),
     )
+
+
+def fp32_uses_tf32() -> bool:
+    """Whether the kernels' float32 dots run in TF32 for float32 inputs: MOMTUNE_FP32_PRECISION
+    (ieee, tf32), or with ``auto`` (the default) what torch does for float32 matmuls. bf16/fp16
+    inputs always accumulate their float32 dots in TF32 (their own rounding is coarser)."""
+    choice = _choice("MOMTUNE_FP32_PRECISION", "auto", FP32_PRECISIONS)
+    if choice == "auto":
+        import torch
+
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return choice == "tf32"
 
 
 def interpreter_mode() -> bool:

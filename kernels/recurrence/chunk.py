@@ -33,6 +33,12 @@ Three kernels, one set of helpers (:mod:`.common`):
   ``H_FP32``) and vnew [N, H, V] (input dtype), then updates S; the chunk-parallel
   ``output._output_kernel`` (grid slots * H * V/BV) computes o from S_c, Aqk and vnew.
 
+``STATE_LAYOUT`` (pre-pass only) picks the state pass's orientation: "KV" (``_recurrence_kernel``)
+holds S [K, BV] and feeds it to the dots as their right-hand operand, which sm_90's wgmma reads
+from shared memory (the state and vnew are written there every chunk, the dots wait on it); "VK"
+(``_recurrence_vk_kernel``) holds S^T [BV, K] and computes every state product transposed, so the
+state and vnew are the dots' left-hand operand, which wgmma reads from registers.
+
 ``SOLVE`` picks how T is computed: "blocked" (recursive block inversion, T <- T - T M T over
 log2(BT) levels, 2 log2(BT) matmuls) or "forward" (row-by-row forward
 substitution). Both are stable where T is bounded; the product form (I - A)(I + A^2)(I + A^4)...
@@ -60,16 +66,17 @@ from .output import _output_kernel
 RULES = ("gated_delta", "gated_linear")
 SOLVE_METHODS = ("blocked", "forward")
 STATES_MODES = ("register", "memory")
+STATE_LAYOUTS = ("KV", "VK")
 DEFAULT_CONFIG: dict[str, Any] = {
     "BT": 64, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 2,
     "PREPASS": True, "PRE_QK": False, "PRE_WARPS": 4, "SOLVE": "blocked", "WU_FP32": False,
-    "STATES": "register", "H_FP32": False,
+    "STATES": "register", "H_FP32": False, "STATE_LAYOUT": "KV",
 }
 _CHOICES: dict[str, tuple] = {
     "BT": (16, 32, 64, 128), "BV": (16, 32, 64, 128, 256), "BK": (16, 32, 64, 128, 256),
     "num_warps": (1, 2, 4, 8, 16), "num_stages": (1, 2, 3, 4), "PREPASS": (True, False), "PRE_QK": (True, False),
     "PRE_WARPS": (1, 2, 4, 8, 16), "SOLVE": SOLVE_METHODS, "WU_FP32": (True, False),
-    "STATES": STATES_MODES, "H_FP32": (True, False),
+    "STATES": STATES_MODES, "H_FP32": (True, False), "STATE_LAYOUT": STATE_LAYOUTS,
 }
 #: fp32 tiles take twice the shared memory: at K = 256 the default's 2 pipeline stages need
 #: 377 KB on sm_90 (over the 227 KB limit), 1 stage needs 160 KB (compiled for sm_90 on the CPU).
@@ -273,6 +280,91 @@ def _recurrence_kernel(q, k, v, g, beta, cu, h0, ht, o, w, u, aqk, qt, kt, dl, f
         tl.store(ht + p_state, S, mask=m_state)
 
 
+@triton.jit
+def _recurrence_vk_kernel(q, k, v, cu, h0, ht, o, w, u, aqk, qt, kt, dl, fq, fk, hs, vw,
+                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
+                          BT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                          IS_DELTA: tl.constexpr, PRE_QK: tl.constexpr, USE_INIT: tl.constexpr,
+                          STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr, DOT: tl.constexpr):
+    """The sequential pass of ``STATE_LAYOUT="VK"`` (pre-pass required): the state block is held
+    transposed, S^T [BV, KP] fp32, so that every state-dependent matmul takes a register operand
+    on the left (the state, or vnew^T) and a tile loaded from memory on the right::
+
+        vnew^T = U^T + S^T (-W)^T      o^T = S^T (q scale exp(G))^T + vnew^T Aqk^T
+        S^T   <- exp(G_last) S^T + vnew^T (k exp(G_last - G))
+
+    On sm_90 Triton issues these as wgmma with A in registers (mma.sync for BV < 64): the state
+    never goes through shared memory; the right-hand tiles are the pipelined loads (num_stages).
+    Same grid, workspaces and outputs as ``_recurrence_kernel`` with PREPASS."""
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_sh = (pid // NV).to(tl.int64)
+    i_s = i_sh // H
+    i_h = i_sh % H
+    bos = tl.load(cu + i_s).to(tl.int64)
+    eos = tl.load(cu + i_s + 1).to(tl.int64)
+    dt = k.dtype.element_ty
+
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    o_c = tl.arange(0, BT)
+    o_stT = o_k[None, :] * V + o_v[:, None]  # S^T[j, i] = S[i, j]: [BV, KP] over the [K, V] layout
+    m_stT = m_v[:, None] & m_k[None, :]
+    if USE_INIT:
+        ST = tl.load(h0 + i_sh * K * V + o_stT, mask=m_stT, other=0.0).to(tl.float32)
+    else:
+        ST = tl.zeros([BV, KP], dtype=tl.float32)
+    p_h = hs
+    if STORE_H:
+        p_h = hs + ((bos // BT + i_s) * H + i_h) * K * V
+
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c in range(0, n_chunks):
+        rows = bos + c * BT + o_c
+        m_t = rows < eos
+        r_h = rows * H + i_h
+        m_kt = m_k[:, None] & m_t[None, :]  # [KP, BT] tiles (transposed loads)
+        m_tk = m_t[:, None] & m_k[None, :]  # [BT, KP]
+        m_vt = m_v[:, None] & m_t[None, :]  # [BV, BT]
+        if STORE_H:  # S_c, the chunk's starting state, for the output kernel ([K, V] layout)
+            tl.store(p_h + o_stT, ST.to(hs.dtype.element_ty), mask=m_stT)
+            p_h += H * K * V
+        d_last = tl.load(dl + (bos + c * BT) * H + i_h)
+        if PRE_QK:
+            kd = tl.load(kt + r_h[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            if not STORE_H:
+                qgT = tl.load(qt + r_h[None, :] * K + o_k[:, None], mask=m_kt, other=0.0)
+        else:
+            kb = tl.load(k + r_h[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            f_k = tl.load(fk + r_h, mask=m_t, other=0.0)
+            kd = (kb.to(tl.float32) * f_k[:, None]).to(dt)
+            if not STORE_H:
+                qbT = tl.load(q + r_h[None, :] * K + o_k[:, None], mask=m_kt, other=0.0)
+                f_q = tl.load(fq + r_h, mask=m_t, other=0.0)
+                qgT = (qbT.to(tl.float32) * f_q[None, :]).to(dt)
+        Sb = ST.to(kd.dtype)
+        if IS_DELTA:
+            wT = tl.load(w + r_h[None, :] * K + o_k[:, None], mask=m_kt, other=0.0)
+            uT = tl.load(u + r_h[None, :] * V + o_v[:, None], mask=m_vt, other=0.0).to(tl.float32)
+            vnT = tl.dot(ST.to(wT.dtype), wT, uT, input_precision=DOT)  # W stored negated: U - W S
+        else:
+            vnT = tl.load(v + r_h[None, :] * V + o_v[:, None], mask=m_vt, other=0.0).to(tl.float32)
+        vnb = vnT.to(kd.dtype)
+        if STORE_H:
+            if IS_DELTA:
+                tl.store(vw + r_h[None, :] * V + o_v[:, None], vnb.to(vw.dtype.element_ty), mask=m_vt)
+        else:
+            AT = tl.load(aqk + r_h[None, :] * BT + o_c[:, None], mask=m_t[None, :], other=0.0)  # Aqk^T
+            oT = tl.dot(Sb, qgT, input_precision=DOT)
+            oT = tl.dot(vnb, AT.to(kd.dtype), oT, input_precision=DOT)
+            tl.store(o + r_h[None, :] * V + o_v[:, None], oT.to(o.dtype.element_ty), mask=m_vt)
+        ST = ST * d_last + tl.dot(vnb, kd, input_precision=DOT)
+    if STORE_FINAL:
+        tl.store(ht + i_sh * K * V + o_stT, ST, mask=m_stT)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 def resolve_config(config: Mapping[str, Any] | None, dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -382,11 +474,14 @@ class KernelSpec(NamedTuple):
 
 def dot_precision(dtype: torch.dtype) -> str:
     """How the kernels' float32 ``tl.dot``s run: TF32 for bf16/fp16 inputs (their own rounding is
-    coarser), and for float32 inputs only where PyTorch allows TF32 for float32 matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``, e.g. ``torch.set_float32_matmul_precision("high")``),
-    as torch's own matmuls do; else IEEE float32 (a float32 layer was 1.8e-3 from float64 in TF32,
-    1.9e-6 in IEEE, on the H200)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    coarser); for float32 inputs IEEE float32 unless TF32 is chosen (``MOMTUNE_FP32_PRECISION=tf32``,
+    or by default where torch allows TF32 for float32 matmuls:
+    ``torch.backends.cuda.matmul.allow_tf32``, e.g. ``torch.set_float32_matmul_precision("high")``;
+    :func:`momtune.settings.fp32_uses_tf32`). A float32 layer was 1.8e-3 from float64 in TF32,
+    1.9e-6 in IEEE, on the H200."""
+    from momtune.settings import fp32_uses_tf32
+
+    if dtype == torch.float32 and not fp32_uses_tf32():
         return "ieee"
     return "tf32"
 
@@ -407,15 +502,23 @@ def kernel_specs(cfg: Mapping[str, Any], *, n: int, s: int, h: int, kd: int, vd:
     mem = cfg["STATES"] == "memory"
     if mem and not prepass:
         raise ConfigError("recurrence config: STATES='memory' needs PREPASS=True (it reads W, U and q.k from it)")
+    vk = cfg["STATE_LAYOUT"] == "VK"
+    if vk and not prepass:
+        raise ConfigError("recurrence config: STATE_LAYOUT='VK' needs PREPASS=True (it reads W, U and q.k from it)")
     specs = {}
     if prepass:
         specs["prepass"] = KernelSpec(_prepass_kernel, (slots, h), dict(
             H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, LOG_S=log_s, IS_DELTA=is_delta, SOLVE=cfg["SOLVE"],
             L2NORM=l2norm, PRE_QK=pre_qk, DOT=dot), cfg["PRE_WARPS"], 1)
-    specs["recurrence"] = KernelSpec(_recurrence_kernel, (nv * h * s,), dict(
-        H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PREPASS=prepass, PRE_QK=pre_qk,
-        SOLVE=cfg["SOLVE"], L2NORM=l2norm, USE_INIT=use_init, STORE_FINAL=store_final, STORE_H=mem, DOT=dot),
-        cfg["num_warps"], cfg["num_stages"])
+    if vk:
+        specs["recurrence"] = KernelSpec(_recurrence_vk_kernel, (nv * h * s,), dict(
+            H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PRE_QK=pre_qk, USE_INIT=use_init,
+            STORE_FINAL=store_final, STORE_H=mem, DOT=dot), cfg["num_warps"], cfg["num_stages"])
+    else:
+        specs["recurrence"] = KernelSpec(_recurrence_kernel, (nv * h * s,), dict(
+            H=h, K=kd, V=vd, KP=kp, BT=BT, BV=BV, NV=nv, IS_DELTA=is_delta, PREPASS=prepass, PRE_QK=pre_qk,
+            SOLVE=cfg["SOLVE"], L2NORM=l2norm, USE_INIT=use_init, STORE_FINAL=store_final, STORE_H=mem, DOT=dot),
+            cfg["num_warps"], cfg["num_stages"])
     if mem:
         specs["output"] = KernelSpec(_output_kernel, (slots * h * nv,), dict(
             H=h, K=kd, V=vd, BT=BT, BK=BK, BV=BV, NV=nv, LOG_S=log_s, IS_DELTA=is_delta, PRE_QK=pre_qk, DOT=dot),
@@ -454,12 +557,14 @@ def plan(q, k, v, g, beta, cu_seqlens, out, final_state, initial_state, is_delta
         if is_delta:
             vw = torch.empty(n, h, vd, dtype=q.dtype, device=dev)
     bb = beta if is_delta else g
+    h0 = initial_state if initial_state is not None else dummy
+    ht = final_state if final_state is not None else dummy
+    qs = dummy if mem else q  # the memory state pass never reads q
     args = {
         "prepass": (q, k, v, g, bb, cu_seqlens, w, u, aqk, qt, kt, dl, fq, fk, scale, s),
-        "recurrence": (dummy if mem else q, k, v, g, bb, cu_seqlens,  # the state pass never reads q
-                       initial_state if initial_state is not None else dummy,
-                       final_state if final_state is not None else dummy, out, w, u, aqk, qt, kt, dl, fq, fk,
-                       hs, vw, scale),
+        "recurrence": ((qs, k, v, cu_seqlens, h0, ht, out, w, u, aqk, qt, kt, dl, fq, fk, hs, vw)
+                       if cfg["STATE_LAYOUT"] == "VK" else
+                       (qs, k, v, g, bb, cu_seqlens, h0, ht, out, w, u, aqk, qt, kt, dl, fq, fk, hs, vw, scale)),
         "output": (q, v, cu_seqlens, hs, vw, aqk, qt, fq, out, s),
     }
     return [lambda sp=sp, a=args[name]: sp.fn[sp.grid](*a, **sp.const, num_warps=sp.num_warps,

@@ -122,6 +122,8 @@ def check_config(shape: Shape, config: Config) -> str:
     bv = min(cfg["BV"], max(16, 1 << (int(shape["V"]) - 1).bit_length()))
     if cfg["STATES"] == "memory" and not cfg["PREPASS"]:
         return "STATES='memory' needs PREPASS (it reads W, U and the masked q.k from the pre-pass)"
+    if cfg["STATE_LAYOUT"] == "VK" and not cfg["PREPASS"]:
+        return "STATE_LAYOUT='VK' needs PREPASS (it reads W, U and the masked q.k from the pre-pass)"
     if not cfg["PREPASS"] and cfg["BT"] * kp > 8192:
         return f"fused pass: BT*K = {cfg['BT'] * kp} > 8192 (shared memory / faults on the H100)"
     if cfg["PREPASS"] and cfg["PRE_QK"] and cfg["num_stages"] > 1 and kp > 128 and cfg["STATES"] == "register":

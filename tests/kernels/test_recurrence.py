@@ -78,6 +78,21 @@ CASES = [
     ([1, 39], 2, 16, 16, D, torch.float16, True, None, MEM16),
     ([1, 39], 2, 16, 16, D, torch.float16, False, 0.3, MEM32_H32),
     ([1, 39], 2, 16, 16, L, torch.float16, True, None, MEM16_QK),
+    # STATE_LAYOUT="VK" (the transposed state pass), register and memory states, the same ragged cases
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, dict(PRE16, STATE_LAYOUT="VK")),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, False, 0.3, dict(PRE16_QK, STATE_LAYOUT="VK")),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, dict(MEM16, STATE_LAYOUT="VK")),
+    ([0, 1, 20, 16], 2, 16, 32, D, torch.float32, True, None, dict(MEM16_QK, STATE_LAYOUT="VK")),
+    ([3, 0, 33, 1, 0, 9, 0], 1, 16, 16, D, torch.float32, True, None, dict(BT=16, STATE_LAYOUT="VK")),
+    ([5, 35], 1, 24, 20, D, torch.float32, True, None, dict(BT=16, BK=16, STATE_LAYOUT="VK")),  # K, V not 2^n
+    ([5, 35], 1, 24, 20, D, torch.float32, False, None, dict(BT=16, BK=16, STATES="memory", STATE_LAYOUT="VK")),
+    ([0, 1, 50, 29], 2, 32, 32, D, torch.float32, True, None, dict(BT=32, BV=16, STATE_LAYOUT="VK")),
+    ([0, 1, 50, 29], 2, 32, 32, D, torch.float32, True, None, dict(MEM32_H32, STATE_LAYOUT="VK")),
+    ([16, 32, 0], 1, 16, 16, D, torch.float32, True, None, dict(PRE16, STATE_LAYOUT="VK")),
+    ([0, 1, 20, 16], 2, 16, 32, L, torch.float32, True, None, dict(PRE16_QK, STATE_LAYOUT="VK")),
+    ([0, 1, 50, 29], 2, 32, 32, L, torch.float32, False, None, dict(MEM32_FWD, STATE_LAYOUT="VK")),
+    ([1, 39], 2, 16, 16, D, torch.float16, False, None, dict(PRE16, STATE_LAYOUT="VK")),
+    ([1, 39], 2, 16, 16, L, torch.float16, True, None, dict(MEM16_QK, STATE_LAYOUT="VK")),
 ]
 
 
@@ -88,6 +103,7 @@ def cfg_id(cfg: dict) -> str:
     extra += ["wu32"] if cfg.get("WU_FP32") else []
     extra += ["mem"] if cfg.get("STATES") == "memory" else []
     extra += ["h32"] if cfg.get("H_FP32") else []
+    extra += ["vk"] if cfg.get("STATE_LAYOUT") == "VK" else []
     return "-".join([f"BT{cfg['BT']}", mode, *extra])
 
 
@@ -192,6 +208,10 @@ def test_recurrence_bad_inputs() -> None:
         call(config={"STATES": "hbm"})
     with pytest.raises(ConfigError, match="PREPASS"):
         call(config={"STATES": "memory", "PREPASS": False})
+    with pytest.raises(ConfigError, match="STATE_LAYOUT='VK' needs PREPASS"):
+        call(config={"STATE_LAYOUT": "VK", "PREPASS": False})
+    with pytest.raises(ConfigError, match="STATE_LAYOUT"):
+        call(config={"STATE_LAYOUT": "vk"})
 
 
 def test_recurrence_search_space_and_template() -> None:
@@ -206,6 +226,9 @@ def test_recurrence_search_space_and_template() -> None:
     for kv in (16, 64, 256):  # the memory default (the default with STATES="memory") runs every K, V
         assert tmpl.check_config(dict(N=9, S=2, H=1, K=kv, V=kv), dict(STATES="memory")) == ""
     assert "PREPASS" in tmpl.check_config(big, dict(STATES="memory", PREPASS=False))
+    assert "PREPASS" in tmpl.check_config(big, dict(STATE_LAYOUT="VK", PREPASS=False, BT=32))
+    ok, why = load_space_obj().is_valid(dict(tmpl.default_config, STATE_LAYOUT="VK", PREPASS=False, BT=32), big)
+    assert not ok and "VK" in why
     # 240 KiB of shared memory when compiled for sm_90 (tests/kernels/test_compile_resources.py)
     assert tmpl.check_config(big, dict(STATES="memory", num_stages=3, PRE_QK=True)) != ""
     assert tmpl.check_config(big, dict(STATES="memory", num_stages=3)) == ""  # 208.5 KiB
@@ -345,6 +368,31 @@ def test_float32_dots_follow_torchs_tf32_setting() -> None:
         assert dot_precision(torch.float32) == "tf32"
     specs = kernel_specs(resolve_config({"STATES": "memory"}), n=64, s=1, h=1, kd=16, vd=16, dot="ieee")
     assert {sp.const["DOT"] for sp in specs.values()} == {"ieee"} and len(specs) == 3
+
+
+@pytest.mark.parametrize("env,torch_tf32,want", [("ieee", True, "ieee"), ("tf32", False, "tf32"),
+                                                 ("auto", True, "tf32"), ("auto", False, "ieee"), ("", False, "ieee")])
+def test_float32_precision_is_a_setting(monkeypatch: pytest.MonkeyPatch, env: str, torch_tf32: bool, want: str) -> None:
+    """MOMTUNE_FP32_PRECISION picks the float32 inputs' dots whatever torch allows (ieee, tf32);
+    auto (or unset) follows torch; the correctness gate derives its bounds from the same choice."""
+    from momtune.kernels.recurrence.chunk import dot_precision
+    from momtune.layer_check import tf32_matmuls
+    from momtune.settings import fp32_uses_tf32
+
+    monkeypatch.setenv("MOMTUNE_FP32_PRECISION", env) if env else monkeypatch.delenv("MOMTUNE_FP32_PRECISION",
+                                                                                    raising=False)
+    with tf32_matmuls(torch_tf32):
+        assert dot_precision(torch.float32) == want and fp32_uses_tf32() == (want == "tf32")
+        assert dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_a_bad_float32_precision_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from momtune.errors import ConfigError
+    from momtune.kernels.recurrence.chunk import dot_precision
+
+    monkeypatch.setenv("MOMTUNE_FP32_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="MOMTUNE_FP32_PRECISION='fp16' is not accepted; use one of auto, ieee, tf32"):
+        dot_precision(torch.float32)
 
 
 @pytest.mark.gpu
