@@ -185,8 +185,10 @@ def is_done(t: Any) -> bool:
 #: worker, up to this many attempts in all. "killed" from outside (the OOM killer may have picked the
 #: worker for another process's memory); "illegal_memory": CUDA reports a fault at a later
 #: synchronisation, so a request can die of the one before it (H200, session 10: a default config
-#: failed so after a faulting re-timing)
-RETRIED_ATTEMPTS = {"killed": 2, "illegal_memory": 2}
+#: failed so after a faulting re-timing); "out_of_memory": the device's memory held by other
+#: processes (H200, session 11: 11 configs of an exhaustive sweep at N 196,608 ruled out while the
+#: compile workers held their cached blocks)
+RETRIED_ATTEMPTS = {"killed": 2, "illegal_memory": 2, "out_of_memory": 2}
 
 
 def is_config_failure(t: Any) -> bool:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-STATUSES = ("ok", "compile_error", "out_of_resources", "timeout", "illegal_memory", "wrong_answer",
-            "invalid_config", "error")
+STATUSES = ("ok", "compile_error", "out_of_resources", "out_of_memory", "timeout", "illegal_memory",
+            "wrong_answer", "invalid_config", "error")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
     if "illegal memory access" in low or "misaligned address" in low or "an illegal instruction" in low:
         return "illegal_memory", first_line(exc)
     if "CUDA error: out of memory" in text or isinstance(exc, torch.OutOfMemoryError):
-        return "out_of_resources", first_line(exc)
+        # the device's memory, not the kernel's per-block resources: other processes may hold it
+        # (on the H200, session 11: 16 compile workers' cached blocks at N 196,608), so the search
+        # retries it (momtune.study.RETRIED_ATTEMPTS) instead of ruling the config out
+        return "out_of_memory", first_line(exc)
     compile_names = {"CompilationError", "CompileTimeAssertionFailure", "UnsupportedLanguageConstruct",
                      "PTXASError", "MLIRCompilationError"}
     if names & compile_names or any(m.startswith("triton.compiler") for m in modules):

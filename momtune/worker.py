@@ -233,6 +233,8 @@ def _main(conn: Any, device: str, env: dict[str, str]) -> None:
 
             status, reason = classify(exc)
             reply = {"status": status, "reason": reason, "restart": is_fatal_for_process(status, reason)}
+            if status == "out_of_memory":  # what this process holds goes back before the retry
+                _release_device_memory(device)
         conn.send(reply)
 
 
@@ -333,6 +335,16 @@ class ReferenceCache:
 _REFERENCES = ReferenceCache()
 
 
+def _release_device_memory(device: str) -> None:
+    """Drop the cached references and return PyTorch's cached blocks to the device (after an
+    out-of-memory failure, so that the retried request finds the memory this process held)."""
+    _REFERENCES.items.clear()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     import torch
 
@@ -365,8 +377,15 @@ def _handle(req: dict[str, Any], device: str, specs: dict[Any, Any]) -> Reply:
     lap("inputs")
     op = req["op"]
     if op == "compile":
-        t.launch(inputs, req["config"])
-        sync()
+        try:
+            t.launch(inputs, req["config"])
+            sync()
+        finally:  # a compile worker keeps no device memory between requests: 16 of them each
+            # caching a large shape's inputs and workspaces (~8 GB at the recurrence's N 196,608)
+            # starved the benchmarking worker on the H200 (session 11)
+            del inputs
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         return {"status": "ok", "reason": ""}
     opts = TimingOptions(**req["timing"])
     key = (t.name, tuple(sorted(shape.items())), req["dtype"])

@@ -19,8 +19,8 @@ IMPL_LABELS = {"momtune": "momtune tuned", "momtune-default": "momtune default",
                "fla": "fla", "reference": "PyTorch reference"}
 IMPL_SHORT = {"momtune": "tuned", "momtune-default": "default", "fla": "fla", "reference": "ref"}
 E2E_KINDS = ("layer_prefill", "layer_decode", "model_prefill", "model_decode", "layer_train", "model_train")
-STATUSES = ("ok", "compile_error", "out_of_resources", "timeout", "illegal_memory", "wrong_answer",
-            "invalid_config", "error", "lost")
+STATUSES = ("ok", "compile_error", "out_of_resources", "out_of_memory", "timeout", "illegal_memory",
+            "wrong_answer", "invalid_config", "error", "lost")
 NEAR_OPTIMUM = 1.05  # "reached the optimum" = within 5 %
 
 

@@ -6,7 +6,9 @@ crash of the process (what an illegal memory access does), a wrong answer, an un
 (left NaN), any other exception, and a right answer 20 ms late (``slow``). ``KILLER``'s worker
 is killed from outside (SIGKILL, as the out-of-memory killer does) on its first run of a config
 (``FAULT = "oom_once"``, a marker file in ``$MOMTUNE_TEST_MARKERS`` remembers it) or on every run
-(``"oom_always"``), or dies as of an illegal memory access (``"crash_once"``, ``"crash_always"``).
+(``"oom_always"``), or dies as of an illegal memory access (``"crash_once"``, ``"crash_always"``),
+or its launch raises torch's out-of-memory error (the device's memory held elsewhere:
+``"devmem_once"``, ``"devmem_always"``).
 """
 from __future__ import annotations
 
@@ -95,6 +97,9 @@ def killer_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tens
         marker = Path(os.environ["MOMTUNE_TEST_MARKERS"]) / f"{fault}-{config['BLOCK']}"
         if fault.endswith("_always") or not marker.exists():
             marker.touch()
+            if fault.startswith("devmem"):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 384.00 MiB. GPU 0 has a total "
+                                             "capacity of 139.80 GiB of which 257.81 MiB is free.")
             if fault.startswith("oom"):
                 os.kill(os.getpid(), signal.SIGKILL)
             os._exit(1)  # crash_*: the worker dies as of an illegal memory access

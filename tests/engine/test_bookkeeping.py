@@ -33,11 +33,12 @@ def test_a_killed_or_crashed_worker_is_retried_once_then_recorded(storage: str, 
     happens again."""
     monkeypatch.setenv("MOMTUNE_TEST_MARKERS", str(tmp_path))
     notes = Notes()
-    [res] = search([KILLER], "tiny", SearchOptions(trials=5, sampler="grid", storage=storage, space_dir=SPACES,
+    [res] = search([KILLER], "tiny", SearchOptions(trials=7, sampler="grid", storage=storage, space_dir=SPACES,
                                                    heartbeat_s=2, retime=1, rounds=1), notes)
     study = optuna.load_study(study_name=res.study, storage=storage)
     by_fault = {t.user_attrs["config"]["FAULT"]: t for t in study.trials}
-    assert set(by_fault) == {"none", "oom_once", "oom_always", "crash_once", "crash_always"}
+    assert set(by_fault) == {"none", "oom_once", "oom_always", "crash_once", "crash_always", "devmem_once",
+                             "devmem_always"}
     assert by_fault["none"].user_attrs["status"] == "ok" and by_fault["none"].user_attrs["attempts"] == 1
     once = by_fault["oom_once"]  # killed on its first run: not the config's fault, it ran again and passed
     assert once.state.name == "COMPLETE" and once.user_attrs["status"] == "ok" and once.user_attrs["attempts"] == 2
@@ -51,8 +52,30 @@ def test_a_killed_or_crashed_worker_is_retried_once_then_recorded(storage: str, 
     crash = by_fault["crash_always"]
     assert crash.state.name == "FAIL" and crash.user_attrs["status"] == "illegal_memory"
     assert crash.user_attrs["attempts"] == 2 and "2 attempts" in crash.user_attrs["reason"]
-    assert res.by_status == {"ok": 3, "killed": 1, "illegal_memory": 1}
-    assert sum("running it again" in n for n in notes.notes) == 4  # each faulty config once
+    once = by_fault["devmem_once"]  # the device's memory was held elsewhere: ran again, passed
+    assert once.state.name == "COMPLETE" and once.user_attrs["status"] == "ok" and once.user_attrs["attempts"] == 2
+    devmem = by_fault["devmem_always"]
+    assert devmem.state.name == "FAIL" and devmem.user_attrs["status"] == "out_of_memory"
+    assert devmem.user_attrs["attempts"] == 2 and "out of memory" in devmem.user_attrs["reason"]
+    assert res.by_status == {"ok": 4, "killed": 1, "illegal_memory": 1, "out_of_memory": 1}
+    assert sum("running it again" in n for n in notes.notes) == 6  # each faulty config once
+
+
+def test_device_out_of_memory_in_a_compile_worker_does_not_rule_a_config_out(storage: str, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile worker's run that finds the device's memory taken (H200, session 11: 16 compile
+    workers' cached blocks at the recurrence's largest shape) is no verdict on the config: the
+    benchmarking worker runs it (and retries it once itself)."""
+    monkeypatch.setenv("MOMTUNE_TEST_MARKERS", str(tmp_path))
+    [res] = search([KILLER], "tiny", SearchOptions(trials=7, sampler="grid", storage=storage, space_dir=SPACES,
+                                                   heartbeat_s=2, retime=1, rounds=1, workers=2))
+    study = optuna.load_study(study_name=res.study, storage=storage)
+    by_fault = {t.user_attrs["config"]["FAULT"]: t for t in study.trials}
+    once = by_fault["devmem_once"]  # out of memory in its compile run only: benchmarked, passed
+    assert once.state.name == "COMPLETE" and once.user_attrs["status"] == "ok" and once.user_attrs["attempts"] == 1
+    devmem = by_fault["devmem_always"]  # compile run, then two benchmark attempts
+    assert devmem.user_attrs["status"] == "out_of_memory" and devmem.user_attrs["attempts"] == 2
+    assert "out_of_resources" not in res.by_status
 
 
 def _running_trial_with(study: optuna.Study, config: dict[str, Any], status: str) -> int:

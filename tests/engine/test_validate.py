@@ -60,6 +60,9 @@ CASES = [
     ("oor-text", RuntimeError("triton: out of resource: shared memory"), "out_of_resources", "shared memory"),
     ("illegal-memory", RuntimeError("CUDA error: an illegal memory access was encountered\nmore"), "illegal_memory",
      "illegal memory access"),
+    ("device-oom", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 384.00 MiB\nmore"), "out_of_memory",
+     "CUDA out of memory"),
+    ("device-oom-text", RuntimeError("CUDA error: out of memory\nmore"), "out_of_memory", "out of memory"),
     ("other", ValueError("first line\nsecond line"), "error", "ValueError: first line"),
 ]
 
