@@ -152,6 +152,12 @@ stage() {
         cat .peers-stage/peers.tar.* | tar xf - -C /tmp && python3 -m pip install -q --no-index --no-deps \
           --no-compile --target /tmp/site /tmp/peers/*.whl 2>&1 | grep -v "already exists" | tail -3
       fi
+      # nvidia-cutlass-dsl puts its packages (cutlass, cutlass.cute) in dsl_packages/ through a .pth
+      # file, which a --target install does not run: the folder goes on the path here (session 11's
+      # FlashInfer rows failed with "No module named 'cutlass'", then 'cutlass.cute': the payload is
+      # split over nvidia-cutlass-dsl-libs-base, -libs-core and -libs-cu13, all three carried now)
+      [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+      python3 -c "import cutlass.cute" 2>&1 | tail -1
       python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1 && impls="$impls flashinfer"
       timeout 420 momtune bench --what recurrence --presets mom-340m mom-1.3b \
         --recurrence-sets mom-340m-prefill mom-1.3b-prefill fla-varlen --impls $impls \

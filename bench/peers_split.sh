@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FlashInfer (issue 12's peer) and its needs are ~254 MB of wheels; a device call carries at most
 # 64 MiB with the working tree. This packs .peers/whl/*.whl (pip download --no-deps for Python
-# 3.12, manylinux, CUDA 13: flashinfer-python 0.7.4, nvidia-cutlass-dsl(-libs-base, -libs-cu13)
-# 4.8.1, apache-tvm-ffi, cuda-python/-bindings/-core/-pathfinder/-tile, nccl4py, nccl-extensions,
+# 3.12, manylinux, CUDA 13: flashinfer-python 0.7.4, nvidia-cutlass-dsl(-libs-base, -libs-core, -libs-cu13)
+# 4.8.1, protobuf, apache-tvm-ffi, cuda-python/-bindings/-core/-pathfinder/-tile, nccl4py, nccl-extensions,
 # nvidia-cudnn-frontend, einops, ninja, click, tabulate, nvidia-ml-py) into one tar split in
 # 50 MB pieces, each in its own folder .peers/part-N, for back-to-back device calls (a warm
 # machine keeps ignored folders of the repo copy between calls; it goes back after 30 s idle):
