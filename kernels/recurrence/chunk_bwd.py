@@ -40,6 +40,8 @@ KKD [C, H, L, L]; S0, dS [C, H, K, V]. Nothing is gathered or scattered in PyTor
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -245,7 +247,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
                    do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
                    solve: str = "blocked", block_k: int = 32, block_v: int = 32, num_warps: int = 8,
                    terms_warps: int = 4, fwd_block_v: int = 32, fwd_warps: int = 8, bwd_block_v: int = 16,
-                   bwd_warps: int = 4, poison: bool = False) -> tuple[torch.Tensor, ...]:
+                   bwd_warps: int = 4, poison: bool = False,
+                   events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
     (a list of ints; ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the
     recurrence's q (normalised and scaled) and k, float32; v, do [N, H, V], g, beta [N, H] in
@@ -257,7 +260,9 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     ``num_warps`` of the gradient kernel, ``terms_warps`` of the terms kernel (its K and V blocks:
     ``block_k``, ``block_v``), ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``, ``bwd_warps`` of
     the forward / backward scan, ``solve`` the terms kernel's triangular inverse ("blocked" or
-    "forward", :func:`.common._solve_unit_lower`)."""
+    "forward", :func:`.common._solve_unit_lower`). ``events`` (CUDA, benchmarks): a pair of
+    recorded CUDA events per launch appended under "terms", "forward_scan", "backward_scan",
+    "grads"."""
     n, h, kd_ = q.shape
     dev = q.device
     vd = v.shape[-1] if v.dim() == 3 else -1
@@ -287,17 +292,34 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     gl = empty((C, h), nan, **f32)
     grid = (C, h)
     first, end = lay["first"], lay["end"]
-    _terms_kernel[grid](q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm, am, **const, SOLVE=solve,
-                        num_warps=terms_warps, num_stages=1)
     state0 = torch.zeros((len(cu) - 1, h, kd_, vd), **f32)
-    states = (empty((C, h, kd_, vd), nan, **f32) if poison else None for _ in range(2))
-    s0 = forward_scan(w, u, kd, gl, state0, lay["table"], lay["nch"], block_v=fwd_block_v, num_warps=fwd_warps,
-                      dot=dot, out=next(states), vnew=vnew)
-    ds = backward_scan(w, kd, qe, p, dos, gl, lay["table"], lay["nch"], block_v=bwd_block_v, num_warps=bwd_warps,
-                       dot=dot, out=next(states), dvnew=dvnew)
-    _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, s0, ds, tm, p, am, dq, dk, dv, dg, db,
-                        **const, num_warps=num_warps, num_stages=1)
+    s0, ds = (empty((C, h, kd_, vd), nan, **f32) for _ in range(2))
+    with _timed(events, "terms"):
+        _terms_kernel[grid](q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm, am, **const,
+                            SOLVE=solve, num_warps=terms_warps, num_stages=1)
+    with _timed(events, "forward_scan"):
+        forward_scan(w, u, kd, gl, state0, lay["table"], lay["nch"], block_v=fwd_block_v, num_warps=fwd_warps,
+                     dot=dot, out=s0, vnew=vnew)
+    with _timed(events, "backward_scan"):
+        backward_scan(w, kd, qe, p, dos, gl, lay["table"], lay["nch"], block_v=bwd_block_v, num_warps=bwd_warps,
+                      dot=dot, out=ds, dvnew=dvnew)
+    with _timed(events, "grads"):
+        _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, s0, ds, tm, p, am, dq, dk, dv, dg, db,
+                            **const, num_warps=num_warps, num_stages=1)
     return dq, dk, dv, dg, db
+
+
+@contextlib.contextmanager
+def _timed(events: dict[str, list[Any]] | None, name: str) -> Iterator[None]:
+    """CUDA events recorded around the block into ``events[name]`` (nothing if ``events`` is None)."""
+    if events is None:
+        yield
+        return
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    yield
+    stop.record()
+    events.setdefault(name, []).append((start, stop))
 
 
 class TritonBackward(TritonScans):
