@@ -122,7 +122,7 @@ def _terms_kernel(q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm
 
 
 @triton.jit
-def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, s0, ds, tm, p, am, dq, dk, dv, dg, db,
+def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p, am, dq, dk, dv, dg, db,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DOT: tl.constexpr):
     ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L)
@@ -146,6 +146,7 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, s0, ds, tm, p, am, 
         dvnb = tl.load(dvn + o_c, mask=m_v, other=0.0)
         dP = tl.dot(dob, tl.trans(vnb), dP, input_precision=DOT)
         dRU = tl.dot(Tt, dvnb, input_precision=DOT)
+        tl.store(dru + o_c, dRU, mask=m_v)
         tl.store(dv + r_v, (b[:, None] * dRU).to(dv.dtype.element_ty), mask=m)
         dbeta += tl.sum(vb * dRU, 1)
         dA = tl.dot(dRU, tl.trans(vnb), dA, input_precision=DOT)
@@ -158,6 +159,7 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, s0, ds, tm, p, am, 
     dDD = tl.where(lower, dP * tl.load(p + o_ll), 0.0) + dA * b[:, None] * KKD
     dbeta += tl.sum(dA * KKD, 1)
     dG = tl.sum(dDD, 1) - tl.sum(dDD, 0)
+    tl.debug_barrier()  # dRU, stored above, is read below by other threads of this program
     rks = tl.zeros([L], dtype=tl.float32)  # row sums of dkd * kd (GL's gradient: their total)
     sds = tl.zeros([BK], dtype=tl.float32)  # sum(dS * S0) by K row (GL's gradient through S0)
     for i_k in range(0, NK):
@@ -176,8 +178,7 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, s0, ds, tm, p, am, 
             o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
             dob = tl.load(do + r_h[:, None] * V + o_v[None, :], mask=m_l[:, None] & m_v, other=0.0).to(tl.float32)
             vnb = tl.load(vn + o_c, mask=m_v, other=0.0)
-            dvnb = tl.load(dvn + o_c, mask=m_v, other=0.0)
-            dRU = tl.dot(Tt, dvnb, input_precision=DOT)
+            dRU = tl.load(dru + o_c, mask=m_v, other=0.0)
             dkd = tl.dot(vnb, tl.trans(dS), dkd, input_precision=DOT)
             dqe = tl.dot(dob, tl.trans(S), dqe, input_precision=DOT)
             dRW = tl.dot(dRU, tl.trans(S), dRW, input_precision=DOT)
@@ -304,7 +305,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         backward_scan(w, kd, qe, p, dos, gl, lay["table"], lay["nch"], block_v=bwd_block_v, num_warps=bwd_warps,
                       dot=dot, out=ds, dvnew=dvnew)
     with _timed(events, "grads"):
-        _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, s0, ds, tm, p, am, dq, dk, dv, dg, db,
+        # dRU into u (U is dead after the forward scan)
+        _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, u, s0, ds, tm, p, am, dq, dk, dv, dg, db,
                             **const, num_warps=num_warps, num_stages=1)
     return dq, dk, dv, dg, db
 
