@@ -19,7 +19,11 @@ new kernels the predicted time max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s) (DRAM 
 per chunk and head; the dots are TF32, whose dense peak is about half of 790: the FLOP column says
 how many). The new path's gradients are checked against the old path's (relative error printed).
 
-    python3 bench/gpu_chunk_bwd.py [--batch 8] [--seq 2048] [--out FILE]
+    python3 bench/gpu_chunk_bwd.py [--batch 8] [--seq 2048] [--sweep] [--out FILE]
+
+``--sweep``: also each kernel under a few other launch parameters (SWEEP: the gradient kernel's
+pipelining and blocks, the scans' V blocks and warps; every one compiles for sm_90 within shared
+memory), each checked against the defaults' gradients, 20 calls after 5 warm-up calls.
     TRITON_INTERPRET=1 python3 bench/gpu_chunk_bwd.py --device cpu   # the plumbing, tiny, float32
 
 Predicted at B8 T2048 (C = 782 chunks x 4 heads): terms 0.42 ms, forward scan 0.38 ms, backward
@@ -38,6 +42,15 @@ from pathlib import Path
 import torch
 
 BW, FLOPS = 4.3e12, 790e12  # H200: HBM3e bandwidth, dense bf16 tensor-core rate
+SWEEP = [  # chunk_backward launch parameters besides its defaults (compiled for sm_90: spills noted)
+    dict(num_stages=1),
+    dict(num_stages=3),
+    dict(block_k=64, block_v=16, num_stages=1),  # Triton 3.6: 16 B spills
+    dict(fwd_block_v=64, fwd_warps=8, bwd_block_v=32, bwd_warps=8),  # 3.6: backward scan 52 B spills
+    dict(fwd_block_v=16, fwd_warps=4, bwd_block_v=64, bwd_warps=8),  # 3.6: backward scan 12 B spills
+    dict(terms_warps=8),
+    dict(solve="forward"),
+]
 
 
 def segments(batch: int, seq: int, experts: int = 4, topk: int = 2, seed: int = 0) -> list[int]:
@@ -54,26 +67,38 @@ def segments(batch: int, seq: int, experts: int = 4, topk: int = 2, seed: int = 
     return cu
 
 
-def predicted(cu: list[int], H: int, K: int, V: int, L: int, elt: int, block_k: int = 32) -> dict[str, tuple]:
+def predicted(cu: list[int], H: int, K: int, V: int, L: int, elt: int) -> dict[str, tuple]:
     """Per kernel: (DRAM bytes, FLOPs, ms = max(bytes / BW, FLOPs / FLOPS)) at these segments."""
     C = sum(-(-(b - a) // L) for a, b in zip(cu, cu[1:]))
     f4, LL = 4, L * L
-    nk = -(-K // block_k)
     levels = max(L.bit_length() - 2, 0)
     per = {
         "terms": ((2 * L * K * f4 + 2 * L * V * elt + 3 * L * K * f4 + 2 * L * V * f4 + 3 * LL * f4),
                   4 * LL * K + levels * 4 * L * LL + 2 * LL * K + 2 * LL * V),
         "forward_scan": ((2 * L * K + L * V) * f4 + K * V * f4 + L * V * f4, 4 * L * K * V),
         "backward_scan": ((3 * L * K + LL + L * V) * f4 + K * V * f4 + L * V * f4, 6 * L * K * V + 2 * LL * V),
+        # S0, dS; vnew, dvnew; T, P, KKD; q, k; v, do; dRU written (and read back from L2); dq, dk; dv
         "grads": (2 * K * V * f4 + 2 * L * V * f4 + 3 * LL * f4 + 2 * L * K * f4 + 2 * L * V * elt
-                  + 2 * L * K * f4 + L * V * elt,
-                  6 * LL * V + 6 * L * K * V + nk * 2 * LL * V + 6 * LL * K),
+                  + L * V * f4 + 2 * L * K * f4 + L * V * elt,
+                  6 * LL * V + 6 * L * K * V + 6 * LL * K),
     }
     out = {}
     for name, (nbytes, flops) in per.items():
         nb, fl = nbytes * C * H, flops * C * H
         out[name] = (nb, fl, max(nb / BW, fl / FLOPS) * 1e3)
     return out
+
+
+def per_kernel(run, calls: int, warmup: int = 5) -> dict[str, list[float]]:  # noqa: ANN001
+    """``run(events)`` ``warmup + calls`` times; each kernel's times (ms) over the last ``calls``."""
+    events: dict[str, list] = {}
+    for i in range(warmup + calls):
+        if i == warmup:
+            torch.cuda.synchronize()
+            events.clear()
+        run(events)
+    torch.cuda.synchronize()
+    return {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
 
 
 class CachedScans:
@@ -112,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=256)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                     help="cpu: Triton's interpreter, float32, a tiny shape (checks the plumbing; no times)")
+    ap.add_argument("--sweep", action="store_true", help="also time the kernels under the SWEEP launch parameters")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -171,16 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             pred = predicted(cu, H, K, V, L, torch.finfo(dt).bits // 8)
             qf, kf = (torch.nn.functional.normalize(x.float(), dim=-1, eps=0.0) for x in (q, k))
             qf = qf * K ** -0.5
-            events: dict[str, list] = {}
-            for i in range(45):
-                if i == 5:
-                    torch.cuda.synchronize()
-                    events.clear()
-                chunk_bwd.chunk_backward(qf, kf, v, g, b, do, cu, chunk_size=L, dot=dot, events=events)
-            torch.cuda.synchronize()
+            base = chunk_bwd.chunk_backward(qf, kf, v, g, b, do, cu, chunk_size=L, dot=dot)
             total_pred = 0.0
-            for kname, pairs in events.items():
-                ts = [s.elapsed_time(e) for s, e in pairs]
+            for kname, ts in per_kernel(lambda ev: chunk_bwd.chunk_backward(
+                    qf, kf, v, g, b, do, cu, chunk_size=L, dot=dot, events=ev), 40).items():
                 nb, fl, pms = pred[kname]
                 total_pred += pms
                 rows.append(dict(impl=f"new {kname}", ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts),
@@ -188,6 +208,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'new ' + kname:>20} {statistics.median(ts):8.3f} {min(ts):8.3f}-{max(ts):<8.3f} "
                       f"{pms:8.3f} {nb / 1e9:6.2f} {fl / 1e9:7.1f}")
             print(f"{'predicted, kernels':>20} {'':>8} {'':>17} {total_pred:8.3f}")
+            for launch in SWEEP if a.sweep else []:
+                try:
+                    out = chunk_bwd.chunk_backward(qf, kf, v, g, b, do, cu, chunk_size=L, dot=dot, **launch)
+                    err = max(float((x.double() - y.double()).norm() / y.double().norm()) for x, y in zip(out, base))
+                    ts = per_kernel(lambda ev: chunk_bwd.chunk_backward(
+                        qf, kf, v, g, b, do, cu, chunk_size=L, dot=dot, events=ev, **launch), 20)
+                except Exception as exc:  # noqa: BLE001 - a sweep row that fails is reported, not fatal
+                    print(f"  sweep {launch}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                meds = {kn: statistics.median(t) for kn, t in ts.items()}
+                rows.append(dict(impl="sweep", launch=launch, ms=meds, err_vs_default=err))
+                print(f"  sweep {json.dumps(launch)}: " + ", ".join(f"{kn} {ms:.3f}" for kn, ms in meds.items())
+                      + f" ms (sum {sum(meds.values()):.3f}); max rel diff vs defaults {err:.1e}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     if a.out:

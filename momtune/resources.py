@@ -171,11 +171,12 @@ def scan_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
 
 def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: int = 256, H: int = 4, L: int = 64,
                         block_k: int = 32, block_v: int = 32, num_warps: int | None = None, solve: str = "blocked",
-                        dot: str = "tf32", capability: int = 90, registers: bool = False) -> dict[str, int]:
+                        dot: str = "tf32", capability: int = 90, registers: bool = False,
+                        num_stages: int | None = None) -> dict[str, int]:
     """Compile one of the recurrence backward's chunk kernels (``"terms"`` or ``"grads"``,
     :mod:`momtune.kernels.recurrence.chunk_bwd`) for sm_<capability> with v, do, g, beta (and dv,
     dg, dbeta) in ``dtype``: {"shared": bytes} (and, with ``registers``, "n_regs" and
-    "n_spills"). ``num_warps``: None for the launcher's default."""
+    "n_spills"). ``num_warps``, ``num_stages``: None for the launcher's defaults."""
     import inspect
 
     import triton
@@ -186,17 +187,20 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
 
     fn = {"terms": chunk_bwd._terms_kernel, "grads": chunk_bwd._grads_kernel}[kernel]
     dt = _DT[dtype]
-    typed = {**{n: "*i32" for n in ("first", "end")}, **{n: f"*{dt}" for n in ("v", "do", "g", "beta", "dv", "dg", "db")}}
+    typed = {**{n: "*i32" for n in ("first", "end")},
+             **{n: f"*{dt}" for n in ("v", "do", "g", "beta", "dv", "dg", "db")}}
     sig = {p.name: typed.get(p.name, "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
     const = chunk_bwd.constants(H, K, V, L, block_k, block_v, dot)
     if kernel == "terms":
         const["SOLVE"] = solve
+    defaults = inspect.signature(chunk_bwd.chunk_backward).parameters
     if num_warps is None:
-        defaults = inspect.signature(chunk_bwd.chunk_backward).parameters
         num_warps = defaults["terms_warps" if kernel == "terms" else "num_warps"].default
+    if num_stages is None:
+        num_stages = 1 if kernel == "terms" else defaults["num_stages"].default
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=1))
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     out = {"shared": int(compiled.metadata.shared)}
     if registers:
         out.update(_ptxas_info(compiled.asm["ptx"], capability))

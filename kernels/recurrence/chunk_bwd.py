@@ -247,8 +247,8 @@ def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot:
 def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                    do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
                    solve: str = "blocked", block_k: int = 32, block_v: int = 32, num_warps: int = 8,
-                   terms_warps: int = 4, fwd_block_v: int = 32, fwd_warps: int = 8, bwd_block_v: int = 16,
-                   bwd_warps: int = 4, poison: bool = False,
+                   num_stages: int = 2, terms_warps: int = 4, fwd_block_v: int = 32, fwd_warps: int = 8,
+                   bwd_block_v: int = 16, bwd_warps: int = 4, poison: bool = False,
                    events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
     (a list of ints; ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the
@@ -258,12 +258,12 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
 
     Launch parameters (defaults: no register spills on sm_90 at K = V = 256 with Triton 3.6, the
     H200's; see tests/kernels/test_recurrence_chunk_bwd.py): ``block_k``, ``block_v``,
-    ``num_warps`` of the gradient kernel, ``terms_warps`` of the terms kernel (its K and V blocks:
-    ``block_k``, ``block_v``), ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``, ``bwd_warps`` of
-    the forward / backward scan, ``solve`` the terms kernel's triangular inverse ("blocked" or
-    "forward", :func:`.common._solve_unit_lower`). ``events`` (CUDA, benchmarks): a pair of
-    recorded CUDA events per launch appended under "terms", "forward_scan", "backward_scan",
-    "grads"."""
+    ``num_warps``, ``num_stages`` (its K x V loop's software pipelining) of the gradient kernel;
+    ``terms_warps`` of the terms kernel (its K and V blocks: ``block_k``, ``block_v``);
+    ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``, ``bwd_warps`` of the forward / backward
+    scan; ``solve`` the terms kernel's triangular inverse ("blocked" or "forward",
+    :func:`.common._solve_unit_lower`). ``events`` (CUDA, benchmarks): a pair of recorded CUDA
+    events per launch appended under "terms", "forward_scan", "backward_scan", "grads"."""
     n, h, kd_ = q.shape
     dev = q.device
     vd = v.shape[-1] if v.dim() == 3 else -1
@@ -307,7 +307,7 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     with _timed(events, "grads"):
         # dRU into u (U is dead after the forward scan)
         _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, u, s0, ds, tm, p, am, dq, dk, dv, dg, db,
-                            **const, num_warps=num_warps, num_stages=1)
+                            **const, num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv, dg, db
 
 
@@ -330,8 +330,8 @@ class TritonBackward(TritonScans):
     gradients); as :class:`.scan.TritonScans` (``dot``, ``poison``) it still offers the two scans
     alone. ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
 
-    LAUNCH = ("solve", "block_k", "block_v", "num_warps", "terms_warps", "fwd_block_v", "fwd_warps", "bwd_block_v",
-              "bwd_warps")
+    LAUNCH = ("solve", "block_k", "block_v", "num_warps", "num_stages", "terms_warps", "fwd_block_v", "fwd_warps",
+              "bwd_block_v", "bwd_warps")
 
     def __init__(self, dot: str = "tf32", poison: bool = False, **launch: Any) -> None:
         super().__init__(dot=dot, poison=poison)
