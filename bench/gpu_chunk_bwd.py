@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                                  calls=len(ts), predicted_ms=pms, bytes=nb, flops=fl))
                 print(f"{'new ' + kname:>20} {statistics.median(ts):8.3f} {min(ts):8.3f}-{max(ts):<8.3f} "
                       f"{pms:8.3f} {nb / 1e9:6.2f} {fl / 1e9:7.1f}")
-            print(f"{'predicted, kernels':>20} {'':>8} {'':>17} {total_pred:8.3f}")
+            kernels_ms = sum(r["ms"] for r in rows if r["impl"].startswith("new ") and r["impl"] != "new total")
+            print(f"{'new kernels, sum':>20} {kernels_ms:8.3f} {'':>17} {total_pred:8.3f}   (new total - this: the "
+                  f"L2 norm's autograd, casts, bookkeeping)")
             for launch in SWEEP if a.sweep else []:
                 try:
                     out = chunk_bwd.chunk_backward(qf, kf, v, g, b, do, cu, chunk_size=L, dot=dot, **launch)

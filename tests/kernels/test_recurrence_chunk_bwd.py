@@ -29,9 +29,9 @@ def _rel(x: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize(("cu", "chunk", "K", "V", "block_k", "block_v"),
                          [([0, 13, 13, 40], 16, 16, 24, 16, 16), ([0, 1, 5, 5, 38], 16, 20, 16, 16, 16),
                           ([0, 0, 9], 16, 32, 40, 16, 32), ([0, 33, 97], 32, 16, 16, 32, 16),
-                          ([0, 70], 16, 40, 48, 32, 16)],
+                          ([0, 70], 16, 40, 48, 32, 16), ([0, 64, 64, 193], 64, 16, 16, 16, 16)],
                          ids=["ragged-empty-K16-V24", "len1-empty-K20", "leading-empty-V40", "two-chunks-of-32",
-                              "one-segment-K40-V48"])
+                              "one-segment-K40-V48", "chunks-of-64"])
 def test_chunk_backward_matches_autograd(cu: list[int], chunk: int, K: int, V: int, block_k: int,
                                          block_v: int) -> None:
     case = gated_delta_case(cu, 2, K, V, seed=len(cu) * 100 + chunk + K)
