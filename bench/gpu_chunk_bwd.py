@@ -46,8 +46,9 @@ SWEEP = [  # chunk_backward launch parameters besides its defaults (compiled for
     dict(num_stages=1),
     dict(num_stages=3),
     dict(block_k=64, block_v=16, num_stages=1),  # Triton 3.6: 16 B spills
-    dict(fwd_block_v=64, fwd_warps=8, bwd_block_v=32, bwd_warps=8),  # 3.6: backward scan 52 B spills
-    dict(fwd_block_v=16, fwd_warps=4, bwd_block_v=64, bwd_warps=8),  # 3.6: backward scan 12 B spills
+    dict(fwd_block_v=32, fwd_warps=8, bwd_block_v=32, bwd_warps=8),  # 3.6: backward scan 52 B spills
+    dict(fwd_block_v=16, fwd_warps=4, bwd_block_v=16, bwd_warps=4),  # 3.6: no spills
+    dict(fwd_block_v=32, fwd_warps=4, bwd_block_v=32, bwd_warps=4),  # 3.6: scans 20 B, 44 B spills
     dict(terms_warps=8),
     dict(solve="forward"),
 ]

@@ -247,8 +247,8 @@ def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot:
 def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                    do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
                    solve: str = "blocked", block_k: int = 32, block_v: int = 32, num_warps: int = 8,
-                   num_stages: int = 2, terms_warps: int = 4, fwd_block_v: int = 32, fwd_warps: int = 8,
-                   bwd_block_v: int = 16, bwd_warps: int = 4, poison: bool = False,
+                   num_stages: int = 2, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
+                   bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
                    events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
     (a list of ints; ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the
@@ -256,12 +256,15 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     float16, bfloat16 or float32. dq, dk come back in float32, dv, dg, dbeta in v's, g's and
     beta's dtypes. ``poison``: every output and workspace filled with NaN first (tests).
 
-    Launch parameters (defaults: no register spills on sm_90 at K = V = 256 with Triton 3.6, the
-    H200's; see tests/kernels/test_recurrence_chunk_bwd.py): ``block_k``, ``block_v``,
-    ``num_warps``, ``num_stages`` (its K x V loop's software pipelining) of the gradient kernel;
-    ``terms_warps`` of the terms kernel (its K and V blocks: ``block_k``, ``block_v``);
-    ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``, ``bwd_warps`` of the forward / backward
-    scan; ``solve`` the terms kernel's triangular inverse ("blocked" or "forward",
+    Launch parameters: ``block_k``, ``block_v``, ``num_warps``, ``num_stages`` (its K x V loop's
+    software pipelining) of the gradient kernel; ``terms_warps`` of the terms kernel (its K and V
+    blocks: ``block_k``, ``block_v``); ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``,
+    ``bwd_warps`` of the forward / backward scan. Defaults (sm_90, K = V = 256, Triton 3.6, the
+    H200's; tests/kernels/test_recurrence_chunk_bwd.py): the chunk kernels spill no registers;
+    the scans take V blocks of 64 (each of a segment's NV programs reads the chunk's whole W, KD,
+    QE: at V blocks of 16 that is 10 GB of L2 reads at B8 T2048, at 64 2.6 GB), the forward one
+    without spills, the backward one with 12 B (fewer blocks spill more: none spill nothing but
+    V blocks of 16 at 4 warps); ``solve`` the terms kernel's triangular inverse ("blocked" or "forward",
     :func:`.common._solve_unit_lower`). ``events`` (CUDA, benchmarks): a pair of recorded CUDA
     events per launch appended under "terms", "forward_scan", "backward_scan", "grads"."""
     n, h, kd_ = q.shape
