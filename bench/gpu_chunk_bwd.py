@@ -45,7 +45,8 @@ BW, FLOPS = 4.3e12, 790e12  # H200: HBM3e bandwidth, dense bf16 tensor-core rate
 SWEEP = [  # chunk_backward launch parameters besides its defaults (compiled for sm_90: spills noted)
     dict(num_stages=1),
     dict(num_stages=3),
-    dict(block_k=64, block_v=16, num_stages=1),  # Triton 3.6: 16 B spills
+    dict(block_k=64),  # Triton 3.6: 4 B spills (half the K blocks: half the L2 rereads of do, vnew, dRU)
+    dict(block_k=64, block_v=16),  # Triton 3.6: 8 B spills
     dict(fwd_block_v=32, fwd_warps=8, bwd_block_v=32, bwd_warps=8),  # 3.6: backward scan 52 B spills
     dict(fwd_block_v=16, fwd_warps=4, bwd_block_v=16, bwd_warps=4),  # 3.6: no spills
     dict(fwd_block_v=32, fwd_warps=4, bwd_block_v=32, bwd_warps=4),  # 3.6: scans 20 B, 44 B spills

@@ -167,7 +167,7 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p,
         m_k = o_k < K
         dkd = tl.zeros([L, BK], dtype=tl.float32)
         dqe = tl.zeros([L, BK], dtype=tl.float32)
-        dRW = tl.zeros([L, BK], dtype=tl.float32)  # minus dRW
+        dRW = tl.zeros([L, BK], dtype=tl.float32)  # minus dRW (dRW = -dRU S0^T)
         for i_v in range(0, NV):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = (o_v < V)[None, :]
@@ -183,22 +183,22 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p,
             dqe = tl.dot(dob, tl.trans(S), dqe, input_precision=DOT)
             dRW = tl.dot(dRU, tl.trans(S), dRW, input_precision=DOT)
             sds += tl.sum(dS * S, 1)
-        dRW = -dRW
+        # this K block's dq and dk, each accumulator used up as soon as it can be (registers)
         r_k = r_h[:, None] * K + o_k[None, :]
         m = m_l[:, None] & m_k[None, :]
-        qb = tl.load(q + r_k, mask=m, other=0.0).to(tl.float32)
         kb = tl.load(k + r_k, mask=m, other=0.0).to(tl.float32)
-        dqb = tl.dot(dQK, kb, dqe * eG[:, None], input_precision=DOT)
-        tl.store(dq + r_k, dqb.to(dq.dtype.element_ty), mask=m)
-        dkb = dkd * eL[:, None] + (b * eG)[:, None] * dRW
-        dkb = tl.dot(tl.trans(dQK), qb, dkb, input_precision=DOT)
-        dkb = tl.dot(dKK, kb, dkb, input_precision=DOT)
-        tl.store(dk + r_k, dkb.to(dk.dtype.element_ty), mask=m)
         rk = tl.sum(dkd * kb, 1) * eL
-        kdrw = tl.sum(kb * dRW, 1)
+        kdrw = -tl.sum(kb * dRW, 1)  # the accumulator holds -dRW
+        dkb = dkd * eL[:, None] - (b * eG)[:, None] * dRW
+        dkb = tl.dot(dKK, kb, dkb, input_precision=DOT)
+        qb = tl.load(q + r_k, mask=m, other=0.0).to(tl.float32)
         dG += tl.sum(dqe * qb, 1) * eG + b * eG * kdrw - rk
         dbeta += eG * kdrw
         rks += rk
+        dqb = tl.dot(dQK, kb, dqe * eG[:, None], input_precision=DOT)
+        tl.store(dq + r_k, dqb.to(dq.dtype.element_ty), mask=m)
+        dkb = tl.dot(tl.trans(dQK), qb, dkb, input_precision=DOT)
+        tl.store(dk + r_k, dkb.to(dk.dtype.element_ty), mask=m)
     dG += tl.where(o_l == L - 1, tl.sum(rks, 0) + tl.sum(sds, 0) * tl.exp(GL), 0.0)
     dgv = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # G = cumsum(g): dg_i = sum_{j >= i} dG_j
     tl.store(dg + r_h, dgv.to(dg.dtype.element_ty), mask=m_l)
