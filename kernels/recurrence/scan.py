@@ -134,8 +134,8 @@ def forward_scan(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, gl: torch.T
         _checked("out", out, (c, h, kd_, vd), dev)
     programs = table.shape[0] * h * const["NV"]
     if programs and c:
-        _forward_scan_kernel[(programs,)](w, u, kd, gl, state0, s0, s0 if vn is None else vn, table.contiguous(), nch, table.shape[1],
-                                          **const, num_warps=num_warps, num_stages=1)
+        _forward_scan_kernel[(programs,)](w, u, kd, gl, state0, s0, s0 if vn is None else vn, table.contiguous(), nch,
+                                          table.shape[1], **const, num_warps=num_warps, num_stages=1)
     return s0
 
 
@@ -161,8 +161,8 @@ def backward_scan(w: torch.Tensor, kd: torch.Tensor, qe: torch.Tensor, p: torch.
         _checked("out", out, (c, h, kd_, vd), dev)
     programs = table.shape[0] * h * const["NV"]
     if programs and c:
-        _backward_scan_kernel[(programs,)](w, kd, qe, p, do, gl, ds, ds if dvn is None else dvn, table.contiguous(), nch, table.shape[1],
-                                           **const, num_warps=num_warps, num_stages=1)
+        _backward_scan_kernel[(programs,)](w, kd, qe, p, do, gl, ds, ds if dvn is None else dvn, table.contiguous(),
+                                           nch, table.shape[1], **const, num_warps=num_warps, num_stages=1)
     return ds
 
 
