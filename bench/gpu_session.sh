@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh verify              # verify the shipped library, a template at a time (VERIFY_TEMPLATES)
 #   bash bench/gpu_session.sh projection          # all-memories projection GEMM vs routed rows (<2 min)
 #   bash bench/gpu_session.sh backward            # norm_bwd, swiglu_bwd vs PyTorch autograd (<2 min)
+#   bash bench/gpu_session.sh chunkbwd            # recurrence backward's chunk kernels: GPU tests, bench (<5 min)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
 # from the committed H100 report's), next to every log and JSON file; copy it back to .bench/
@@ -92,6 +93,15 @@ stage() {
     backward)  # issue 14: norm_bwd and swiglu_bwd against PyTorch autograd of the same ops (bf16)
       timeout 120 python3 bench/gpu_backward.py --out $OUT/backward.json > $OUT/backward.log 2>&1
       echo "backward: rc $?"; tail -12 $OUT/backward.log ;;
+    chunkbwd)  # issue 14: the recurrence backward's chunk-local work on Triton kernels (chunk_bwd.py): its
+      # GPU tests and the layer's bf16 training step, then old (PyTorch chunk work) vs new, and the sweep
+      timeout -s INT -k 20 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
+        tests/kernels/test_recurrence_chunk_bwd.py tests/kernels/test_recurrence_scan.py \
+        "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" \
+        > $OUT/gpu-chunkbwd-tests.log 2>&1
+      echo "pytest -m gpu (chunk backward): rc $?"; tail -4 $OUT/gpu-chunkbwd-tests.log
+      timeout 200 python3 bench/gpu_chunk_bwd.py --sweep --out $OUT/chunk-bwd.json > $OUT/chunk-bwd.log 2>&1
+      echo "chunk backward bench: rc $?"; tail -30 $OUT/chunk-bwd.log ;;
     train)  # issue 14: a layer's training step (forward + backward) on the kernels vs the reference
       # backend vs fla (whose chunk backward refuses Triton < 3.7.1 on Hopper: its row says so), and the
       # GPU training tests (backward templates in bf16, the bench's layer_train rows)
@@ -102,7 +112,7 @@ stage() {
         --impls momtune reference --out $OUT/bench-model-train.json > $OUT/bench-model-train.log 2>&1
       echo "bench model_train: rc $?"; tail -6 $OUT/bench-model-train.log
       timeout -s INT -k 20 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
-        tests/kernels/test_backward_templates.py tests/kernels/test_recurrence_scan.py tests/bench/test_bench_train.py tests/bench/test_bench_recurrence.py \
+        tests/kernels/test_backward_templates.py tests/kernels/test_recurrence_scan.py tests/kernels/test_recurrence_chunk_bwd.py tests/bench/test_bench_train.py tests/bench/test_bench_recurrence.py \
         "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" > $OUT/gpu-train-tests.log 2>&1
       echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;
     trainrun)  # issue 14, item 3: a small MoM LM learns associative recall on the kernels and on the

@@ -1,7 +1,7 @@
 """Autograd functions over momtune's kernels with backward kernels (issue 14): the LM's norms and
 SwiGLU activation train on Triton, and so does the attention's prefill (routing, convs, gates,
-merge on their backward kernels; the recurrence's backward is still PyTorch, its chunk backward
-written out by hand: :class:`_Recurrence`), see ``MoMAttention._prefill_train``.
+merge on their backward kernels; the recurrence's backward, written out by hand in
+:class:`_Recurrence`, on the chunk backward kernels), see ``MoMAttention._prefill_train``.
 
     add_rms_norm_train(x, weight, residual=None, eps) -> (y, h)    norm / norm_bwd templates
     swiglu_train(g, u) -> y                                         swiglu / swiglu_bwd templates
@@ -216,10 +216,10 @@ class _Recurrence(torch.autograd.Function):
     which writes into ``out`` when given: a masked batch's zeroed buffer, whose rows past
     ``cu_seqlens[-1]`` (the padding tail) no segment writes); backward: the chunk backward
     written out by hand on the saved inputs' rows in segments
-    (:func:`momtune.reference.recurrence.gated_delta_backward`): its two sequential scans (every
-    chunk's starting state, the state's gradient) on Triton kernels
-    (:mod:`momtune.kernels.recurrence.scan`), the chunk-local terms and gradients batched in
-    float32 PyTorch over all chunks (float64 inputs: all in PyTorch); the tail gets no gradient."""
+    (:func:`momtune.reference.recurrence.gated_delta_backward`), on Triton kernels from the token
+    layout to the gradients (:mod:`momtune.kernels.recurrence.chunk_bwd`: the chunk-local terms, the
+    two sequential scans of :mod:`momtune.kernels.recurrence.scan`, the chunk gradients; float64
+    inputs: all in PyTorch); the tail gets no gradient."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -231,12 +231,12 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[Any, ...]:
         from momtune.kernels.recurrence.chunk import dot_precision
-        from momtune.kernels.recurrence.scan import TritonScans
+        from momtune.kernels.recurrence.chunk_bwd import TritonBackward
         from momtune.reference.recurrence import gated_delta_backward
 
         q, k, v, g, beta, cu = ctx.saved_tensors
         rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
-        scans = None if q.dtype == torch.float64 else TritonScans(dot=dot_precision(q.dtype))
+        scans = None if q.dtype == torch.float64 else TritonBackward(dot=dot_precision(q.dtype))
         got = gated_delta_backward(*(t[:rows] for t in (q, k, v, g, beta)), do[:rows], cu_seqlens=cu,
                                    use_qk_l2norm=True, scans=scans)
         if rows < q.shape[0]:

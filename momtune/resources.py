@@ -138,10 +138,11 @@ def shared_memory_isolated(dtype: str, cfg: Mapping[str, Any], **shape: int) -> 
 
 
 def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int = 64, block_v: int = 32,
-                   num_warps: int = 4, capability: int = 90, registers: bool = False) -> dict[str, int]:
+                   num_warps: int = 4, capability: int = 90, registers: bool = False,
+                   vnew: bool = False) -> dict[str, int]:
     """Compile one of the recurrence backward's scans (``"forward"`` or ``"backward"``,
-    :mod:`momtune.kernels.recurrence.scan`) for sm_<capability>: {"shared": bytes} (and, with
-    ``registers``, "n_regs" and "n_spills")."""
+    :mod:`momtune.kernels.recurrence.scan`; ``vnew``: storing vnew / dvnew too) for sm_<capability>:
+    {"shared": bytes} (and, with ``registers``, "n_regs" and "n_spills")."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -151,7 +152,7 @@ def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int =
     fn = {"forward": scan._forward_scan_kernel, "backward": scan._backward_scan_kernel}[kernel]
     sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
                     else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
-    const = scan.constants(H, K, V, L, block_v, "tf32")
+    const = scan.constants(H, K, V, L, block_v, "tf32", vnew)
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
     compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=num_warps, num_stages=1))
@@ -166,3 +167,48 @@ def scan_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
     code = ("import json,sys; from momtune.resources import scan_resources as f; "
             "a=json.loads(sys.argv[1]); print(json.dumps(f(a['kernel'], **a['kw'])))")
     return _compiled_apart(code, dict(kernel=kernel, kw=kw), f"compiling the {kernel} scan for sm_90")
+
+
+def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: int = 256, H: int = 4, L: int = 64,
+                        block_k: int = 32, block_v: int = 32, num_warps: int | None = None, solve: str = "blocked",
+                        dot: str = "tf32", capability: int = 90, registers: bool = False,
+                        num_stages: int | None = None) -> dict[str, int]:
+    """Compile one of the recurrence backward's chunk kernels (``"terms"`` or ``"grads"``,
+    :mod:`momtune.kernels.recurrence.chunk_bwd`) for sm_<capability> with v, do, g, beta (and dv,
+    dg, dbeta) in ``dtype``: {"shared": bytes} (and, with ``registers``, "n_regs" and
+    "n_spills"). ``num_warps``, ``num_stages``: None for the launcher's defaults."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from momtune.kernels.recurrence import chunk_bwd
+
+    fn = {"terms": chunk_bwd._terms_kernel, "grads": chunk_bwd._grads_kernel}[kernel]
+    dt = _DT[dtype]
+    typed = {**{n: "*i32" for n in ("first", "end")},
+             **{n: f"*{dt}" for n in ("v", "do", "g", "beta", "dv", "dg", "db")}}
+    sig = {p.name: typed.get(p.name, "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
+    const = chunk_bwd.constants(H, K, V, L, block_k, block_v, dot)
+    if kernel == "terms":
+        const["SOLVE"] = solve
+    defaults = inspect.signature(chunk_bwd.chunk_backward).parameters
+    if num_warps is None:
+        num_warps = defaults["terms_warps" if kernel == "terms" else "num_warps"].default
+    if num_stages is None:
+        num_stages = 1 if kernel == "terms" else defaults["num_stages"].default
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    out = {"shared": int(compiled.metadata.shared)}
+    if registers:
+        out.update(_ptxas_info(compiled.asm["ptx"], capability))
+    return out
+
+
+def chunk_bwd_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
+    """:func:`chunk_bwd_resources` in a subprocess without TRITON_INTERPRET."""
+    code = ("import json,sys; from momtune.resources import chunk_bwd_resources as f; "
+            "a=json.loads(sys.argv[1]); print(json.dumps(f(a['kernel'], **a['kw'])))")
+    return _compiled_apart(code, dict(kernel=kernel, kw=kw), f"compiling the chunk backward's {kernel} kernel")

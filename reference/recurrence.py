@@ -302,13 +302,21 @@ def gated_delta_backward(
     ``scans``: an object with ``forward(w, u, kd, gl, state0, table, nch)`` and ``backward(w, kd,
     qe, p, do, gl, table, nch)`` that run (1) and (2) over chunk-major terms (momtune's Triton
     scans, :mod:`momtune.kernels.recurrence.scan`, which documents the layout); None: the
-    PyTorch steps here."""
+    PyTorch steps here. If it also has ``chunk_backward(q, k, v, g, beta, do, cu, chunk_size)``
+    (q, k as the recurrence reads them, cu a list; returns the gradients of q, k, v, g, beta), that
+    runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`)."""
     rule = "gated_delta"
     qk = [t.detach().requires_grad_(True) for t in (q, k)]
     with torch.enable_grad():
         qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, None,
                                                   use_qk_l2norm)
     n, dev, L = qf.shape[0], qf.device, chunk_size
+    fused = getattr(scans, "chunk_backward", None)
+    if fused is not None:
+        dqf, dkf, dv, dg, db = fused(qf.detach(), kf.detach(), v, g, beta, do, cu, L)
+        with torch.enable_grad():
+            dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
+        return dq_in.to(q.dtype), dk_in.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype)
     cd = qf.dtype
     chunks = [-(-(cu[s + 1] - cu[s]) // L) for s in range(len(cu) - 1)]
 

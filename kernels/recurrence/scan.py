@@ -17,7 +17,9 @@ chunk c of segment s; ``nch[s]`` the segment's chunk count)::
 Forward scan (S from state0):  S0[c] = S;  vnew = U - W S;  S <- exp(GL) S + KD^T vnew
 Backward scan (dS from zero):  DS[c] = dS; dvnew = KD dS + P^T DO;
                                dS <- exp(GL) dS + QE^T DO - W^T dvnew
-(W here is :func:`_chunk_terms`' W: vnew = U - W S.)
+(W here is :func:`_chunk_terms`' W: vnew = U - W S.) Optionally (VN) the forward scan also stores
+every chunk's vnew and the backward scan its dvnew, [C, H, L, V] each: the chunk gradient kernels
+(:mod:`.chunk_bwd`) read them instead of contracting W and KD with the states again.
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ def _program(H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr
 
 
 @triton.jit
-def _forward_scan_kernel(w, u, kd, gl, state0, s0, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
+def _forward_scan_kernel(w, u, kd, gl, state0, s0, vn, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-                         DOT: tl.constexpr):
+                         DOT: tl.constexpr, VN: tl.constexpr):
     i_sh, i_s, i_h, o_l, o_k, m_k, m_v, m_state, o_state, o_v = _program(H, K, V, KP, L, BV, NV)
     S = tl.load(state0 + i_sh * K * V + o_state, mask=m_state, other=0.0).to(tl.float32)
     n_c = tl.load(nch + i_s)
@@ -56,6 +58,8 @@ def _forward_scan_kernel(w, u, kd, gl, state0, s0, table, nch, MAXC, H: tl.const
         wb = tl.load(w + base * L * K + o_l[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         ub = tl.load(u + base * L * V + o_l[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         vnew = ub - tl.dot(wb, S, input_precision=DOT)
+        if VN:
+            tl.store(vn + base * L * V + o_l[:, None] * V + o_v[None, :], vnew, mask=m_v[None, :])
         # KD^T [KP, L], loaded transposed
         kdT = tl.load(kd + base * L * K + o_l[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
         decay = tl.exp(tl.load(gl + base))
@@ -63,9 +67,9 @@ def _forward_scan_kernel(w, u, kd, gl, state0, s0, table, nch, MAXC, H: tl.const
 
 
 @triton.jit
-def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
+def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, vn, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                          NV: tl.constexpr, DOT: tl.constexpr):
+                          NV: tl.constexpr, DOT: tl.constexpr, VN: tl.constexpr):
     i_sh, i_s, i_h, o_l, o_k, m_k, m_v, m_state, o_state, o_v = _program(H, K, V, KP, L, BV, NV)
     dS = tl.zeros([KP, BV], dtype=tl.float32)
     n_c = tl.load(nch + i_s)
@@ -77,6 +81,8 @@ def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, table, nch, MAXC, H: tl.cons
         dob = tl.load(do + base * L * V + o_l[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         dvnew = tl.dot(kdb, dS, input_precision=DOT)
         dvnew = tl.dot(pT, dob, dvnew, input_precision=DOT)
+        if VN:
+            tl.store(vn + base * L * V + o_l[:, None] * V + o_v[None, :], dvnew, mask=m_v[None, :])
         qeT = tl.load(qe + base * L * K + o_l[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
         wT = tl.load(w + base * L * K + o_l[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
         decay = tl.exp(tl.load(gl + base))
@@ -94,10 +100,12 @@ def _checked(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.d
     return x.contiguous()
 
 
-def constants(h: int, kd: int, vd: int, L: int, block_v: int, dot: str) -> dict[str, object]:
-    """Both scans' compile-time constants (K padded to a power of two, the V block clamped to V)."""
+def constants(h: int, kd: int, vd: int, L: int, block_v: int, dot: str, vnew: bool = False) -> dict[str, object]:
+    """Both scans' compile-time constants (K padded to a power of two, the V block clamped to V;
+    VN: also store vnew / dvnew, which the chunk gradient kernels read)."""
     bv = min(block_v, max(16, triton.next_power_of_2(vd)))
-    return dict(H=h, K=kd, V=vd, KP=max(16, triton.next_power_of_2(kd)), L=L, BV=bv, NV=triton.cdiv(vd, bv), DOT=dot)
+    return dict(H=h, K=kd, V=vd, KP=max(16, triton.next_power_of_2(kd)), L=L, BV=bv, NV=triton.cdiv(vd, bv), DOT=dot,
+                VN=vnew)
 
 
 def _checked_tables(table: torch.Tensor, nch: torch.Tensor) -> None:
@@ -108,9 +116,10 @@ def _checked_tables(table: torch.Tensor, nch: torch.Tensor) -> None:
 
 def forward_scan(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, gl: torch.Tensor, state0: torch.Tensor,
                  table: torch.Tensor, nch: torch.Tensor, *, block_v: int = 32, num_warps: int = 4,
-                 dot: str = "tf32", out: torch.Tensor | None = None) -> torch.Tensor:
+                 dot: str = "tf32", out: torch.Tensor | None = None, vnew: torch.Tensor | None = None) -> torch.Tensor:
     """Every chunk's starting state S0 [C, H, K, V] (float32) from the chunk terms (module doc);
-    into ``out`` when given."""
+    into ``out`` when given; with ``vnew`` [C, H, L, V] (float32) also every chunk's vnew = U - W S0
+    into it."""
     c, h, L, kd_ = w.shape
     vd = u.shape[-1]
     dev = w.device
@@ -119,22 +128,25 @@ def forward_scan(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, gl: torch.T
     gl = _checked("gl", gl, (c, h), dev)
     state0 = _checked("state0", state0, (table.shape[0], h, kd_, vd), dev)
     _checked_tables(table, nch)
-    const = constants(h, kd_, vd, L, block_v, dot)
+    const = constants(h, kd_, vd, L, block_v, dot, vnew is not None)
+    vn = None if vnew is None else _checked("vnew", vnew, (c, h, L, vd), dev)
     s0 = torch.empty((c, h, kd_, vd), dtype=torch.float32, device=dev) if out is None else \
         _checked("out", out, (c, h, kd_, vd), dev)
     programs = table.shape[0] * h * const["NV"]
     if programs and c:
-        _forward_scan_kernel[(programs,)](w, u, kd, gl, state0, s0, table.contiguous(), nch, table.shape[1],
-                                          **const, num_warps=num_warps, num_stages=1)
+        _forward_scan_kernel[(programs,)](w, u, kd, gl, state0, s0, s0 if vn is None else vn, table.contiguous(), nch,
+                                          table.shape[1], **const, num_warps=num_warps, num_stages=1)
     return s0
 
 
 def backward_scan(w: torch.Tensor, kd: torch.Tensor, qe: torch.Tensor, p: torch.Tensor, do: torch.Tensor,
                   gl: torch.Tensor, table: torch.Tensor, nch: torch.Tensor, *, block_v: int = 32,
-                  num_warps: int = 4, dot: str = "tf32", out: torch.Tensor | None = None) -> torch.Tensor:
+                  num_warps: int = 4, dot: str = "tf32", out: torch.Tensor | None = None,
+                  dvnew: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of the state after every chunk, dS [C, H, K, V] (float32; zero after each
     segment's last chunk), from the chunk terms and the output's gradient (module doc); into
-    ``out`` when given."""
+    ``out`` when given; with ``dvnew`` [C, H, L, V] (float32) also every chunk's
+    dvnew = KD dS + P^T DO into it."""
     c, h, L, kd_ = w.shape
     vd = do.shape[-1]
     dev = w.device
@@ -143,13 +155,14 @@ def backward_scan(w: torch.Tensor, kd: torch.Tensor, qe: torch.Tensor, p: torch.
     do = _checked("do", do, (c, h, L, vd), dev)
     gl = _checked("gl", gl, (c, h), dev)
     _checked_tables(table, nch)
-    const = constants(h, kd_, vd, L, block_v, dot)
+    const = constants(h, kd_, vd, L, block_v, dot, dvnew is not None)
+    dvn = None if dvnew is None else _checked("dvnew", dvnew, (c, h, L, vd), dev)
     ds = torch.empty((c, h, kd_, vd), dtype=torch.float32, device=dev) if out is None else \
         _checked("out", out, (c, h, kd_, vd), dev)
     programs = table.shape[0] * h * const["NV"]
     if programs and c:
-        _backward_scan_kernel[(programs,)](w, kd, qe, p, do, gl, ds, table.contiguous(), nch, table.shape[1],
-                                           **const, num_warps=num_warps, num_stages=1)
+        _backward_scan_kernel[(programs,)](w, kd, qe, p, do, gl, ds, ds if dvn is None else dvn, table.contiguous(),
+                                           nch, table.shape[1], **const, num_warps=num_warps, num_stages=1)
     return ds
 
 

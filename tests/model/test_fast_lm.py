@@ -164,7 +164,8 @@ def test_generate_checks_its_arguments_on_every_path():
 def test_auto_training_step_runs_every_backward_kernel(monkeypatch):
     """Issue 14: with autograd recording, backend 'auto' runs the LM's norms, SwiGLU and the
     attention's prefill forward and backward on their kernels (the recurrence's backward is
-    its hand-written chunk backward: the two scans on Triton kernels, the chunk terms in PyTorch), and every gradient matches the float64 reference LM's within
+    its hand-written chunk backward, all on Triton kernels: chunk terms, two scans, chunk gradients),
+    and every gradient matches the float64 reference LM's within
     4 x the float32 reference's own error. That error is the largest of seven float32 reference
     runs, one on the parameters as they are and six with every parameter moved by one unit in
     the last place (random signs; tests.helpers.nudged): a gradient that cancels strongly (A_log's
@@ -176,10 +177,11 @@ def test_auto_training_step_runs_every_backward_kernel(monkeypatch):
     from momtune.kernels.conv import backward as conv_bwd
     from momtune.kernels.merge import backward as merge_bwd
     from momtune.kernels.norm import backward as norm_bwd
+    from momtune.kernels.recurrence import chunk_bwd
     from momtune.kernels.routing import backward as routing_bwd
     from momtune.kernels.swiglu import backward as swiglu_bwd
 
-    calls = {"norm_bwd": 0, "swiglu_bwd": 0, "conv_bwd": 0, "merge_bwd": 0, "routing_bwd": 0}
+    calls = {"norm_bwd": 0, "swiglu_bwd": 0, "conv_bwd": 0, "merge_bwd": 0, "routing_bwd": 0, "chunk_bwd": 0}
 
     def counted(mod, name, key):
         fn = getattr(mod, name)
@@ -194,6 +196,7 @@ def test_auto_training_step_runs_every_backward_kernel(monkeypatch):
     counted(conv_bwd, "segment_conv_backward", "conv_bwd")
     counted(merge_bwd, "merge_backward", "merge_bwd")
     counted(routing_bwd, "route_weights_backward", "routing_bwd")
+    counted(chunk_bwd, "chunk_backward", "chunk_bwd")
     cfg, fast, ref = _pair(seed=4)
     fast.backend = "auto"
     for m in fast.modules():
@@ -208,7 +211,7 @@ def test_auto_training_step_runs_every_backward_kernel(monkeypatch):
     L = cfg.num_hidden_layers
     # attn_norm, mlp_norm per block and the final norm; q, k, v convs per layer
     assert calls == {"norm_bwd": 2 * L + 1, "swiglu_bwd": L, "conv_bwd": 3 * L, "merge_bwd": L,
-                     "routing_bwd": L}, calls
+                     "routing_bwd": L, "chunk_bwd": L}, calls
     assert momtune.functions  # the module the LM trains through
     names = [n for n, _ in fast.named_parameters()]
     assert all(p.grad is not None for p in fast.parameters())

@@ -1,0 +1,357 @@
+"""The chunk-local work of the gated-delta recurrence's backward, as Triton kernels (issue 14).
+
+:func:`momtune.reference.recurrence.gated_delta_backward` runs the backward in three passes: the
+chunk-local terms, two scans over each segment's chunks (:mod:`.scan`), every chunk's gradients.
+With :class:`TritonBackward` as its ``scans`` all of it runs here, straight from the token layout
+(q, k [N, H, K] float32, normalised and scaled; v, do [N, H, V], g, beta [N, H] in any float dtype)
+to the gradients in the token layout, four launches:
+
+1. :func:`_terms_kernel`, grid (chunk, head): G = cumsum(g), D_ij = exp(G_i - G_j) (i >= j),
+   KK = k k^T and QK = q k^T (K blocks), KKD = KK * D strictly below the diagonal,
+   T = (I + b KKD)^-1 (:func:`.common._solve_unit_lower`), P = QK * D; writes the scans' inputs
+   W = T (b e^G k), U = T (b v), KD = k e^{GL - G}, QE = q e^G, P, GL and DO (do, chunk-major),
+   and keeps T and KKD for 4 ([C, H, L, L] each: 16 KiB a chunk and head at L = 64).
+2. the forward scan: S0 (each chunk's start state) and vnew = U - W S0.
+3. the backward scan: dS (the gradient of the state after each chunk) and
+   dvnew = KD dS + P^T do.
+4. :func:`_grads_kernel`, grid (chunk, head): :func:`_chunk_grads`' math, rearranged so that no
+   [L, K] x [K, V] product with the whole state is needed twice and no term needs all of K at
+   once: with dRU = T^T dvnew (the gradient of U's right-hand side b v),
+
+       dA  = -dRU vnew^T (strictly lower)      [since W S = U - vnew and RW S = X (U - vnew)]
+       dRW = -dRU S0^T                          [the gradient of W's right-hand side b e^G k]
+       dP  = do vnew^T,  dkd = vnew dS^T,  dqe = do S0^T
+
+   First a loop over V blocks (dP, dA, dv = b dRU, dbeta's v term; dRU stored, in U's buffer),
+   then for each K block a loop over V blocks (software-pipelined) accumulating dkd, dqe, dRW
+   [L, BK] in registers from S0, dS [BK, BV] and do, vnew, dRU [L, BV] (re-read per K block,
+   from L2), after which that K block's dq and dk are final (the [L, L] factors dQK = dP D and
+   dKK = dA b D are known):
+
+       dq = dqe e^G + dQK k
+       dk = dkd e^{GL-G} + dQK^T q + b e^G dRW + (dKK + dKK^T) k
+
+   and dg, dbeta from row sums (dg = the reverse cumulative sum of dG).
+
+Chunk bookkeeping (:func:`chunk_layout`): chunks are numbered segment by segment; chunk c holds
+token rows first[c] .. min(first[c] + L, end[c]) - 1 (end: its segment's end); rows past that are
+zero padding (k = v = g = beta = 0), which leaves real rows unchanged, as in the reference.
+
+Workspace (float32, C chunks): W, KD, QE [C, H, L, K]; U, DO, vnew, dvnew [C, H, L, V]; P, T,
+KKD [C, H, L, L]; S0, dS [C, H, K, V] (~1 MB a chunk and head at K = V = 256: 3.2 GB at mom-340m
+B8 T2048, as much as the PyTorch path's S0 and dS and a few of its temporaries). Nothing is
+gathered or scattered in PyTorch. Recomputed rather than stored: G, D, e^G, e^{GL-G} (from g, in
+both kernels). Registers and shared memory on sm_90 at K = V = 256, bf16 inputs, TF32 dots
+(Triton 3.9 / 3.6, ``momtune.resources.chunk_bwd_resources``): terms 4 warps, 180 / 171
+registers, 32 KiB; grads 8 warps, 2 stages, 252 / 255 registers, 92 KiB; neither spills.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from momtune.errors import InputError
+
+from .common import _solve_unit_lower
+from .scan import TritonScans, backward_scan, forward_scan
+
+
+@triton.jit
+def _chunk_rows(first, end, g, beta, H: tl.constexpr, L: tl.constexpr):
+    """This program's chunk and head: the chunk-major index ch = chunk * H + head, the row offsets
+    and mask, the token-layout row index r_h = token * H + head, G = cumsum(g), GL, beta, the
+    lower-triangle mask and D_ij = exp(G_i - G_j) on and below the diagonal (0 above)."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(first + i_c).to(tl.int64)
+    t1 = tl.load(end + i_c).to(tl.int64)
+    o_l = tl.arange(0, L)
+    rows = t0 + o_l
+    m_l = rows < t1
+    r_h = rows * H + i_h
+    gv = tl.load(g + r_h, mask=m_l, other=0.0).to(tl.float32)
+    b = tl.load(beta + r_h, mask=m_l, other=0.0).to(tl.float32)
+    G = tl.cumsum(gv, 0)
+    GL = tl.sum(tl.where(o_l == L - 1, G, 0.0), 0)
+    lower = o_l[:, None] >= o_l[None, :]
+    D = tl.where(lower, tl.exp(tl.where(lower, G[:, None] - G[None, :], 0.0)), 0.0)
+    ch = i_c.to(tl.int64) * H + i_h
+    return ch, o_l, m_l, r_h, G, GL, b, lower, D
+
+
+@triton.jit
+def _terms_kernel(q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm, am, H: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  NK: tl.constexpr, NV: tl.constexpr, SOLVE: tl.constexpr, DOT: tl.constexpr):
+    ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L)
+    KK = tl.zeros([L, L], dtype=tl.float32)
+    QK = tl.zeros([L, L], dtype=tl.float32)
+    for i_k in range(0, NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_l[:, None] & (o_k < K)[None, :]
+        kb = tl.load(k + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        qb = tl.load(q + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        KK = tl.dot(kb, tl.trans(kb), KK, input_precision=DOT)
+        QK = tl.dot(qb, tl.trans(kb), QK, input_precision=DOT)
+    KKD = tl.where(o_l[:, None] > o_l[None, :], KK * D, 0.0)
+    o_ll = ch * L * L + o_l[:, None] * L + o_l[None, :]
+    tl.store(am + o_ll, KKD)
+    tl.store(p + o_ll, QK * D)
+    tl.store(gl + ch, GL)
+    T = _solve_unit_lower(b[:, None] * KKD, L, SOLVE, DOT)
+    tl.store(tm + o_ll, T)
+    eG = tl.exp(G)
+    eL = tl.exp(GL - G)
+    for i_k in range(0, NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = (o_k < K)[None, :]
+        m = m_l[:, None] & m_k
+        kb = tl.load(k + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        qb = tl.load(q + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        o_c = ch * L * K + o_l[:, None] * K + o_k[None, :]
+        tl.store(w + o_c, tl.dot(T, kb * (b * eG)[:, None], input_precision=DOT), mask=m_k)
+        tl.store(kd + o_c, kb * eL[:, None], mask=m_k)
+        tl.store(qe + o_c, qb * eG[:, None], mask=m_k)
+    for i_v in range(0, NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = (o_v < V)[None, :]
+        m = m_l[:, None] & m_v
+        vb = tl.load(v + r_h[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+        dob = tl.load(do + r_h[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+        o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
+        tl.store(u + o_c, tl.dot(T, vb * b[:, None], input_precision=DOT), mask=m_v)
+        tl.store(dos + o_c, dob, mask=m_v)
+
+
+@triton.jit
+def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p, am, dq, dk, dv, dg, db,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DOT: tl.constexpr):
+    ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L)
+    o_ll = ch * L * L + o_l[:, None] * L + o_l[None, :]
+    Tt = tl.trans(tl.load(tm + o_ll))
+    eG = tl.exp(G)
+    eL = tl.exp(GL - G)
+    # V blocks: dP = do vnew^T, dRU = T^T dvnew, dv = b dRU, dbeta's v term, dA = -dRU vnew^T
+    dP = tl.zeros([L, L], dtype=tl.float32)
+    dA = tl.zeros([L, L], dtype=tl.float32)
+    dbeta = tl.zeros([L], dtype=tl.float32)
+    for i_v in range(0, NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = (o_v < V)[None, :]
+        m = m_l[:, None] & m_v
+        r_v = r_h[:, None] * V + o_v[None, :]
+        o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
+        dob = tl.load(do + r_v, mask=m, other=0.0).to(tl.float32)
+        vb = tl.load(v + r_v, mask=m, other=0.0).to(tl.float32)
+        vnb = tl.load(vn + o_c, mask=m_v, other=0.0)
+        dvnb = tl.load(dvn + o_c, mask=m_v, other=0.0)
+        dP = tl.dot(dob, tl.trans(vnb), dP, input_precision=DOT)
+        dRU = tl.dot(Tt, dvnb, input_precision=DOT)
+        tl.store(dru + o_c, dRU, mask=m_v)
+        tl.store(dv + r_v, (b[:, None] * dRU).to(dv.dtype.element_ty), mask=m)
+        dbeta += tl.sum(vb * dRU, 1)
+        dA = tl.dot(dRU, tl.trans(vnb), dA, input_precision=DOT)
+    dA = tl.where(o_l[:, None] > o_l[None, :], -dA, 0.0)
+    KKD = tl.load(am + o_ll)
+    dQK = dP * D
+    dKK = dA * b[:, None] * D
+    dKK = dKK + tl.trans(dKK)
+    # D's gradient (times D, on and below the diagonal): from P = QK D and A = b KK D
+    dDD = tl.where(lower, dP * tl.load(p + o_ll), 0.0) + dA * b[:, None] * KKD
+    dbeta += tl.sum(dA * KKD, 1)
+    dG = tl.sum(dDD, 1) - tl.sum(dDD, 0)
+    tl.debug_barrier()  # dRU, stored above, is read below by other threads of this program
+    rks = tl.zeros([L], dtype=tl.float32)  # row sums of dkd * kd (GL's gradient: their total)
+    sds = tl.zeros([BK], dtype=tl.float32)  # sum(dS * S0) by K row (GL's gradient through S0)
+    for i_k in range(0, NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        dkd = tl.zeros([L, BK], dtype=tl.float32)
+        dqe = tl.zeros([L, BK], dtype=tl.float32)
+        dRW = tl.zeros([L, BK], dtype=tl.float32)  # minus dRW (dRW = -dRU S0^T)
+        for i_v in range(0, NV):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = (o_v < V)[None, :]
+            o_s = ch * K * V + o_k[:, None] * V + o_v[None, :]
+            m_s = m_k[:, None] & m_v
+            S = tl.load(s0 + o_s, mask=m_s, other=0.0)
+            dS = tl.load(ds + o_s, mask=m_s, other=0.0)
+            o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
+            dob = tl.load(do + r_h[:, None] * V + o_v[None, :], mask=m_l[:, None] & m_v, other=0.0).to(tl.float32)
+            vnb = tl.load(vn + o_c, mask=m_v, other=0.0)
+            dRU = tl.load(dru + o_c, mask=m_v, other=0.0)
+            dkd = tl.dot(vnb, tl.trans(dS), dkd, input_precision=DOT)
+            dqe = tl.dot(dob, tl.trans(S), dqe, input_precision=DOT)
+            dRW = tl.dot(dRU, tl.trans(S), dRW, input_precision=DOT)
+            sds += tl.sum(dS * S, 1)
+        # this K block's dq and dk, each accumulator used up as soon as it can be (registers)
+        r_k = r_h[:, None] * K + o_k[None, :]
+        m = m_l[:, None] & m_k[None, :]
+        kb = tl.load(k + r_k, mask=m, other=0.0).to(tl.float32)
+        rk = tl.sum(dkd * kb, 1) * eL
+        kdrw = -tl.sum(kb * dRW, 1)  # the accumulator holds -dRW
+        dkb = dkd * eL[:, None] - (b * eG)[:, None] * dRW
+        dkb = tl.dot(dKK, kb, dkb, input_precision=DOT)
+        qb = tl.load(q + r_k, mask=m, other=0.0).to(tl.float32)
+        dG += tl.sum(dqe * qb, 1) * eG + b * eG * kdrw - rk
+        dbeta += eG * kdrw
+        rks += rk
+        dqb = tl.dot(dQK, kb, dqe * eG[:, None], input_precision=DOT)
+        tl.store(dq + r_k, dqb.to(dq.dtype.element_ty), mask=m)
+        dkb = tl.dot(tl.trans(dQK), qb, dkb, input_precision=DOT)
+        tl.store(dk + r_k, dkb.to(dk.dtype.element_ty), mask=m)
+    dG += tl.where(o_l == L - 1, tl.sum(rks, 0) + tl.sum(sds, 0) * tl.exp(GL), 0.0)
+    dgv = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # G = cumsum(g): dg_i = sum_{j >= i} dG_j
+    tl.store(dg + r_h, dgv.to(dg.dtype.element_ty), mask=m_l)
+    tl.store(db + r_h, dbeta.to(db.dtype.element_ty), mask=m_l)
+
+
+def chunk_layout(cu: list[int], L: int, device: torch.device | str) -> dict[str, Any]:
+    """The chunks of segments ``cu`` (cu_seqlens as a list), numbered segment by segment:
+    table [S, max(1, MAXC)] and nch [S] (int32, :mod:`.scan`'s bookkeeping), first and end [C]
+    (int32: chunk c's first token row, its segment's end) and C, in one host-to-device copy."""
+    nch, table_rows, first, end = [], [], [], []
+    for s in range(len(cu) - 1):
+        n = -(-(cu[s + 1] - cu[s]) // L)
+        table_rows.append(list(range(len(first), len(first) + n)))
+        nch.append(n)
+        first += [cu[s] + c * L for c in range(n)]
+        end += [cu[s + 1]] * n
+    maxc = max(max(nch, default=0), 1)
+    table = [r + [0] * (maxc - len(r)) for r in table_rows]
+    flat = torch.tensor([x for r in table for x in r] + nch + first + end, dtype=torch.int32).to(device)
+    S, C = len(nch), len(first)
+    parts = torch.split(flat, [S * maxc, S, C, C])
+    return dict(table=parts[0].view(S, maxc), nch=parts[1], first=parts[2], end=parts[3], C=C)
+
+
+def _contiguous(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{name}: expected shape {shape}, got {got}")
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        raise InputError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
+    if x.device != device:
+        raise InputError(f"{name}: on device {x.device}, expected {device}")
+    return x.contiguous()
+
+
+def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot: str) -> dict[str, object]:
+    """Both chunk kernels' compile-time constants (blocks clamped to K, V padded to powers of two)."""
+    if L < 16 or L & (L - 1):
+        raise InputError(f"chunk_size: expected a power of two >= 16 (tl.dot tiles), got {L}")
+    bk = min(block_k, max(16, triton.next_power_of_2(kd)))
+    bv = min(block_v, max(16, triton.next_power_of_2(vd)))
+    return dict(H=h, K=kd, V=vd, L=L, BK=bk, BV=bv, NK=triton.cdiv(kd, bk), NV=triton.cdiv(vd, bv), DOT=dot)
+
+
+def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                   do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
+                   solve: str = "blocked", block_k: int = 32, block_v: int = 32, num_warps: int = 8,
+                   num_stages: int = 2, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
+                   bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
+                   events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
+    (a list of ints; ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the
+    recurrence's q (normalised and scaled) and k, float32; v, do [N, H, V], g, beta [N, H] in
+    float16, bfloat16 or float32. dq, dk come back in float32, dv, dg, dbeta in v's, g's and
+    beta's dtypes. ``poison``: every output and workspace filled with NaN first (tests).
+
+    Launch parameters: ``block_k``, ``block_v``, ``num_warps``, ``num_stages`` (its K x V loop's
+    software pipelining) of the gradient kernel; ``terms_warps`` of the terms kernel (its K and V
+    blocks: ``block_k``, ``block_v``); ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``,
+    ``bwd_warps`` of the forward / backward scan. Defaults (sm_90, K = V = 256, Triton 3.6, the
+    H200's; tests/kernels/test_recurrence_chunk_bwd.py): the chunk kernels spill no registers;
+    the scans take V blocks of 64 (each of a segment's NV programs reads the chunk's whole W, KD,
+    QE: at V blocks of 16 that is 10 GB of L2 reads at B8 T2048, at 64 2.6 GB), the forward one
+    without spills, the backward one with 12 B (fewer blocks spill more: none spill nothing but
+    V blocks of 16 at 4 warps); ``solve`` the terms kernel's triangular inverse ("blocked" or "forward",
+    :func:`.common._solve_unit_lower`). ``events`` (CUDA, benchmarks): a pair of recorded CUDA
+    events per launch appended under "terms", "forward_scan", "backward_scan", "grads"."""
+    n, h, kd_ = q.shape
+    dev = q.device
+    vd = v.shape[-1] if v.dim() == 3 else -1
+    q, k = (_contiguous(nm, x, (n, h, kd_), dev) for nm, x in (("q", q), ("k", k)))
+    if q.dtype != torch.float32 or k.dtype != torch.float32:
+        raise InputError(f"q, k: expected float32 (normalised and scaled), got {q.dtype}, {k.dtype}")
+    v, do = (_contiguous(nm, x, (n, h, vd), dev) for nm, x in (("v", v), ("do", do)))
+    g, beta = (_contiguous(nm, x, (n, h), dev) for nm, x in (("g", g), ("beta", beta)))
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+        raise InputError(f"cu: expected non-decreasing segment bounds from 0 to {n}, got {cu[:8]}")
+    L = chunk_size
+    const = constants(h, kd_, vd, L, block_k, block_v, dot)
+    lay = chunk_layout(cu, L, dev)
+    C = lay["C"]
+    empty = torch.full if poison else (lambda shape, _, **kw: torch.empty(shape, **kw))
+    nan = float("nan")
+    f32 = dict(dtype=torch.float32, device=dev)
+    dq, dk = (empty((n, h, kd_), nan, **f32) for _ in range(2))
+    dv = empty((n, h, vd), nan, dtype=v.dtype, device=dev)
+    dg = empty((n, h), nan, dtype=g.dtype, device=dev)
+    db = empty((n, h), nan, dtype=beta.dtype, device=dev)
+    if C == 0 or h == 0:
+        return dq, dk, dv, dg, db
+    w, kd, qe = (empty((C, h, L, kd_), nan, **f32) for _ in range(3))
+    u, dos, vnew, dvnew = (empty((C, h, L, vd), nan, **f32) for _ in range(4))
+    p, tm, am = (empty((C, h, L, L), nan, **f32) for _ in range(3))
+    gl = empty((C, h), nan, **f32)
+    grid = (C, h)
+    first, end = lay["first"], lay["end"]
+    state0 = torch.zeros((len(cu) - 1, h, kd_, vd), **f32)
+    s0, ds = (empty((C, h, kd_, vd), nan, **f32) for _ in range(2))
+    with _timed(events, "terms"):
+        _terms_kernel[grid](q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm, am, **const,
+                            SOLVE=solve, num_warps=terms_warps, num_stages=1)
+    with _timed(events, "forward_scan"):
+        forward_scan(w, u, kd, gl, state0, lay["table"], lay["nch"], block_v=fwd_block_v, num_warps=fwd_warps,
+                     dot=dot, out=s0, vnew=vnew)
+    with _timed(events, "backward_scan"):
+        backward_scan(w, kd, qe, p, dos, gl, lay["table"], lay["nch"], block_v=bwd_block_v, num_warps=bwd_warps,
+                      dot=dot, out=ds, dvnew=dvnew)
+    with _timed(events, "grads"):
+        # dRU into u (U is dead after the forward scan)
+        _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, u, s0, ds, tm, p, am, dq, dk, dv, dg, db,
+                            **const, num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv, dg, db
+
+
+@contextlib.contextmanager
+def _timed(events: dict[str, list[Any]] | None, name: str) -> Iterator[None]:
+    """CUDA events recorded around the block into ``events[name]`` (nothing if ``events`` is None)."""
+    if events is None:
+        yield
+        return
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    yield
+    stop.record()
+    events.setdefault(name, []).append((start, stop))
+
+
+class TritonBackward(TritonScans):
+    """``scans`` for :func:`momtune.reference.recurrence.gated_delta_backward` that runs the whole
+    chunk backward on Triton kernels (:func:`chunk_backward`: chunk terms, both scans, chunk
+    gradients); as :class:`.scan.TritonScans` (``dot``, ``poison``) it still offers the two scans
+    alone. ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
+
+    LAUNCH = ("solve", "block_k", "block_v", "num_warps", "num_stages", "terms_warps", "fwd_block_v", "fwd_warps",
+              "bwd_block_v", "bwd_warps")
+
+    def __init__(self, dot: str = "tf32", poison: bool = False, **launch: Any) -> None:
+        super().__init__(dot=dot, poison=poison)
+        unknown = sorted(set(launch) - set(self.LAUNCH))
+        if unknown:
+            raise InputError(f"TritonBackward: unknown launch parameters {unknown}; known: {list(self.LAUNCH)}")
+        if launch.get("solve", "blocked") not in ("blocked", "forward"):
+            raise InputError(f"solve: expected 'blocked' or 'forward', got {launch['solve']!r}")
+        self.launch = launch
+
+    def chunk_backward(self, q, k, v, g, beta, do, cu, chunk_size):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+        return chunk_backward(q, k, v, g, beta, do, cu, chunk_size=chunk_size, dot=self.dot, poison=self.poison,
+                              **self.launch)
