@@ -1,6 +1,7 @@
 """Which recurrence configs fail on the GPU, and in which kernel (H200, session 10: every BT 64,
 BV 32, 1-stage config of the reduced space faulted (illegal memory access) or gave a wrong answer
-at N 49152; session 9 saw BT 64, BV 32, 2 stages, WU_FP32 fault at N 12288).
+at N 49152; session 9 saw BT 64, BV 32, 2 stages, WU_FP32 fault at N 12288; session 11 the
+same at every mom-340m shape, and with the transposed state pass in memory mode without PRE_QK).
 
     python3 bench/gpu_diag_recurrence.py            # every case, each in a fresh process
     python3 bench/gpu_diag_recurrence.py CASE SHAPE # one case (what the loop runs)
@@ -31,6 +32,15 @@ CASES = {
     "bt64-bv64-s1-w4-reg": dict(BT=64, BV=64, num_warps=4, num_stages=1, STATES="register", PRE_QK=False),
     "bt32-bv32-s1-w4-reg": dict(BT=32, BV=32, num_warps=4, num_stages=1, STATES="register", PRE_QK=False),
     "bt64-bv16-s1-w4-reg": dict(BT=64, BV=16, num_warps=4, num_stages=1, STATES="register", PRE_QK=False),
+    # session 11: with the transposed state pass the same configs pass in register mode and with
+    # PRE_QK, and fail in memory mode without it (then the output kernel, the one with num_stages 1
+    # and per-row q factors, is the suspect; the KV state pass fails in every mode)
+    "vk-bt64-bv32-s1-w4-reg": dict(BT=64, BV=32, num_warps=4, num_stages=1, STATES="register", PRE_QK=False,
+                                   STATE_LAYOUT="VK"),
+    "vk-bt64-bv32-s1-w4-mem": dict(BT=64, BV=32, num_warps=4, num_stages=1, STATES="memory", PRE_QK=False,
+                                   STATE_LAYOUT="VK"),
+    "vk-bt64-bv32-s1-w4-mem-preqk": dict(BT=64, BV=32, num_warps=4, num_stages=1, STATES="memory", PRE_QK=True,
+                                         STATE_LAYOUT="VK"),
 }
 SHAPES = {"small": dict(N=640, S=3, H=4, K=256, V=256), "B8": dict(N=49152, S=40, H=4, K=256, V=256)}
 CPU_SHAPE = dict(N=150, S=3, H=2, K=32, V=64)  # a smoke run in Triton's interpreter (float32)
