@@ -124,6 +124,7 @@ class _Oracle:
         self.info = {"gpu": land.gpu}
         self.workers = [None] * workers
         self.calls = 0
+        self.batches: list[int] = []  # configs per batch the driver handed the compile workers
 
     def _time(self, key: str) -> float:
         self.calls += 1
@@ -148,6 +149,7 @@ class _Oracle:
         return self.result(request["config"])
 
     def imap_unordered(self, requests: Sequence[Mapping[str, Any]], timeout: float) -> Iterator[tuple[int, dict]]:
+        self.batches.append(len(requests))
         for i, req in enumerate(requests):  # a compile worker reports only what compiling shows
             r = self.land.results.get(canonical(req["config"]), {})
             yield i, (dict(r) if r.get("status") in COMPILE_FAILURES else {"status": "ok"})
@@ -166,6 +168,7 @@ class ReplayRun:
     winner_ms: float  # the winner's recorded time (the landscape's, without noise)
     best_ms: float  # the landscape's best
     found_ms: float = math.inf  # the best recorded time among the measured configs
+    batches: tuple[int, ...] = ()  # configs per batch the driver asked the sampler for at once
 
     @property
     def ratio(self) -> float:
@@ -217,7 +220,8 @@ def replay(land: Landscape, sampler: str, seed: int, trials: int, workers: int =
                  recorded.get(canonical(t.user_attrs["config"]))) for t in done]
     found = min((m for _, _, m in measured if m is not None), default=math.inf)
     win_ms = recorded.get(canonical(res.winner), math.inf) if res.winner else math.inf
-    return ReplayRun(sampler, seed, res.trials, measured, res.winner, win_ms, land.best_ms, found)
+    return ReplayRun(sampler, seed, res.trials, measured, res.winner, win_ms, land.best_ms, found,
+                     tuple(oracle.batches))
 
 
 def median_ratio(runs: Sequence[ReplayRun]) -> float:

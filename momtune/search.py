@@ -280,9 +280,11 @@ class Engine:
 
         last_stale = time.monotonic()
         batch = 1 if self.pool is None else len(self.pool.workers)
-        if self.o.sampler == "tpe":
-            # TPE learns only between batches (within one, the constant liar only spreads the
-            # suggestions): 11 trials asked as one batch of 16 are a random search
+        if self.o.sampler in ("tpe", "pattern"):
+            # TPE and pattern search learn only between batches (within one, TPE's constant liar only
+            # spreads the suggestions, and pattern search orders its candidates from results not in
+            # yet): 11 trials asked as one batch of 16 are a random search, or the default's
+            # neighbourhood measured blind (the H200's pattern studies of session 10)
             batch = min(batch, max(2, self.o.trials // 4))
         while True:
             if time.monotonic() - last_stale > ctx.in_flight.heartbeat_s:
