@@ -64,7 +64,8 @@ class SearchOptions:
     heartbeat_s: int = 10
     devices: Sequence[int] | None = None  # GPU indices to benchmark on (None: every visible GPU); without a
     # GPU, each listed device is one more interpreter worker on the same studies (tests the scheduling)
-    transfer: bool = True  # pattern search: the winners of the template's other studies on this GPU first
+    transfer: bool = True  # pattern search: the winners of the template's other studies on this GPU and the
+    # space's [[starts]] first
 
 
 @dataclass
@@ -420,8 +421,12 @@ class Engine:
             default = ctx.space.default_config()
             fallbacks = [{**default, **fb} for fb in getattr(resolve_template(ctx.spec), "fallbacks", ())
                          if set(fb) <= set(default)]
+            # --no-transfer (sampler comparisons): no configs known from elsewhere, neither other
+            # studies' winners nor the space's [[starts]] (the recurrence's holds the H200's exhaustive
+            # winner): the search is measured, not a lookup; the template's fallbacks stay
+            starts = [*ctx.learnt, *ctx.space.starts] if self.o.transfer else []
             ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, default, self.o.seed,
-                                                starts=[*ctx.learnt, *ctx.space.starts, *fallbacks])
+                                                starts=[*starts, *fallbacks])
         claimed = sum(t.state.name == "RUNNING" for t in trials)
         return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64)
 

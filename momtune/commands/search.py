@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help=f"sampler and input seed, 0 .. {SEED_MAX} (0)")
     p.add_argument("--no-transfer", action="store_true",
                    help="pattern search: do not measure the winners of the template's other studies on this GPU "
-                        "first (sampler comparisons use it: a study must not start from another's answer)")
+                        "nor the space's [[starts]] first (sampler comparisons use it: a study must not start "
+                        "from a known answer)")
     p.add_argument("--space-dir", default=None, metavar="DIR", help="read search spaces from DIR instead of the package")
     p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S",
                    help="kill a trial after S seconds (120 on a GPU, 300 in the interpreter)")

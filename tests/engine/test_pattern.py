@@ -153,6 +153,11 @@ def test_a_search_measures_the_starts_second(storage: str, tmp_path) -> None:  #
     configs = [t.user_attrs["config"] for t in sorted(study.trials, key=lambda t: t.number)]
     # two parameters from the default, so no neighbour of it: second only as a start
     assert configs == [{"BLOCK": 32, "num_warps": 1}, {"BLOCK": 64, "num_warps": 2}], configs
+    # --no-transfer (sampler comparisons): the search alone, no [[starts]] (they hold known answers)
+    [res] = search([FAKE], "tiny", SearchOptions(**{**opts.__dict__, "study_prefix": "cold", "transfer": False}))
+    study = optuna.load_study(study_name=res.study, storage=storage)
+    configs = [t.user_attrs["config"] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert configs[0] == {"BLOCK": 32, "num_warps": 1} and configs[1] != {"BLOCK": 64, "num_warps": 2}, configs
 
 
 def test_a_pattern_search_measures_other_studies_winners_second(storage: str) -> None:
