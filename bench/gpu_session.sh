@@ -135,15 +135,20 @@ stage() {
       search conv mom-340m-prefill 12 10
       search routing mom-340m-prefill 10 8 ;;
     sampler)  # ground truth = every config of the reduced 56-config space; TPE, random, pattern at 11 (<= 20%)
-      for s in grid:56:0 tpe:11:0 tpe:11:1 tpe:11:2 random:11:0 random:11:1 random:11:2 \
-               pattern:11:0 pattern:11:1 pattern:11:2; do
+      # Session 10's studies (exhaustive, tpe-sN, random-sN, pattern-sN) are in the carried database and
+      # resume with nothing to do, so by default only the pattern search runs: its studies of session 10
+      # measured the old search (the default's neighbourhood asked as one blind batch of 11); this one's
+      # are pattern2-sN (repaired moves, batches of 2). SAMPLER_RUNS="grid:56:0 tpe:11:0 ..." runs others.
+      for s in ${SAMPLER_RUNS:-pattern:11:0 pattern:11:1 pattern:11:2}; do
         IFS=: read sampler trials seed <<< "$s"
-        local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
+        local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive; [ $sampler = pattern ] && study=pattern2-s$seed
         timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
           --sampler $sampler --seed $seed --no-transfer --trials $trials --study $study --storage $DB --workers 16 \
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
-      done ;;
+      done
+      # each study's winner looked up in the exhaustive sweep (session 10 measured tpe, random, pattern)
+      python3 bench/sampler_replay.py --storage $DB --measured tpe random pattern pattern2 2>&1 | tee -a $OUT/sampler.log ;;
     recbench)  # issue 12: the recurrence alone, momtune (tuned library) vs fla vs FlashInfer, every shape
       # set, one run, floors from this GPU's measured peaks. FlashInfer comes from .peers-stage (the
       # pieces .peers/part-k carried by the calls before, see bench/peers_split.sh), else it is left out.

@@ -7,6 +7,7 @@ stage's budget and flags (``bench/gpu_session.sh sampler``: 11 trials = 20% of t
     python bench/sampler_replay.py --trials 11 15 20 --seeds 40 --noise 0.015   # hit rates over 40 seeds
     python bench/sampler_replay.py --study 'quick/norm:nvidia-h200:N4096-D1024-residual1-bfloat16' \
         --space-dir '' --samplers pattern
+    python bench/sampler_replay.py --measured tpe random pattern   # the GPU's own studies, no replay
 
 Per seed: the winner's recorded time over the study's best (+x%), the median over the seeds,
 and how many seeds land within 2% of the best. A replay, not a GPU measurement: each config has
@@ -45,10 +46,16 @@ def main() -> int:
     p.add_argument("--noise", type=float, default=0.0, help="relative jitter of each trial's time (0.015: 1.5%%)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every run as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="print each run's trials")
+    p.add_argument("--measured", nargs="+", default=None, metavar="PREFIX",
+                   help="no replay: the winners of the GPU's studies PREFIX-sSEED/<the study's name> (e.g. tpe random "
+                        "pattern2) looked up in the study (bench/gpu_session.sh sampler prints this table)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
 
     from momtune.replay import Landscape, replay
+
+    if args.measured:
+        return measured(args, Landscape)
 
     seeds = list(range(args.seeds[0])) if len(args.seeds) == 1 and args.seeds[0] > 3 else args.seeds
     columns = len(seeds) <= 5
@@ -82,6 +89,35 @@ def main() -> int:
                               + ", ".join(f"{t:.3g}" if t is not None else s for _, s, t in r.measured))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def measured(args: argparse.Namespace, landscape: type) -> int:
+    """Each GPU study's winner (re-timed on the GPU) looked up in the exhaustive study, per seed."""
+    import optuna
+
+    from momtune.space import canonical
+    from momtune.study import open_storage
+
+    storage = open_storage(args.storage, read_only=True)
+    for name in args.study or [H200]:
+        land = landscape.from_study(args.storage, name, args.space_dir or None)
+        times, rest = land.times(), name.split("/", 1)[-1]
+        print(f"\n## GPU studies against {name} (best {land.best_ms:.4g} ms)\n")
+        print("| sampler | " + " | ".join(f"seed {s}" for s in args.seeds) + " | median | within 2% |")
+        print("|---|" + "---|" * (len(args.seeds) + 2))
+        for prefix in args.measured:
+            cells, ratios = [], []
+            for seed in args.seeds:
+                try:
+                    w = optuna.load_study(study_name=f"{prefix}-s{seed}/{rest}", storage=storage).user_attrs.get("winner")
+                except KeyError:
+                    w = None
+                t = times.get(canonical(w["config"])) if w else None
+                ratios += [t / land.best_ms] if t else []
+                cells.append(f"{t / land.best_ms - 1:+.1%}" if t else "-")
+            med = f"{statistics.median(ratios) - 1:+.1%}" if ratios else "-"
+            print(f"| {prefix} | " + " | ".join(cells) + f" | {med} | {sum(r <= 1 + WITHIN for r in ratios)}/{len(ratios)} |")
     return 0
 
 

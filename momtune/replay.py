@@ -72,7 +72,9 @@ class Landscape:
 
     @classmethod
     def from_study(cls, storage: str, study: str, space_dir: str | None = None) -> "Landscape":
-        """The done trials of ``study``; a config's time is its fastest ok trial, else its failure."""
+        """The done trials of ``study``; a config's time is its fastest ok trial, else its failure. A
+        config without a parameter of today's space (added since) takes its default; configs that are
+        not valid in today's space are left out."""
         import optuna
 
         from .study import is_done, open_storage
@@ -85,9 +87,13 @@ class Landscape:
         space = load_space(resolve_template(spec).name, space_dir, template=resolve_template(spec))
         shape = {k: int(v) for k, v in a["shape"].items()}
         results: dict[str, dict[str, Any]] = {}
+        default = space.default_config()
         for t in s.trials:
             config = t.user_attrs.get("config")
-            if not is_done(t) or not isinstance(config, Mapping) or not space.is_valid(config, shape)[0]:
+            if not is_done(t) or not isinstance(config, Mapping):
+                continue
+            config = {**default, **config}  # a parameter added since the study ran takes its default
+            if not space.is_valid(config, shape)[0]:
                 continue
             key, status = canonical(config), str(t.user_attrs.get("status"))
             if status == "ok" and t.value is not None:
