@@ -182,9 +182,11 @@ class ReplayRun:
 
 
 def replay(land: Landscape, sampler: str, seed: int, trials: int, workers: int = 16, noise: float = 0.0,
-           storage_dir: str | Path | None = None) -> ReplayRun:
+           storage_dir: str | Path | None = None, transfer: bool = False) -> ReplayRun:
     """One ``momtune search --sampler SAMPLER --seed SEED --trials TRIALS --workers WORKERS
-    --no-transfer`` of ``land``'s template and shape, the worker answers replaced by ``land``."""
+    --no-transfer`` of ``land``'s template and shape, the worker answers replaced by ``land``
+    (``transfer``: without --no-transfer, so the pattern search measures the space's [[starts]]
+    first; other studies' winners there are none, the storage being the replay's own)."""
     from .progress import Reporter
     from .search import Engine, SearchOptions
     from .study import open_storage, trials_of
@@ -211,7 +213,7 @@ def replay(land: Landscape, sampler: str, seed: int, trials: int, workers: int =
         storage_dir = "/dev/shm"  # in memory: a search writes the storage at every ask and tell
     with tempfile.TemporaryDirectory(dir=storage_dir, prefix="momtune-replay-") as tmp:
         opts = SearchOptions(trials=trials, sampler=sampler, storage=f"sqlite:///{Path(tmp) / 'replay.db'}",
-                             study_prefix=f"{sampler}-s{seed}", workers=workers, seed=seed, transfer=False)
+                             study_prefix=f"{sampler}-s{seed}", workers=workers, seed=seed, transfer=transfer)
         engine = OracleEngine(opts, Reporter())
         engine.start()
         res = engine.run_study(land.template, land.space, land.shape, land.dtype, "replay")
