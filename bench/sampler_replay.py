@@ -8,6 +8,7 @@ stage's budget and flags (``bench/gpu_session.sh sampler``: 11 trials = 20% of t
     python bench/sampler_replay.py --study 'quick/norm:nvidia-h200:N4096-D1024-residual1-bfloat16' \
         --space-dir '' --samplers pattern
     python bench/sampler_replay.py --measured tpe random pattern   # the GPU's own studies, no replay
+    python bench/sampler_replay.py --study 'quick/*' --space-dir '' --share 0.33 --samplers pattern
 
 Per seed: the winner's recorded time over the study's best (+x%), the median over the seeds,
 and how many seeds land within 2% of the best. A replay, not a GPU measurement: each config has
@@ -36,12 +37,17 @@ def short(config: dict | None) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--storage", default="sqlite:///.bench/momtune-h100.db")
-    p.add_argument("--study", action="append", default=None, help=f"recorded study to replay (repeatable; {H200})")
+    p.add_argument("--study", action="append", default=None,
+                   help=f"recorded study to replay (repeatable; {H200}); with * a pattern over the storage's "
+                        "studies, the latest version of each")
     p.add_argument("--space-dir", default="bench/spaces", help="search spaces of the studies ('' for the package's)")
     p.add_argument("--samplers", nargs="+", default=["tpe", "random", "pattern"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds; one number N > 3 means seeds 0 .. N-1 (a hit rate, no per-seed columns)")
     p.add_argument("--trials", type=int, nargs="+", default=[11])
+    p.add_argument("--share", type=float, default=None, metavar="F",
+                   help="instead of --trials: F of each study's recorded configs (at least 6)")
+    p.add_argument("--transfer", action="store_true", help="replay without --no-transfer (the space's [[starts]] first)")
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--noise", type=float, default=0.0, help="relative jitter of each trial's time (0.015: 1.5%%)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every run as JSON")
@@ -60,19 +66,22 @@ def main() -> int:
     seeds = list(range(args.seeds[0])) if len(args.seeds) == 1 and args.seeds[0] > 3 else args.seeds
     columns = len(seeds) <= 5
     rows = []
-    for name in args.study or [H200]:
+    for name in studies(args.storage, args.study or [H200]):
         land = Landscape.from_study(args.storage, name, args.space_dir or None)
         n_ok = len(land.times())
+        if n_ok < 2:
+            print(f"\n## {name}: {n_ok} ok configs valid in today's space, skipped")
+            continue
         print(f"\n## {name}\n{len(land.results)} configs recorded ({n_ok} ok; "
               f"{'every valid config' if land.complete else 'part of the space: replayed on those'}), "
               f"best {land.best_ms:.4g} ms: {short(land.best_config)}")
         head = "| sampler | trials | " + (" | ".join(f"seed {s}" for s in seeds) + " | " if columns else "") \
             + f"median | within {WITHIN:.0%} |"
         print(head + "\n|" + "---|" * (head.count("|") - 1))
-        for trials in args.trials:
+        for trials in [max(6, int(len(land.results) * args.share))] if args.share else args.trials:
             for sampler in args.samplers:
                 t0 = time.monotonic()
-                runs = [replay(land, sampler, s, trials, args.workers, args.noise) for s in seeds]
+                runs = [replay(land, sampler, s, trials, args.workers, args.noise, transfer=args.transfer) for s in seeds]
                 ratios = [r.ratio for r in runs]
                 hits = sum(x <= 1 + WITHIN for x in ratios)
                 cells = [f"{x - 1:+.1%}" for x in ratios] if columns else []
@@ -90,6 +99,28 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def studies(storage: str, names: list[str]) -> list[str]:
+    """``names``, a name with ``*`` expanded to the storage's matching studies (the last version of each:
+    ``name@hash`` is a later version of ``name``)."""
+    import fnmatch
+
+    import optuna
+
+    from momtune.study import open_storage
+
+    out: list[str] = []
+    for name in names:
+        if "*" not in name:
+            out.append(name)
+            continue
+        latest: dict[str, str] = {}
+        for s in optuna.get_all_study_summaries(open_storage(storage, read_only=True), include_best_trial=False):
+            if fnmatch.fnmatch(s.study_name, name):
+                latest[s.study_name.split("@")[0]] = s.study_name
+        out += [latest[k] for k in sorted(latest)]
+    return out
 
 
 def measured(args: argparse.Namespace, landscape: type) -> int:
