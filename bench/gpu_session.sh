@@ -144,16 +144,24 @@ stage() {
       search merge mom-340m-prefill 12 10
       search conv mom-340m-prefill 12 10
       search routing mom-340m-prefill 10 8 ;;
-    sampler)  # ground truth = every config of the reduced 112-config space; TPE, random, pattern at 22 (<= 20%)
-      for s in grid:112:0 tpe:22:0 tpe:22:1 tpe:22:2 random:22:0 random:22:1 random:22:2 \
-               pattern:22:0 pattern:22:1 pattern:22:2; do
+    sampler)  # ground truth = every config of the reduced 112-config space (both state layouts); TPE, random,
+      # pattern at 22 (<= 20%). Session 11's sweep at N 49152 (this kernel version) resumes with nothing to
+      # do; the studies of session 10 measured another kernel version and stay as they are (the new ones
+      # are versioned name@hash by momtune search). pattern2-sN: the pattern search with repaired moves
+      # and batches of 2 (session 10's pattern-sN asked its 11 configs as one blind batch).
+      # SAMPLER_RUNS picks the runs.
+      for s in ${SAMPLER_RUNS:-grid:112:0 tpe:22:0 tpe:22:1 tpe:22:2 random:22:0 random:22:1 random:22:2 \
+               pattern:22:0 pattern:22:1 pattern:22:2}; do
         IFS=: read sampler trials seed <<< "$s"
-        local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive
+        local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive; [ $sampler = pattern ] && study=pattern2-s$seed
         timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
           --sampler $sampler --seed $seed --no-transfer --trials $trials --study $study --storage $DB --workers 16 \
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
-      done ;;
+      done
+      # each study's winner looked up in the exhaustive sweep of the same kernel version (the latest)
+      python3 bench/sampler_replay.py --storage $DB --study "exhaustive/recurrence:nvidia-h200:N49152-S40-H4-K256-V256-bfloat16*" \
+        --measured tpe random pattern2 2>&1 | tee -a $OUT/sampler.log ;;
     recbench)  # issue 12: the recurrence alone, momtune (tuned library) vs fla vs FlashInfer, every shape
       # set, one run, floors from this GPU's measured peaks. FlashInfer comes from .peers-stage (the
       # pieces .peers/part-k carried by the calls before, see bench/peers_split.sh), else it is left out.

@@ -2,17 +2,22 @@
 config (as Helion's autotuner does), for ``momtune search --sampler pattern``.
 
 A kernel's speed is mostly smooth along each parameter (a block size one step up or down, a
-warp count doubled): the next configs worth measuring are the neighbours of the best one so
-far. The order of candidates, best first, is recomputed from the study's trials at every ask,
-so the search is stateless: it resumes, and several processes or GPUs on one study share it
-(each claims the first candidate nobody else claims, :func:`momtune.study.claim_config`).
+warp count doubled): the next configs worth measuring are the moves from the best one so far.
+The order of candidates, best first, is recomputed from the study's trials at every ask, so the
+search is stateless: it resumes, and several processes or GPUs on one study share it (each
+claims the first candidate nobody else claims, :func:`momtune.study.claim_config`). The search
+driver asks a few candidates at a time (momtune.search), so each batch follows the results of
+the ones before.
 
 0. the default, then the configs known to be good elsewhere: the space's ``[[starts]]`` (e.g.
    winners on another GPU or shape) and the template's fallbacks;
-1. the neighbours of the best measured config (the default until one is measured): one
-   parameter moved one step (a numeric parameter to the nearest valid choice up or down, a
-   named one to each other choice);
-2. once none is left (a local optimum), the neighbours of the next-best measured configs;
+1. the moves from the best measured config (the default until one is measured): one parameter
+   moved one step (a numeric parameter to the nearest valid choice up or down, a named one to
+   each other choice); a move the constraints forbid is *repaired*: one other parameter moved to
+   its nearest choice that makes it valid (``PRE_QK`` on needs one pipeline stage in the
+   recurrence's register mode: from a 2-stage default no single move turns it on, and the H200's
+   optimum of the reduced space has it on);
+2. once none is left (a local optimum), the moves from the next-best measured configs;
 3. then two parameters moved together from the best, which steps over a ridge that no single
    move crosses (a larger tile pays only with more warps);
 4. then every other valid config, in a seeded random order (a restart: the search never runs
@@ -28,7 +33,7 @@ from typing import Any
 
 from .space import SearchSpace, canonical
 
-BEAM = 4  # best measured configs whose neighbours are searched before moving two parameters
+BEAM = 4  # best measured configs whose moves are searched before moving two parameters
 
 
 def _numeric(choices: Sequence[Any]) -> bool:
@@ -47,37 +52,71 @@ def _steps(config: Mapping[str, Any], name: str, space: SearchSpace) -> list[Any
     return [ranked[j] for j in (pos + 1, pos - 1) if 0 <= j < len(ranked)]
 
 
+def _nearest(config: Mapping[str, Any], name: str, space: SearchSpace) -> list[Any]:
+    """The other values of ``name``, nearest to ``config[name]`` first (named ones in their order)."""
+    choices = [c for c in space.parameters[name].choices if c != config[name]]
+    if _numeric(choices) and _numeric([config[name]]):
+        return sorted(choices, key=lambda c: (abs(c - config[name]), c))
+    return choices
+
+
+def _moves_of(config: Mapping[str, Any], name: str, space: SearchSpace,
+              valid: Mapping[str, Mapping[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    """(target config, valid) per move of ``name``: a numeric parameter to the nearest valid choice
+    on each side (the adjacent one, invalid, where none on that side is valid), a named one to each
+    other choice."""
+    choices = list(space.parameters[name].choices)
+    if config[name] not in choices:
+        return []
+    if not _numeric(choices):
+        return [({**config, name: c}, canonical({**config, name: c}) in valid) for c in choices if c != config[name]]
+    ranked = sorted(choices)
+    pos = ranked.index(config[name])
+    out = []
+    for step in (1, -1):  # the nearest valid choice on each side (a constraint may skip some)
+        j = pos + step
+        while 0 <= j < len(ranked) and canonical({**config, name: ranked[j]}) not in valid:
+            j += step
+        if 0 <= j < len(ranked):
+            out.append(({**config, name: ranked[j]}, True))
+        elif 0 <= pos + step < len(ranked):
+            out.append(({**config, name: ranked[pos + step]}, False))
+    return out
+
+
 def neighbours(config: Mapping[str, Any], space: SearchSpace, valid: Mapping[str, Mapping[str, Any]],
                order: Sequence[str]) -> list[dict[str, Any]]:
     """Valid configs one parameter away from ``config``, parameters in ``order``."""
+    return [dict(valid[canonical(c)]) for name in order for c, ok in _moves_of(config, name, space, valid) if ok]
+
+
+def moves(config: Mapping[str, Any], space: SearchSpace, valid: Mapping[str, Mapping[str, Any]],
+          order: Sequence[str]) -> list[dict[str, Any]]:
+    """The :func:`neighbours` of ``config`` and, in their place, the repairs of the moves the
+    constraints forbid: the move plus one other parameter (each, in ``order``) set to its nearest
+    choice that makes the config valid."""
     out: list[dict[str, Any]] = []
+    seen = {canonical(config)}
     for name in order:
-        choices = list(space.parameters[name].choices)
-        if config[name] not in choices:
-            continue
-        i = choices.index(config[name])
-        if _numeric(choices):
-            ranked = sorted(range(len(choices)), key=lambda k: choices[k])
-            pos = ranked.index(i)
-            for step in (1, -1):  # the nearest valid choice on each side (a constraint may skip some)
-                j = pos + step
-                while 0 <= j < len(ranked):
-                    cand = {**config, name: choices[ranked[j]]}
-                    if canonical(cand) in valid:
-                        out.append(dict(valid[canonical(cand)]))
-                        break
-                    j += step
-        else:
-            for c in choices:
-                cand = {**config, name: c}
-                if c != config[name] and canonical(cand) in valid:
-                    out.append(dict(valid[canonical(cand)]))
+        for target, ok in _moves_of(config, name, space, valid):
+            found = [target] if ok else []
+            for other in ([] if ok else order):
+                if other != name and target[other] in space.parameters[other].choices:
+                    fix = next((c for v in _nearest(target, other, space)
+                                if canonical(c := {**target, other: v}) in valid), None)
+                    if fix is not None:
+                        found.append(fix)
+            for c in found:
+                key = canonical(c)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(dict(valid[key]))
     return out
 
 
 class PatternSearch:
-    """Pattern search over the valid configs of one study (keys and the restart order computed
-    once: an ask costs a few neighbour lookups, not a pass over a space of 16k configs)."""
+    """Pattern search over the valid configs of one study (keys, moves and the restart order
+    computed once: an ask costs a few lookups, not a pass over a space of 16k configs)."""
 
     def __init__(self, space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
                  seed: int, starts: Sequence[Mapping[str, Any]] = ()) -> None:
@@ -85,23 +124,28 @@ class PatternSearch:
         self.by_key = {canonical(c): dict(c) for c in valid}
         self.default = dict(default)
         # measured right after the default (those valid at this shape): the space's [[starts]], the
-        # template's fallbacks; the neighbours of the best of them all come next
+        # template's fallbacks; the moves from the best of them all come next
         self.starts = [dict(c) for c in starts if canonical(c) in self.by_key]
         rng = random.Random(seed)
         self.order = list(space.parameters)
         rng.shuffle(self.order)  # which parameter moves first: seeded, so seeds explore differently
         self.restart = list(self.by_key)
         rng.shuffle(self.restart)
+        self._moves: dict[str, list[dict[str, Any]]] = {}
+
+    def moves(self, key: str) -> list[dict[str, Any]]:
+        if key not in self._moves:
+            self._moves[key] = moves(self.by_key[key], self.space, self.by_key, self.order)
+        return self._moves[key]
 
     def candidates(self, times: Mapping[str, float], done: set[str], limit: int | None = None) -> list[dict[str, Any]]:
         """The valid configs not yet measured, in the order pattern search would measure them (at
         most ``limit``). ``times``: canonical config -> its measured time (ok trials); ``done``:
         canonical configs with any result (a config that failed is not tried again)."""
         by_key = self.by_key
-        ranked = sorted((t, k) for k, t in times.items() if k in by_key and math.isfinite(t))
-        best = [by_key[k] for _, k in ranked]
-        if not best and canonical(self.default) in by_key:
-            best = [self.default]
+        ranked = [k for _, k in sorted((t, k) for k, t in times.items() if k in by_key and math.isfinite(t))]
+        if not ranked and canonical(self.default) in by_key:
+            ranked = [canonical(self.default)]
         out: list[dict[str, Any]] = []
         seen = set(done)
         cap = math.inf if limit is None else limit
@@ -120,11 +164,11 @@ class PatternSearch:
             return out
         if add(self.starts):
             return out
-        for center in best[:BEAM]:
-            if add(neighbours(center, self.space, by_key, self.order)):
+        for key in ranked[:BEAM]:
+            if add(self.moves(key)):
                 return out
-        if best:
-            center = best[0]
+        if ranked:
+            center = by_key[ranked[0]]
             for a, b in itertools.combinations(self.order, 2):
                 for va, vb in itertools.product(_steps(center, a, self.space), _steps(center, b, self.space)):
                     key = canonical({**center, a: va, b: vb})

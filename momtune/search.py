@@ -64,7 +64,8 @@ class SearchOptions:
     heartbeat_s: int = 10
     devices: Sequence[int] | None = None  # GPU indices to benchmark on (None: every visible GPU); without a
     # GPU, each listed device is one more interpreter worker on the same studies (tests the scheduling)
-    transfer: bool = True  # pattern search: the winners of the template's other studies on this GPU first
+    transfer: bool = True  # pattern search: the winners of the template's other studies on this GPU and the
+    # space's [[starts]] first
 
 
 @dataclass
@@ -280,9 +281,11 @@ class Engine:
 
         last_stale = time.monotonic()
         batch = 1 if self.pool is None else len(self.pool.workers)
-        if self.o.sampler == "tpe":
-            # TPE learns only between batches (within one, the constant liar only spreads the
-            # suggestions): 11 trials asked as one batch of 16 are a random search
+        if self.o.sampler in ("tpe", "pattern"):
+            # TPE and pattern search learn only between batches (within one, TPE's constant liar only
+            # spreads the suggestions, and pattern search orders its candidates from results not in
+            # yet): 11 trials asked as one batch of 16 are a random search, or the default's
+            # neighbourhood measured blind (the H200's pattern studies of session 10)
             batch = min(batch, max(2, self.o.trials // 4))
         while True:
             if time.monotonic() - last_stale > ctx.in_flight.heartbeat_s:
@@ -418,8 +421,12 @@ class Engine:
             default = ctx.space.default_config()
             fallbacks = [{**default, **fb} for fb in getattr(resolve_template(ctx.spec), "fallbacks", ())
                          if set(fb) <= set(default)]
+            # --no-transfer (sampler comparisons): no configs known from elsewhere, neither other
+            # studies' winners nor the space's [[starts]] (the recurrence's holds the H200's exhaustive
+            # winner): the search is measured, not a lookup; the template's fallbacks stay
+            starts = [*ctx.learnt, *ctx.space.starts] if self.o.transfer else []
             ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, default, self.o.seed,
-                                                starts=[*ctx.learnt, *ctx.space.starts, *fallbacks])
+                                                starts=[*starts, *fallbacks])
         claimed = sum(t.state.name == "RUNNING" for t in trials)
         return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64)
 

@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="no new trials in a study after S seconds")
     p.add_argument("--sampler", default=None,
                    help="tpe (default) | random | grid (= exhaustive: every valid config once) | pattern (a local "
-                        "search from the default config: its neighbours first, then two-parameter moves, then "
-                        "the rest)")
+                        "search from the default config: its neighbours first, a move the constraints forbid "
+                        "repaired by a second parameter, then two-parameter moves, then the rest)")
     p.add_argument("--effort", choices=sorted(EFFORT), default=None,
                    help="a preset of sampler, trials and time per study: "
                         + "; ".join(f"{k}: {v['sampler']}, up to {v['trials']} trials and {v['timeout']:g} s"
@@ -40,12 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Optuna storage URL (MOMTUNE_STORAGE, default sqlite:///momtune.db; postgresql://... works)")
     p.add_argument("--study", default=None, metavar="PREFIX", help="prefix study names with PREFIX/")
     p.add_argument("--workers", type=int_in(1), default=None, metavar="N", help="compile workers on a GPU (min(cores, 8)); in the interpreter, given N pre-runs "
-                   "candidates. A batch compiles up to N candidates at once (TPE: at most a quarter "
-                   "of --trials, so that it learns between batches)")
+                   "candidates. A batch compiles up to N candidates at once (TPE and pattern: at most a "
+                   "quarter of --trials, so that they learn between batches)")
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help=f"sampler and input seed, 0 .. {SEED_MAX} (0)")
     p.add_argument("--no-transfer", action="store_true",
                    help="pattern search: do not measure the winners of the template's other studies on this GPU "
-                        "first (sampler comparisons use it: a study must not start from another's answer)")
+                        "nor the space's [[starts]] first (sampler comparisons use it: a study must not start "
+                        "from a known answer)")
     p.add_argument("--space-dir", default=None, metavar="DIR", help="read search spaces from DIR instead of the package")
     p.add_argument("--trial-timeout", type=seconds, default=None, metavar="S",
                    help="kill a trial after S seconds (120 on a GPU, 300 in the interpreter)")

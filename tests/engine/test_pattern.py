@@ -8,7 +8,7 @@ import math
 import optuna
 import pytest
 
-from momtune.pattern import PatternSearch, candidates, neighbours
+from momtune.pattern import PatternSearch, candidates, moves, neighbours
 from momtune.search import SearchOptions, search
 from momtune.space import canonical, load_space
 
@@ -125,12 +125,21 @@ def test_the_spaces_starts_and_the_fallbacks_come_right_after_the_default(space,
     expect = [c for c in [*space.starts, *fallbacks] if canonical(c) in keys]
     assert len(space.starts) >= 5 and len(expect) >= 5
     assert [canonical(c) for c in first[:1 + len(expect)]] == [canonical(default)] + [canonical(c) for c in expect]
-    # after the starts come the neighbours of the best measured config, which may be a start
+    # after the starts come the moves from the best measured config, which may be a start
     best = expect[0]
     times = {canonical(default): 2.0, canonical(best): 1.0}
     nxt = ps.candidates(times, set(times), limit=len(expect) + 3)
     assert [canonical(c) for c in nxt[:len(expect) - 1]] == [canonical(c) for c in expect[1:]]
-    assert all(sum(c[k] != best[k] for k in c) == 1 for c in nxt[len(expect) - 1:])
+    assert all(_is_move(c, best, keys) for c in nxt[len(expect) - 1:])
+
+
+def _is_move(config: dict, center: dict, keys: set[str]) -> bool:
+    """``config`` is one move from ``center``: one parameter changed, or two where changing either
+    one alone breaks a constraint (a repaired move)."""
+    moved = [k for k in config if config[k] != center[k]]
+    if len(moved) == 1:
+        return True
+    return len(moved) == 2 and any(canonical({**center, k: config[k]}) not in keys for k in moved)
 
 
 def test_a_search_measures_the_starts_second(storage: str, tmp_path) -> None:  # noqa: ANN001
@@ -144,6 +153,11 @@ def test_a_search_measures_the_starts_second(storage: str, tmp_path) -> None:  #
     configs = [t.user_attrs["config"] for t in sorted(study.trials, key=lambda t: t.number)]
     # two parameters from the default, so no neighbour of it: second only as a start
     assert configs == [{"BLOCK": 32, "num_warps": 1}, {"BLOCK": 64, "num_warps": 2}], configs
+    # --no-transfer (sampler comparisons): the search alone, no [[starts]] (they hold known answers)
+    [res] = search([FAKE], "tiny", SearchOptions(**{**opts.__dict__, "study_prefix": "cold", "transfer": False}))
+    study = optuna.load_study(study_name=res.study, storage=storage)
+    configs = [t.user_attrs["config"] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert configs[0] == {"BLOCK": 32, "num_warps": 1} and configs[1] != {"BLOCK": 64, "num_warps": 2}, configs
 
 
 def test_a_pattern_search_measures_other_studies_winners_second(storage: str) -> None:
@@ -165,3 +179,62 @@ def test_a_pattern_search_measures_other_studies_winners_second(storage: str) ->
     configs = [t.user_attrs["config"] for t in sorted(optuna.load_study(study_name=res.study, storage=storage).trials,
                                                       key=lambda t: t.number)]
     assert configs[1] != learnt and sum(configs[1][k] != configs[0][k] for k in configs[0]) == 1, configs
+
+
+def _walk_order(ps: PatternSearch, cost, budget: int, batch: int = 2) -> list[str]:  # noqa: ANN001
+    """The configs a search measures, ``batch`` asked at a time as the search driver does."""
+    times: dict[str, float] = {}
+    done: list[str] = []
+    while len(done) < budget:
+        nxt = ps.candidates(times, set(done), limit=min(batch, budget - len(done)))
+        if not nxt:
+            break
+        for c in nxt:
+            done.append(canonical(c))
+            t = cost(c)
+            if not isinstance(t, str):
+                times[canonical(c)] = t
+    return done
+
+
+def test_a_move_the_constraints_forbid_is_repaired_by_a_second_parameter() -> None:
+    from .test_replay import SHAPE, needle_space
+
+    space = needle_space()
+    by_key = {canonical(c): c for c in space.enumerate(SHAPE)}
+    default = space.default_config()
+    flag = {**default, "FLAG": True, "STAGES": 1}  # FLAG needs one stage; the default has two
+    assert canonical({**default, "FLAG": True}) not in by_key
+    assert flag not in neighbours(default, space, by_key, list(space.parameters))
+    near = moves(default, space, by_key, list(space.parameters))
+    assert flag in near and all(_is_move(c, default, set(by_key)) for c in near)
+    assert [c for c in near if sum(c[k] != default[k] for k in c) == 1] == neighbours(
+        default, space, by_key, list(space.parameters))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_pattern_search_finds_a_needle_behind_a_constraint_in_a_fifth_of_the_space(seed: int, monkeypatch) -> None:  # noqa: ANN001
+    """The best config is the default with FLAG on, which needs one stage: one step for the search,
+    none for a search that moves one parameter at a time (every one of the default's neighbours is
+    slower, and within 20% of the space it never gets to moving two)."""
+    from momtune import pattern
+
+    from .test_replay import SHAPE, needle, needle_space
+
+    space = needle_space()
+    valid = space.enumerate(SHAPE)
+    times = {canonical(c): t for c in valid if not isinstance(t := needle(c), str)}
+    best = min(times, key=times.get)
+    budget = len(valid) // 5
+    order = _walk_order(PatternSearch(space, valid, space.default_config(), seed), needle, budget)
+    assert best in order[:9] and len(order) == len(set(order)) == budget
+    monkeypatch.setattr(pattern, "moves", pattern.neighbours)  # one parameter at a time, as before
+    order = _walk_order(PatternSearch(space, valid, space.default_config(), seed), needle, budget)
+    assert best not in order
+
+
+def test_pattern_search_is_deterministic_per_seed(space, valid) -> None:  # noqa: ANN001
+    orders = [_walk_order(PatternSearch(space, valid, space.default_config(), seed), _landscape, 40)
+              for seed in (0, 0, 1, 2)]
+    assert orders[0] == orders[1]
+    assert len({tuple(o) for o in orders}) == 3  # another seed moves the parameters in another order
