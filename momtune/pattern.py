@@ -16,7 +16,11 @@ the ones before.
    each other choice); a move the constraints forbid is *repaired*: one other parameter moved to
    its nearest choice that makes it valid (``PRE_QK`` on needs one pipeline stage in the
    recurrence's register mode: from a 2-stage default no single move turns it on, and the H200's
-   optimum of the reduced space has it on);
+   optimum of the reduced space has it on); a move to a config that failed for lack of per-block
+   resources (``out_of_resources``: shared memory or registers) is *bridged* the same way: its own
+   moves come next, so the search crosses a wall that only a smaller tile or fewer stages let through
+   (on the H200 the transposed state pass at the 2-stage default needs 250 KB of shared memory,
+   and its best configs are two moves past it);
 2. once none is left (a local optimum), the moves from the next-best measured configs;
 3. then two parameters moved together from the best, which steps over a ridge that no single
    move crosses (a larger tile pays only with more warps);
@@ -138,10 +142,12 @@ class PatternSearch:
             self._moves[key] = moves(self.by_key[key], self.space, self.by_key, self.order)
         return self._moves[key]
 
-    def candidates(self, times: Mapping[str, float], done: set[str], limit: int | None = None) -> list[dict[str, Any]]:
+    def candidates(self, times: Mapping[str, float], done: set[str], limit: int | None = None,
+                   walls: set[str] = frozenset()) -> list[dict[str, Any]]:
         """The valid configs not yet measured, in the order pattern search would measure them (at
         most ``limit``). ``times``: canonical config -> its measured time (ok trials); ``done``:
-        canonical configs with any result (a config that failed is not tried again)."""
+        canonical configs with any result (a config that failed is not tried again); ``walls``:
+        those that failed for lack of per-block resources, whose moves are bridged (step 1)."""
         by_key = self.by_key
         ranked = [k for _, k in sorted((t, k) for k, t in times.items() if k in by_key and math.isfinite(t))]
         if not ranked and canonical(self.default) in by_key:
@@ -165,8 +171,13 @@ class PatternSearch:
         if add(self.starts):
             return out
         for key in ranked[:BEAM]:
-            if add(self.moves(key)):
+            found = self.moves(key)
+            if add(found):
                 return out
+            for c in found:  # over a resource wall: the failed move's own moves, in their order
+                wall = canonical(c)
+                if wall in walls and add([m for m in self.moves(wall) if canonical(m) != key]):
+                    return out
         if ranked:
             center = by_key[ranked[0]]
             for a, b in itertools.combinations(self.order, 2):
@@ -182,6 +193,6 @@ class PatternSearch:
 
 def candidates(space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
                times: Mapping[str, float], done: set[str], seed: int, limit: int | None = None,
-               starts: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+               starts: Sequence[Mapping[str, Any]] = (), walls: set[str] = frozenset()) -> list[dict[str, Any]]:
     """:meth:`PatternSearch.candidates` for a one-off call."""
-    return PatternSearch(space, valid, default, seed, starts).candidates(times, done, limit)
+    return PatternSearch(space, valid, default, seed, starts).candidates(times, done, limit, walls)

@@ -413,10 +413,13 @@ class Engine:
         """The unmeasured valid configs, best candidate first (momtune.pattern), from the study's trials."""
         trials = trials_of(ctx.study)
         times: dict[str, float] = {}
+        walls: set[str] = set()  # configs out of per-block resources: the search bridges them
         for t in trials:
             if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok" and "config" in t.user_attrs:
                 key = canonical(t.user_attrs["config"])
                 times[key] = min(times.get(key, math.inf), float(t.value))
+            elif t.user_attrs.get("status") == "out_of_resources" and "config" in t.user_attrs:
+                walls.add(canonical(t.user_attrs["config"]))
         if ctx.pattern is None:
             default = ctx.space.default_config()
             fallbacks = [{**default, **fb} for fb in getattr(resolve_template(ctx.spec), "fallbacks", ())
@@ -428,7 +431,7 @@ class Engine:
             ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, default, self.o.seed,
                                                 starts=[*starts, *fallbacks])
         claimed = sum(t.state.name == "RUNNING" for t in trials)
-        return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64)
+        return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64, walls=walls)
 
     def _run_batch(self, ctx: _Ctx, bencher: Worker, n: int) -> None:
         """Ask until ``n`` configs to run (invalid suggestions are told at once and do not take a
