@@ -146,7 +146,10 @@ def test_chunk_kernels_compile_for_hopper(kernel: str, triton_dir: Path | None, 
 
     if triton_dir is not None:
         if not (triton_dir / "triton").is_dir():
-            pytest.skip(f"no Triton in {triton_dir} (make's compile-gate installs it)")
+            why = f"no Triton in {triton_dir} (`make test` installs it before the tests)"
+            if os.environ.get("CI"):  # .ci/run runs `make test`: there the 3.6 compile must run
+                pytest.fail(why)
+            pytest.skip(why)
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(triton_dir), os.environ.get("PYTHONPATH")])))
     scan = kernel.split("-")[0] if "scan" in kernel else None
     if scan is not None:
