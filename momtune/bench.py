@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from momtune.errors import InputError, one_line
+from momtune.errors import InputError
+from momtune.validate import first_line
 
 IMPLS = ("momtune", "fla", "reference", "flashinfer")
 KINDS = ("layer_prefill", "layer_decode", "model_decode", "layer_train", "model_train", "recurrence")
@@ -525,7 +526,7 @@ def bench_recurrence(set_name: str, shape: dict[str, int], impls: Iterable[str],
                              x_floor=m.median_ms / floor, **errs, **extra))
         except Exception as exc:  # one impl failing must not lose the others' numbers
             rows.append(_row("recurrence", set_name, shape, dtype, impl, floor_ms=floor,
-                             note=f"failed: {one_line(exc, 200)}"))
+                             note=f"failed: {first_line(exc, 240)}"))
         finally:
             fn = None
             gc.collect()

@@ -7,12 +7,6 @@ that expects those still works.
 from __future__ import annotations
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message`` (at most ``limit`` characters of the message)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
-
-
 class MomtuneError(Exception):
     """Base class of every error momtune raises on purpose."""
 

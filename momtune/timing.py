@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import one_line
 from .space import canonical
 
 FLOP_PEAK = 685e12  # H100 SXM dense bf16 FLOP/s: the floor's nominal peak where none is measured
@@ -114,7 +113,9 @@ def retime_interleaved(fns: Sequence[Callable[[], Any]], opts: TimingOptions,
             except Exception as exc:  # noqa: BLE001 - a candidate that fails now is out
                 dead[i] = True
                 if errors is not None:
-                    errors.append(f"config {i}: {one_line(exc)}")
+                    from .validate import first_line
+
+                    errors.append(f"config {i}: {first_line(exc)}")
     return [_summary(p) if p and not dead[i] else Timing(float("inf"), 0.0, 0) for i, p in enumerate(per)]
 
 

@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from momtune.commands import int_in
-from momtune.errors import InputError, one_line
+from momtune.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
             done(measure())
         except Exception as exc:  # noqa: BLE001 - the reason is the result; the exit status says it
             failed.append(f"{kind} {preset} {shape}")
-            why = f"failed: {one_line(exc)}"[:200]
+            from momtune.validate import first_line
+
+            why = f"failed: {first_line(exc, 192)}"
             done([bench._row(kind, preset, shape, dtype, impl, note=why) for impl in args.impls])
 
     for preset in args.presets:
