@@ -35,7 +35,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm):
+def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm, values=True):
+    """Checked inputs in the compute dtype: q, k (L2-normalised, q scaled), v, g, beta, the segment
+    bounds as a list and the initial states; ``values`` False: q, k and the bounds only (v, g, beta
+    and the states None)."""
     from momtune.checks import check_choice, check_cu_seqlens, check_tensor
     from momtune.checks import FLOAT_DTYPES
 
@@ -60,6 +63,8 @@ def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2
     if use_qk_l2norm:
         qf, kf = l2norm(qf), l2norm(kf)
     qf = qf * scale
+    if not values:
+        return qf, kf, None, None, None, cu, None
     vf, gf = v.to(cd), g.to(cd)
     bf = beta.to(cd) if rule == "gated_delta" else None
     if initial_state is None:
@@ -307,11 +312,11 @@ def gated_delta_backward(
     runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`)."""
     rule = "gated_delta"
     qk = [t.detach().requires_grad_(True) for t in (q, k)]
+    fused = getattr(scans, "chunk_backward", None)  # reads v, g, beta as given: no float copies of them
     with torch.enable_grad():
         qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, None,
-                                                  use_qk_l2norm)
+                                                  use_qk_l2norm, values=fused is None)
     n, dev, L = qf.shape[0], qf.device, chunk_size
-    fused = getattr(scans, "chunk_backward", None)
     if fused is not None:
         dqf, dkf, dv, dg, db = fused(qf.detach(), kf.detach(), v, g, beta, do, cu, L)
         with torch.enable_grad():

@@ -58,7 +58,7 @@ import triton.language as tl
 from momtune.errors import InputError
 
 from .common import _solve_unit_lower
-from .scan import TritonScans, backward_scan, forward_scan
+from .scan import TritonScans, _checked, backward_scan, forward_scan
 
 
 @triton.jit
@@ -232,14 +232,8 @@ def chunk_layout(cu: list[int], L: int, device: torch.device | str) -> dict[str,
 
 
 def _contiguous(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InputError(f"{name}: expected shape {shape}, got {got}")
-    if not x.is_floating_point() or x.dtype == torch.float64:
-        raise InputError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
-    if x.device != device:
-        raise InputError(f"{name}: on device {x.device}, expected {device}")
-    return x.contiguous()
+    return _checked(name, x, shape, device, (torch.float16, torch.bfloat16, torch.float32),
+                    "float16, bfloat16 or float32")
 
 
 def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot: str) -> dict[str, object]:

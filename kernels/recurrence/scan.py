@@ -89,12 +89,16 @@ def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, vn, table, nch, MAXC, H: tl.
         dS = dS * decay + tl.dot(qeT, dob, input_precision=DOT) - tl.dot(wT, dvnew, input_precision=DOT)
 
 
-def _checked(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _checked(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device,
+             dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+             accepted: str = "float32 (the backward's chunk terms)") -> torch.Tensor:
+    """``x`` contiguous, or an InputError naming ``name`` unless it has ``shape``, one of ``dtypes``
+    (``accepted`` says which) and ``device``."""
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"{name}: expected shape {shape}, got {got}")
-    if x.dtype != torch.float32:
-        raise InputError(f"{name}: expected float32 (the backward's chunk terms), got {x.dtype}")
+    if x.dtype not in dtypes:
+        raise InputError(f"{name}: expected {accepted}, got {x.dtype}")
     if x.device != device:
         raise InputError(f"{name}: on device {x.device}, expected {device}")
     return x.contiguous()
