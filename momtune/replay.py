@@ -29,7 +29,6 @@ from typing import Any
 
 from .space import SearchSpace, canonical, load_space
 
-COMPILE_FAILURES = ("compile_error", "out_of_resources", "timeout")  # what a compile worker reports
 
 
 @dataclass
@@ -155,6 +154,8 @@ class _Oracle:
         return self.result(request["config"])
 
     def imap_unordered(self, requests: Sequence[Mapping[str, Any]], timeout: float) -> Iterator[tuple[int, dict]]:
+        from .search import COMPILE_FAILURES
+
         self.batches.append(len(requests))
         for i, req in enumerate(requests):  # a compile worker reports only what compiling shows
             r = self.land.results.get(canonical(req["config"]), {})

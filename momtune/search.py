@@ -37,6 +37,9 @@ from .worker import INTERPRETER_WRONG_DTYPES, Worker, WorkerPool, prepare_enviro
 
 INVALID_FALLBACK = 20  # after this many invalid suggestions in a row, a random valid unmeasured config runs
 LEARNT_STARTS = 8  # at most this many winners of other studies measured right after the default
+#: a compile worker's outcomes that are the config's verdict (it is not benchmarked); any other
+#: failure there (the device's memory taken, a killed worker) leaves it to the benchmarking worker
+COMPILE_FAILURES = ("compile_error", "out_of_resources", "timeout")
 #: the input sets a study's trials are checked on: trial n uses seeds trial_seed(seed, n) (check run)
 #: and that + 1 (after timing). Few, so each worker computes their float64 references once
 #: (momtune.worker.ReferenceCache); two, so consecutive trials see other inputs.
@@ -483,7 +486,7 @@ class Engine:
         if self.pool is not None and todo:
             requests = [{**base, "op": "compile", "config": cfg, "seed": 0} for _, cfg in todo]
             for i, reply in self.pool.imap_unordered(requests, self.trial_timeout):
-                failed = reply.get("status") in ("compile_error", "out_of_resources", "timeout")
+                failed = reply.get("status") in COMPILE_FAILURES
                 bench(*todo[i], reply if failed else None)
         else:
             for trial, config in todo:
