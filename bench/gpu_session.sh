@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh verify              # verify the shipped library, a template at a time (VERIFY_TEMPLATES)
 #   bash bench/gpu_session.sh projection          # all-memories projection GEMM vs routed rows (<2 min)
 #   bash bench/gpu_session.sh backward            # norm_bwd, swiglu_bwd vs PyTorch autograd (<2 min)
+#   bash bench/gpu_session.sh multigpu            # one GPU vs all (x2 machine): the same sweep, wall time
 #   bash bench/gpu_session.sh chunkbwd            # recurrence backward's chunk kernels: GPU tests, bench (<5 min)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
@@ -162,6 +163,19 @@ stage() {
       # each study's winner looked up in the exhaustive sweep of the same kernel version (the latest)
       python3 bench/sampler_replay.py --storage $DB --study "exhaustive/recurrence:nvidia-h200:N49152-S40-H4-K256-V256-bfloat16*" \
         --measured tpe random pattern2 2>&1 | tee -a $OUT/sampler.log ;;
+    multigpu)  # issue 11, item 5: the same exhaustive sweep (reduced space, 112 configs, N 49152) on one GPU
+      # and on every GPU of the machine (--devices 0, then all), each with its own empty Triton cache so
+      # that both compile everything; wall time and configs per minute at equal trials (16 compile workers)
+      local n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+      for d in 0 all; do
+        local t0=$(date +%s.%N)
+        TRITON_CACHE_DIR=/tmp/triton-cache-mgpu-$d timeout 280 momtune search --template recurrence \
+          --shapes mom-340m-B8 --space-dir bench/spaces --sampler grid --trials 112 --no-transfer \
+          --study mgpu-$d-of-$n --storage $DB --workers 16 --devices $d > $OUT/multigpu-$d.log 2>&1
+        local rc=$?; local t1=$(date +%s.%N)
+        echo "devices $d of $n: rc $rc, wall $(python3 -c "print(f'{$t1-$t0:.1f}')") s"
+        grep -a -E "per minute|winner|first result" $OUT/multigpu-$d.log | cut -c1-200 | tail -4
+      done ;;
     recbench)  # issue 12: the recurrence alone, momtune (tuned library) vs fla vs FlashInfer, every shape
       # set, one run, floors from this GPU's measured peaks. FlashInfer comes from .peers-stage (the
       # pieces .peers/part-k carried by the calls before, see bench/peers_split.sh), else it is left out.
@@ -255,7 +269,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof recbench effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof multigpu recbench effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 
