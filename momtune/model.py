@@ -392,19 +392,26 @@ class MoMAttention(ref_layer.MoMAttention):
         into one aligned GEMM output (with ``single_kv_proj`` the slot axis has stride 0), by
         slicing and view ops (autograd follows them). ``weight``: the fused weight to use
         (default :meth:`_fused_weight`; a training step passes :meth:`_fused_weight_train`'s)."""
+        from momtune.functions import _Blocks
+
         blocks, slot_stride, total = self._layout()
         N, M = x2.shape[0], self.num_slots
         proj = F.linear(x2, self._fused_weight() if weight is None else weight)
         (_, oq, wq), (_, og, wg), (_, ol, wl) = blocks[:3]
         slot0 = blocks[2][1] + _align(wl)
-        q, gate, logits = proj[:, oq:oq + wq], proj[:, og:og + wg], proj[:, ol:ol + wl]
-        if slot_stride:
-            slots = proj[:, slot0:slot0 + M * slot_stride].view(N, M, slot_stride)
-            k, v, b, a = (slots[:, :, off:off + width] for _, off, width in blocks[3:])
-        else:  # one k/v/b/a block read by every slot
-            k, v, b, a = (proj[:, None, slot0 + off:slot0 + off + width].expand(N, M, width)
-                          for _, off, width in blocks[3:])
-        return q, gate, logits, k, v, b, a
+
+        def views(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            q, gate, logits = p[:, oq:oq + wq], p[:, og:og + wg], p[:, ol:ol + wl]
+            if slot_stride:
+                slots = p[:, slot0:slot0 + M * slot_stride].view(N, M, slot_stride)
+                k, v, b, a = (slots[:, :, off:off + width] for _, off, width in blocks[3:])
+            else:  # one k/v/b/a block read by every slot
+                k, v, b, a = (p[:, None, slot0 + off:slot0 + off + width].expand(N, M, width)
+                              for _, off, width in blocks[3:])
+            return q, gate, logits, k, v, b, a
+
+        # while autograd records: one backward writes every block's gradient into one buffer
+        return _Blocks.apply(proj, views) if proj.requires_grad else views(proj)
 
     def _fused_weight_train(self) -> torch.Tensor:
         """The fused weight of :meth:`_fused_weight`'s layout built from the parameters by a
