@@ -170,13 +170,15 @@ def scan_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
 
 
 def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: int = 256, H: int = 4, L: int = 64,
-                        block_k: int = 32, block_v: int = 32, num_warps: int | None = None, solve: str = "blocked",
+                        block_k: int | None = None, block_v: int | None = None, num_warps: int | None = None,
+                        solve: str = "blocked",
                         dot: str = "tf32", capability: int = 90, registers: bool = False,
                         num_stages: int | None = None) -> dict[str, int]:
     """Compile one of the recurrence backward's chunk kernels (``"terms"`` or ``"grads"``,
     :mod:`momtune.kernels.recurrence.chunk_bwd`) for sm_<capability> with v, do, g, beta (and dv,
     dg, dbeta) in ``dtype``: {"shared": bytes} (and, with ``registers``, "n_regs" and
-    "n_spills"). ``num_warps``, ``num_stages``: None for the launcher's defaults."""
+    "n_spills"). ``block_k``, ``block_v``, ``num_warps``, ``num_stages``: None for the launcher's
+    defaults."""
     import inspect
 
     import triton
@@ -190,10 +192,12 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
     typed = {**{n: "*i32" for n in ("first", "end")},
              **{n: f"*{dt}" for n in ("v", "do", "g", "beta", "dv", "dg", "db")}}
     sig = {p.name: typed.get(p.name, "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
+    defaults = inspect.signature(chunk_bwd.chunk_backward).parameters
+    block_k = defaults["block_k"].default if block_k is None else block_k
+    block_v = defaults["block_v"].default if block_v is None else block_v
     const = chunk_bwd.constants(H, K, V, L, block_k, block_v, dot)
     if kernel == "terms":
         const["SOLVE"] = solve
-    defaults = inspect.signature(chunk_bwd.chunk_backward).parameters
     if num_warps is None:
         num_warps = defaults["terms_warps" if kernel == "terms" else "num_warps"].default
     if num_stages is None:
@@ -205,6 +209,39 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
     if registers:
         out.update(_ptxas_info(compiled.asm["ptx"], capability))
     return out
+
+
+def qk_norm_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, capability: int = 90,
+                      registers: bool = False) -> dict[str, int]:
+    """Compile one of the L2 normalisation's kernels (``"forward"`` or ``"backward"``,
+    :mod:`momtune.kernels.recurrence.qk_norm`) for sm_<capability> with x (and dx) in ``dtype``,
+    with the launcher's blocks for ``K``: {"shared": bytes} (and, with ``registers``, "n_regs"
+    and "n_spills")."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from momtune.kernels.recurrence import qk_norm
+
+    fn = {"forward": qk_norm._l2norm_fwd_kernel, "backward": qk_norm._l2norm_bwd_kernel}[kernel]
+    br, bk = qk_norm._blocks(K)
+    typed = {"x_ptr": f"*{_DT[dtype]}", "dx_ptr": f"*{_DT[dtype]}", "R": "i32", "K": "i32", "scale": "fp32",
+             "eps": "fp32"}
+    sig = {p.name: typed.get(p.name, "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    compiled = triton.compile(ASTSource(fn, sig, dict(BLOCK_R=br, BLOCK_K=bk), attrs),
+                              target=GPUTarget("cuda", capability, 32), options=dict(num_warps=qk_norm.NUM_WARPS, num_stages=1))
+    out = {"shared": int(compiled.metadata.shared)}
+    if registers:
+        out.update(_ptxas_info(compiled.asm["ptx"], capability))
+    return out
+
+
+def qk_norm_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
+    """:func:`qk_norm_resources` in a subprocess without TRITON_INTERPRET."""
+    code = ("import json,sys; from momtune.resources import qk_norm_resources as f; "
+            "a=json.loads(sys.argv[1]); print(json.dumps(f(a['kernel'], **a['kw'])))")
+    return _compiled_apart(code, dict(kernel=kernel, kw=kw), f"compiling the L2 normalisation's {kernel} kernel")
 
 
 def chunk_bwd_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:

@@ -35,10 +35,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm, values=True):
+def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm, values=True, qk=True):
     """Checked inputs in the compute dtype: q, k (L2-normalised, q scaled), v, g, beta, the segment
     bounds as a list and the initial states; ``values`` False: q, k and the bounds only (v, g, beta
-    and the states None)."""
+    and the states None); ``qk`` False too: the bounds only (q, k None, as checked)."""
     from momtune.checks import check_choice, check_cu_seqlens, check_tensor
     from momtune.checks import FLOAT_DTYPES
 
@@ -57,6 +57,8 @@ def _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2
     s, vd = len(cu) - 1, v.shape[-1]
     if initial_state is not None:
         check_tensor("initial_state", initial_state, shape=(s, h, kd, vd), dtypes=FLOAT_DTYPES)
+    if not qk:
+        return None, None, None, None, None, cu, None
     cd = compute_dtype(q.dtype)
     scale = kd ** -0.5 if scale is None else float(scale)
     qf, kf = q.to(cd), k.to(cd)
@@ -309,10 +311,22 @@ def gated_delta_backward(
     scans, :mod:`momtune.kernels.recurrence.scan`, which documents the layout); None: the
     PyTorch steps here. If it also has ``chunk_backward(q, k, v, g, beta, do, cu, chunk_size)``
     (q, k as the recurrence reads them, cu a list; returns the gradients of q, k, v, g, beta), that
-    runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`)."""
+    runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`); if it has
+    ``l2norm(x, scale) -> (y float32, r)`` and ``l2norm_backward(x, r, dy, scale) -> dx`` as well
+    (:mod:`momtune.kernels.recurrence.qk_norm`), those normalise q and k and take their gradients
+    back instead of autograd (``use_qk_l2norm``)."""
     rule = "gated_delta"
-    qk = [t.detach().requires_grad_(True) for t in (q, k)]
     fused = getattr(scans, "chunk_backward", None)  # reads v, g, beta as given: no float copies of them
+    norm = getattr(scans, "l2norm", None) if fused is not None and use_qk_l2norm else None
+    if norm is not None:  # the normalisation and its gradient by ``scans`` too: no autograd
+        *_, cu, _ = _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, None, use_qk_l2norm, values=False, qk=False)
+        sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        (qf, rq), (kf, rk) = norm(q, sc), norm(k, 1.0)
+        dqf, dkf, dv, dg, db = fused(qf, kf, v, g, beta, do, cu, chunk_size)
+        del qf, kf
+        return (scans.l2norm_backward(q, rq, dqf, sc), scans.l2norm_backward(k, rk, dkf, 1.0), dv.to(v.dtype),
+                dg.to(g.dtype), db.to(beta.dtype))
+    qk = [t.detach().requires_grad_(True) for t in (q, k)]
     with torch.enable_grad():
         qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, None,
                                                   use_qk_l2norm, values=fused is None)

@@ -42,8 +42,9 @@ KKD [C, H, L, L]; S0, dS [C, H, K, V] (~1 MB a chunk and head at K = V = 256: 3.
 B8 T2048, as much as the PyTorch path's S0 and dS and a few of its temporaries). Nothing is
 gathered or scattered in PyTorch. Recomputed rather than stored: G, D, e^G, e^{GL-G} (from g, in
 both kernels). Registers and shared memory on sm_90 at K = V = 256, bf16 inputs, TF32 dots
-(Triton 3.9 / 3.6, ``momtune.resources.chunk_bwd_resources``): terms 4 warps, 180 / 171
-registers, 32 KiB; grads 8 warps, 2 stages, 252 / 255 registers, 92 KiB; neither spills.
+(Triton 3.9 / 3.6, ``momtune.resources.chunk_bwd_resources``), K blocks of 64: terms 4 warps,
+255 / 255 registers (16 B / 0 spilled), 32 KiB; grads 8 warps, 2 stages, 248 / 255 registers
+(0 / 4 B spilled), 100 KiB. At K blocks of 32 neither spills, and both are slower (session 12).
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot:
 
 def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                    do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
-                   solve: str = "blocked", block_k: int = 32, block_v: int = 32, num_warps: int = 8,
+                   solve: str = "blocked", block_k: int = 64, block_v: int = 32, num_warps: int = 8,
                    num_stages: int = 2, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
                    bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
                    events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
@@ -261,7 +262,10 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     software pipelining) of the gradient kernel; ``terms_warps`` of the terms kernel (its K and V
     blocks: ``block_k``, ``block_v``); ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``,
     ``bwd_warps`` of the forward / backward scan. Defaults (sm_90, K = V = 256, Triton 3.6, the
-    H200's; tests/kernels/test_recurrence_chunk_bwd.py): the chunk kernels spill no registers;
+    H200's; tests/kernels/test_recurrence_chunk_bwd.py): K blocks of 64 (session 12 on the H200 at
+    mom-340m B 8 T 2048: terms 0.85 and grads 2.76 ms against 0.97 and 3.74 at 32; the gradient
+    kernel re-reads do, vnew, dRU once per K block), at which the chunk kernels spill at most 16 B
+    (grads 4 B with Triton 3.6, terms 16 B with 3.9; none at 32);
     the scans take V blocks of 64 (each of a segment's NV programs reads the chunk's whole W, KD,
     QE: at V blocks of 16 that is 10 GB of L2 reads at B8 T2048, at 64 2.6 GB), the forward one
     without spills, the backward one with 12 B (fewer blocks spill more: none spill nothing but
@@ -331,8 +335,8 @@ def _timed(events: dict[str, list[Any]] | None, name: str) -> Iterator[None]:
 class TritonBackward(TritonScans):
     """``scans`` for :func:`momtune.reference.recurrence.gated_delta_backward` that runs the whole
     chunk backward on Triton kernels (:func:`chunk_backward`: chunk terms, both scans, chunk
-    gradients); as :class:`.scan.TritonScans` (``dot``, ``poison``) it still offers the two scans
-    alone. ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
+    gradients), and the L2 normalisation of q and k both ways (:mod:`.qk_norm`); as
+    :class:`.scan.TritonScans` (``dot``, ``poison``) it still offers the two scans alone. ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
 
     LAUNCH = ("solve", "block_k", "block_v", "num_warps", "num_stages", "terms_warps", "fwd_block_v", "fwd_warps",
               "bwd_block_v", "bwd_warps")
@@ -349,3 +353,13 @@ class TritonBackward(TritonScans):
     def chunk_backward(self, q, k, v, g, beta, do, cu, chunk_size):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
         return chunk_backward(q, k, v, g, beta, do, cu, chunk_size=chunk_size, dot=self.dot, poison=self.poison,
                               **self.launch)
+
+    def l2norm(self, x, scale):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+        from .qk_norm import l2norm_rows
+
+        return l2norm_rows(x, scale)
+
+    def l2norm_backward(self, x, r, dy, scale):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+        from .qk_norm import l2norm_rows_backward
+
+        return l2norm_rows_backward(x, r, dy, scale)

@@ -136,7 +136,7 @@ def test_chunk_kernels_compile_for_hopper(kernel: str, triton_dir: Path | None, 
     storing vnew / dvnew compile for sm_90 at the model's K = V = 256, chunks of 64, with
     chunk_backward's defaults, under the H100/H200's shared memory; with the venv's Triton and with
     the GPU machine's (Triton 3.6, in .triton36: `make test` installs it). The chunk kernels spill
-    no registers; the scans at most 64 B with Triton 3.6 (12 B the backward scan at V blocks of 64;
+    at most 16 B (K blocks of 64, measured faster than 32 with none); the scans at most 64 B with Triton 3.6 (12 B the backward scan at V blocks of 64;
     with 3.9 they spill hundreds of bytes at every block and warp count tried, as before this
     change: not checked)."""
     import inspect
@@ -160,7 +160,7 @@ def test_chunk_kernels_compile_for_hopper(kernel: str, triton_dir: Path | None, 
     else:
         res = chunk_bwd_resources_isolated(kernel, registers=True)
     assert 0 < res["shared"] <= H100_SHARED_LIMIT, res
-    if scan is None:
-        assert res["n_spills"] == 0, res
+    if scan is None:  # K blocks of 64: 4 B (grads, 3.6) and 16 B (terms, 3.9); 0 at 32, slower on the H200
+        assert res["n_spills"] <= 16, res
     elif triton_dir is not None:
         assert res["n_spills"] <= 64, res
