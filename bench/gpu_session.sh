@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh diagrec             # recurrence configs that fault: which kernel (<7 min)
 #   bash bench/gpu_session.sh recbench            # recurrence alone: momtune vs fla vs FlashInfer (<7 min)
 #   bash bench/gpu_session.sh trainprof           # profile of a layer's training step + layer_train bench
+#   bash bench/gpu_session.sh trainstep           # training step: new kernels' GPU tests, profile, layer_train
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
 #   bash bench/gpu_session.sh trainrun            # 300 steps of associative recall, kernels vs reference (<7 min)
 #   bash bench/gpu_session.sh shiplib             # export the quick/ studies (<1 min)
@@ -103,6 +104,21 @@ stage() {
       echo "pytest -m gpu (chunk backward): rc $?"; tail -4 $OUT/gpu-chunkbwd-tests.log
       timeout 200 python3 bench/gpu_chunk_bwd.py --sweep --out $OUT/chunk-bwd.json > $OUT/chunk-bwd.log 2>&1
       echo "chunk backward bench: rc $?"; tail -30 $OUT/chunk-bwd.log ;;
+    trainstep)  # issue 14: the training step after session 12's glue work (q, k normalisation kernels, the
+      # projection's blocks, K blocks of 64): their GPU tests, the chunk backward old vs new, the step's profile
+      # and layer_train (momtune only: the reference's rows are in bench-train of `train`/`trainprof`)
+      timeout -s INT -k 20 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/kernels/test_qk_norm.py \
+        tests/kernels/test_recurrence_chunk_bwd.py::test_gpu_chunk_backward_at_the_model_shape \
+        "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" \
+        > $OUT/gpu-trainstep-tests.log 2>&1
+      echo "pytest -m gpu (training step): rc $?"; tail -4 $OUT/gpu-trainstep-tests.log
+      timeout 100 python3 bench/gpu_chunk_bwd.py --sweep --out $OUT/chunk-bwd.json > $OUT/chunk-bwd.log 2>&1
+      echo "chunk backward bench: rc $?"; grep -v "^ *sweep" $OUT/chunk-bwd.log | tail -12; grep "sweep" $OUT/chunk-bwd.log | cut -c1-150
+      OUT=$OUT timeout 60 python3 bench/gpu_profile_layer.py --train --impls momtune --top 16 > $OUT/profile-train.log 2>&1
+      echo "profile train: rc $?"; grep -A18 "^momtune" $OUT/profile-train.log | cut -c1-120
+      timeout 90 momtune bench --presets mom-340m --what layer_train --prefill 8x2048 1x4096 \
+        --impls momtune --out $OUT/bench-train.json > $OUT/bench-train.log 2>&1
+      echo "bench layer_train: rc $?"; grep -a "layer_train mom" $OUT/bench-train.log ;;
     train)  # issue 14: a layer's training step (forward + backward) on the kernels vs the reference
       # backend vs fla (whose chunk backward refuses Triton < 3.7.1 on Hopper: its row says so), and the
       # GPU training tests (backward templates in bf16, the bench's layer_train rows)
@@ -269,7 +285,7 @@ stage() {
       momtune report --storage $DB --library $OUT/library-h100.json --bench .bench/bench-*.json \
         --out /tmp/report 2>&1 | tail -5
       tar czf $OUT/report.tgz -C /tmp report ;;  # at most 8 files come back: the report as one archive
-    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof multigpu recbench effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
+    *) echo "unknown stage $1; stages: smoke tests tests2 demo bench340 tune search sampler exhaustive diagrec trainprof trainstep multigpu recbench effort library1 library2 library3 train trainrun shiplib verify projection backward finish report"; return 2 ;;
   esac
 }
 
