@@ -44,7 +44,7 @@ import torch
 BW, FLOPS = 4.3e12, 790e12  # H200: HBM3e bandwidth, dense bf16 tensor-core rate
 SWEEP = [  # chunk_backward launch parameters besides its defaults (compiled for sm_90: spills noted)
     dict(block_k=32),  # the default before session 12: no spills (grads 3.74 ms against 2.76 at 64, H200)
-    dict(num_stages=3),  # Triton 3.6: no spills, 136 KiB shared (at 32: grads 2.91 against 3.74 ms)
+    dict(num_stages=2),  # the default before session 12's last call: grads 2.74 against 2.19 ms (H200)
     dict(num_stages=1),
     dict(block_v=16),
     dict(terms_warps=8),

@@ -43,8 +43,8 @@ B8 T2048, as much as the PyTorch path's S0 and dS and a few of its temporaries).
 gathered or scattered in PyTorch. Recomputed rather than stored: G, D, e^G, e^{GL-G} (from g, in
 both kernels). Registers and shared memory on sm_90 at K = V = 256, bf16 inputs, TF32 dots
 (Triton 3.9 / 3.6, ``momtune.resources.chunk_bwd_resources``), K blocks of 64: terms 4 warps,
-255 / 255 registers (16 B / 0 spilled), 32 KiB; grads 8 warps, 2 stages, 248 / 255 registers
-(0 / 4 B spilled), 100 KiB. At K blocks of 32 neither spills, and both are slower (session 12).
+255 / 255 registers (16 B / 0 spilled), 32 KiB; grads 8 warps, 3 stages, 249 / 255 registers
+(no spills), 136 KiB. At K blocks of 32 neither spills, and both are slower (session 12).
 """
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot:
 def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                    do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
                    solve: str = "blocked", block_k: int = 64, block_v: int = 32, num_warps: int = 8,
-                   num_stages: int = 2, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
+                   num_stages: int = 3, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
                    bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
                    events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
@@ -264,8 +264,9 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     ``bwd_warps`` of the forward / backward scan. Defaults (sm_90, K = V = 256, Triton 3.6, the
     H200's; tests/kernels/test_recurrence_chunk_bwd.py): K blocks of 64 (session 12 on the H200 at
     mom-340m B 8 T 2048: terms 0.85 and grads 2.76 ms against 0.97 and 3.74 at 32; the gradient
-    kernel re-reads do, vnew, dRU once per K block), at which the chunk kernels spill at most 16 B
-    (grads 4 B with Triton 3.6, terms 16 B with 3.9; none at 32);
+    kernel re-reads do, vnew, dRU once per K block), at which the terms kernel spills 16 B with
+    Triton 3.9 (none at 32); the gradient kernel's V loop in 3 stages (2.19 ms against 2.74 at 2,
+    3.31 at 1; 136 KiB of shared memory, no spills);
     the scans take V blocks of 64 (each of a segment's NV programs reads the chunk's whole W, KD,
     QE: at V blocks of 16 that is 10 GB of L2 reads at B8 T2048, at 64 2.6 GB), the forward one
     without spills, the backward one with 12 B (fewer blocks spill more: none spill nothing but
