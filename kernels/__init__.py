@@ -16,6 +16,7 @@ TEMPLATE_MODULES: dict[str, str] = {
     "routing": "routing.template",
     "routing_bwd": "routing.template_bwd",
     "recurrence": "recurrence.template",
+    "recurrence_bwd": "recurrence.template_bwd",
     "merge": "merge.template",
     "merge_bwd": "merge.template_bwd",
     "conv": "conv.template",

@@ -267,13 +267,15 @@ class _Recurrence(torch.autograd.Function):
     written out by hand on the saved inputs' rows in segments
     (:func:`momtune.reference.recurrence.gated_delta_backward`), on Triton kernels from the token
     layout to the gradients (:mod:`momtune.kernels.recurrence.chunk_bwd`: the chunk-local terms, the
-    two sequential scans of :mod:`momtune.kernels.recurrence.scan`, the chunk gradients; float64
+    two sequential scans of :mod:`momtune.kernels.recurrence.scan`, the chunk gradients, the q, k
+    normalisation's both ways: the template "recurrence_bwd", whose config ``cfg_bwd`` is; float64
     inputs: all in PyTorch); the tail gets no gradient."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                cu_seqlens: torch.Tensor, run: Any) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, run: Any, cfg_bwd: Mapping[str, Any] | None = None) -> torch.Tensor:
         ctx.save_for_backward(q, k, v, g, beta, cu_seqlens)
+        ctx.cfg_bwd = cfg_bwd
         o, _ = run(q, k, v, g, beta)
         return o
 
@@ -285,12 +287,12 @@ class _Recurrence(torch.autograd.Function):
 
         q, k, v, g, beta, cu = ctx.saved_tensors
         rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
-        scans = None if q.dtype == torch.float64 else TritonBackward(dot=dot_precision(q.dtype))
+        scans = None if q.dtype == torch.float64 else TritonBackward(dot=dot_precision(q.dtype), **(ctx.cfg_bwd or {}))
         got = gated_delta_backward(*(t[:rows] for t in (q, k, v, g, beta)), do[:rows], cu_seqlens=cu,
                                    use_qk_l2norm=True, scans=scans)
         if rows < q.shape[0]:
             got = [torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))]) for d in got]
-        return (*got, None, None)
+        return (*got, None, None, None)
 
 
 class _Merge(torch.autograd.Function):

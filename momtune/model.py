@@ -519,12 +519,15 @@ class MoMAttention(ref_layer.MoMAttention):
         # with padding, its rows (after the segments) are never written: zeros, read with weight 0
         o_buf = None if valid is None else torch.zeros(Np, H, V, dtype=dt, device=x.device)
 
+        rec_shape = dict(N=Np, S=R * M, H=H, K=K, V=V)
+
         def run(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, gg: torch.Tensor, bb: torch.Tensor) -> Any:
-            return run_fitting(self._configs, "recurrence", dict(N=Np, S=R * M, H=H, K=K, V=V), dt,
+            return run_fitting(self._configs, "recurrence", rec_shape, dt,
                                lambda cfg: chunk_recurrence(qq, kk, vv, gg, bb, cu, rule="gated_delta",
                                                             use_qk_l2norm=True, config=cfg, out=o_buf))
 
-        o = fn._Recurrence.apply(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, cu, run)
+        o = fn._Recurrence.apply(q.view(Np, H, K), k.view(Np, H, K), v.view(Np, H, V), g, beta, cu, run,
+                                 self._config("recurrence_bwd", rec_shape, dt))
         mshape = dict(B=B, T=T, H=H, V=V, J=J, fused_norm=1)
         y = fn._Merge.apply(o, slot, weights_r, gate, self.o_norm.weight, self.norm_eps,
                             self._config("merge", mshape, dt), self._config("merge_bwd", mshape, dt))

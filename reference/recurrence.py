@@ -312,20 +312,15 @@ def gated_delta_backward(
     PyTorch steps here. If it also has ``chunk_backward(q, k, v, g, beta, do, cu, chunk_size)``
     (q, k as the recurrence reads them, cu a list; returns the gradients of q, k, v, g, beta), that
     runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`); if it has
-    ``l2norm(x, scale) -> (y float32, r)`` and ``l2norm_backward(x, r, dy, scale) -> dx`` as well
-    (:mod:`momtune.kernels.recurrence.qk_norm`), those normalise q and k and take their gradients
-    back instead of autograd (``use_qk_l2norm``)."""
+    ``normalised_backward(q, k, v, g, beta, do, cu, chunk_size, scale)`` (the raw q, k; returns the
+    five gradients in the inputs' dtypes), that does all of it, the L2 normalisation of q and k and
+    its gradient included, instead of autograd (``use_qk_l2norm``)."""
     rule = "gated_delta"
     fused = getattr(scans, "chunk_backward", None)  # reads v, g, beta as given: no float copies of them
-    norm = getattr(scans, "l2norm", None) if fused is not None and use_qk_l2norm else None
-    if norm is not None:  # the normalisation and its gradient by ``scans`` too: no autograd
+    whole = getattr(scans, "normalised_backward", None) if use_qk_l2norm else None
+    if whole is not None:  # the normalisation and its gradient by ``scans`` too: no autograd
         *_, cu, _ = _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, None, use_qk_l2norm, values=False, qk=False)
-        sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        (qf, rq), (kf, rk) = norm(q, sc), norm(k, 1.0)
-        dqf, dkf, dv, dg, db = fused(qf, kf, v, g, beta, do, cu, chunk_size)
-        del qf, kf
-        return (scans.l2norm_backward(q, rq, dqf, sc), scans.l2norm_backward(k, rk, dkf, 1.0), dv.to(v.dtype),
-                dg.to(g.dtype), db.to(beta.dtype))
+        return whole(q, k, v, g, beta, do, cu, chunk_size, q.shape[-1] ** -0.5 if scale is None else float(scale))
     qk = [t.detach().requires_grad_(True) for t in (q, k)]
     with torch.enable_grad():
         qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, None,

@@ -251,7 +251,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
                    solve: str = "blocked", block_k: int = 64, block_v: int = 32, num_warps: int = 8,
                    num_stages: int = 3, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
                    bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
-                   events: dict[str, list[Any]] | None = None) -> tuple[torch.Tensor, ...]:
+                   events: dict[str, list[Any]] | None = None,
+                   out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
     (a list of ints; ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the
     recurrence's q (normalised and scaled) and k, float32; v, do [N, H, V], g, beta [N, H] in
@@ -272,7 +273,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     without spills, the backward one with 12 B (fewer blocks spill more: none spill nothing but
     V blocks of 16 at 4 warps); ``solve`` the terms kernel's triangular inverse ("blocked" or "forward",
     :func:`.common._solve_unit_lower`). ``events`` (CUDA, benchmarks): a pair of recorded CUDA
-    events per launch appended under "terms", "forward_scan", "backward_scan", "grads"."""
+    events per launch appended under "terms", "forward_scan", "backward_scan", "grads". ``out``:
+    buffers for "dv", "dg", "dbeta" to write (their shapes, v's, g's and beta's dtypes)."""
     n, h, kd_ = q.shape
     dev = q.device
     vd = v.shape[-1] if v.dim() == 3 else -1
@@ -291,9 +293,18 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     nan = float("nan")
     f32 = dict(dtype=torch.float32, device=dev)
     dq, dk = (empty((n, h, kd_), nan, **f32) for _ in range(2))
-    dv = empty((n, h, vd), nan, dtype=v.dtype, device=dev)
-    dg = empty((n, h), nan, dtype=g.dtype, device=dev)
-    db = empty((n, h), nan, dtype=beta.dtype, device=dev)
+    out = out or {}
+
+    def result(name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = out.get(name)
+        if buf is None:
+            return empty(like.shape, nan, dtype=like.dtype, device=dev)
+        if buf.shape != like.shape or buf.dtype != like.dtype or buf.device != dev or not buf.is_contiguous():
+            raise InputError(f"out[{name!r}]: expected a contiguous {like.dtype} {tuple(like.shape)} on {dev}, got "
+                             f"{buf.dtype} {tuple(buf.shape)} on {buf.device}")
+        return buf
+
+    dv, dg, db = result("dv", v), result("dg", g), result("dbeta", beta)
     if C == 0 or h == 0:
         return dq, dk, dv, dg, db
     w, kd, qe = (empty((C, h, L, kd_), nan, **f32) for _ in range(3))
@@ -336,11 +347,14 @@ def _timed(events: dict[str, list[Any]] | None, name: str) -> Iterator[None]:
 class TritonBackward(TritonScans):
     """``scans`` for :func:`momtune.reference.recurrence.gated_delta_backward` that runs the whole
     chunk backward on Triton kernels (:func:`chunk_backward`: chunk terms, both scans, chunk
-    gradients), and the L2 normalisation of q and k both ways (:mod:`.qk_norm`); as
-    :class:`.scan.TritonScans` (``dot``, ``poison``) it still offers the two scans alone. ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
+    gradients), and the L2 normalisation of q and k both ways (:mod:`.qk_norm`,
+    :meth:`normalised_backward`); as :class:`.scan.TritonScans` (``dot``, ``poison``) it still
+    offers the two scans alone. ``launch``: :func:`chunk_backward`'s launch parameters (its
+    defaults otherwise) and ``chunk``, the backward's chunk size (the template "recurrence_bwd"
+    tunes them). ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
 
     LAUNCH = ("solve", "block_k", "block_v", "num_warps", "num_stages", "terms_warps", "fwd_block_v", "fwd_warps",
-              "bwd_block_v", "bwd_warps")
+              "bwd_block_v", "bwd_warps", "chunk")
 
     def __init__(self, dot: str = "tf32", poison: bool = False, **launch: Any) -> None:
         super().__init__(dot=dot, poison=poison)
@@ -349,18 +363,34 @@ class TritonBackward(TritonScans):
             raise InputError(f"TritonBackward: unknown launch parameters {unknown}; known: {list(self.LAUNCH)}")
         if launch.get("solve", "blocked") not in ("blocked", "forward"):
             raise InputError(f"solve: expected 'blocked' or 'forward', got {launch['solve']!r}")
+        self.chunk = launch.pop("chunk", None)  # the backward's own chunk size (None: the caller's)
         self.launch = launch
 
-    def chunk_backward(self, q, k, v, g, beta, do, cu, chunk_size):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
-        return chunk_backward(q, k, v, g, beta, do, cu, chunk_size=chunk_size, dot=self.dot, poison=self.poison,
-                              **self.launch)
+    def chunk_backward(self, q, k, v, g, beta, do, cu, chunk_size, out=None):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+        return chunk_backward(q, k, v, g, beta, do, cu, chunk_size=self.chunk or chunk_size, dot=self.dot,
+                              poison=self.poison, out=out, **self.launch)
 
-    def l2norm(self, x, scale):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
-        from .qk_norm import l2norm_rows
+    def normalised_backward(self, q, k, v, g, beta, do, cu, chunk_size, scale, out=None):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+        """(dq, dk, dv, dg, dbeta) in the inputs' dtypes from the raw q, k (L2-normalised here,
+        q scaled by ``scale``: :mod:`.qk_norm` both ways) and ``cu`` a list; ``out``: buffers
+        for any of them (named so), written instead of new tensors."""
+        from .qk_norm import l2norm_rows, l2norm_rows_backward
 
-        return l2norm_rows(x, scale)
+        out = out or {}
+        (qf, rq), (kf, rk) = l2norm_rows(q, scale), l2norm_rows(k, 1.0)
+        dqf, dkf, dv, dg, db = self.chunk_backward(qf, kf, v, g, beta, do, cu, chunk_size, out=out)
+        del qf, kf
+        dq = l2norm_rows_backward(q, rq, dqf, scale, out=out.get("dq"))
+        dk = l2norm_rows_backward(k, rk, dkf, 1.0, out=out.get("dk"))
+        return dq, dk, dv, dg, db
 
-    def l2norm_backward(self, x, r, dy, scale):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
-        from .qk_norm import l2norm_rows_backward
 
-        return l2norm_rows_backward(x, r, dy, scale)
+def _defaults() -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(chunk_backward).parameters
+    return {**{n: params[n].default for n in TritonBackward.LAUNCH if n in params}, "chunk": 64}
+
+
+#: the template "recurrence_bwd"'s default: :func:`chunk_backward`'s defaults, chunks of 64
+DEFAULT_CONFIG: dict[str, Any] = _defaults()

@@ -81,8 +81,10 @@ def l2norm_rows(x: torch.Tensor, scale: float = 1.0, eps: float = L2_EPS) -> tup
     return y, r
 
 
-def l2norm_rows_backward(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """The gradient of x (x's dtype) given dy, the gradient of :func:`l2norm_rows`' y, and its r."""
+def l2norm_rows_backward(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, scale: float = 1.0,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of x (x's dtype) given dy, the gradient of :func:`l2norm_rows`' y, and its r;
+    written into ``out`` if given (contiguous, x's shape and dtype)."""
     x, dy = _rows("x", x), _rows("dy", dy)
     if dy.shape != x.shape:
         raise InputError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
@@ -91,7 +93,11 @@ def l2norm_rows_backward(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, sca
     r = r.contiguous()
     K = x.shape[-1]
     R = x.numel() // max(K, 1)
-    dx = torch.empty_like(x)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device
+                            or not out.is_contiguous()):
+        raise InputError(f"out: expected a contiguous {x.dtype} {tuple(x.shape)} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    dx = torch.empty_like(x) if out is None else out
     if R and K:
         br, bk = _blocks(K)
         _l2norm_bwd_kernel[(triton.cdiv(R, br),)](x, r, dy, dx, R, K, float(scale), BLOCK_R=br, BLOCK_K=bk,

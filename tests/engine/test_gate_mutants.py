@@ -166,14 +166,17 @@ SPECIFIC = {
     },
     "conv": {"wrong-segment-boundary": (_with_inputs(_wrong_boundary), {"norm", "elementwise", "unwritten"})},
     "conv_bwd": {"wrong-segment-boundary": (_with_inputs(_wrong_boundary), {"norm", "elementwise"})},
+    "recurrence_bwd": {"wrong-segment-boundary": (_with_inputs(_wrong_boundary), {"norm", "elementwise"})},
     "decode": {"stale-state": (_with_inputs(_zero_state("state")), {"norm", "elementwise"})},
 }
 AFTER_TIMING = {"work-skipped-after-check", "stale-outputs"}
 CASES = [(name, m) for name in template_names() for m in [*GENERIC, *SPECIFIC.get(name, {})]]
 
 
-#: CPU: the recurrence at BT 16, so that the tiny shapes' segments span several chunks
-CPU_CONFIG = {"recurrence": {"BT": 16, "BK": 16, "BV": 16}}
+#: CPU: the recurrence (and its backward) in chunks of 16, so that the tiny shapes' segments span
+#: several chunks
+CPU_CONFIG = {"recurrence": {"BT": 16, "BK": 16, "BV": 16},
+              "recurrence_bwd": {"chunk": 16, "block_k": 16, "block_v": 16, "fwd_block_v": 16, "bwd_block_v": 16}}
 
 
 def _trial(template, dtype, shape, device, seed=3, gpu=False):

@@ -90,7 +90,7 @@ def test_fused_backward_uses_the_kernels_and_matches_autograd(monkeypatch) -> No
         monkeypatch.setattr(qk_norm, name, lambda *a, _f=fn, _n=name, **kw: (calls.append(_n), _f(*a, **kw))[1])
 
     class Autograd(chunk_bwd.TritonBackward):
-        l2norm = None
+        normalised_backward = None
 
     gen = torch.Generator().manual_seed(3)
     cu = torch.tensor([0, 21, 40])

@@ -1,0 +1,100 @@
+"""Template "recurrence_bwd": the gated-delta recurrence's backward from zero states, as a training
+step runs it (issue 14): q and k L2-normalised (q scaled by K^-1/2) by :mod:`.qk_norm`, the chunk
+backward's four launches (:mod:`.chunk_bwd`: chunk terms, forward scan, backward scan, chunk
+gradients), the normalisation's gradient. Its config is :func:`.chunk_bwd.chunk_backward`'s launch
+parameters and ``chunk``, the backward's own chunk size.
+
+Shape keys as "recurrence": N, S, H, K, V. Inputs are the recurrence template's (uneven segments,
+one empty and one of length 1 when S >= 3), without an initial state, plus do [N, H, V] in the
+dtype; outputs dq, dk [N, H, K], dv [N, H, V] and dg, dbeta [N, H] in their inputs' dtypes. The
+reference is the backward written out by hand in PyTorch
+(:func:`momtune.reference.recurrence.gated_delta_backward` without ``scans``: every chunk step in
+the reference's dtype), itself checked against autograd of the chunked recurrence in
+tests/reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..template import DEFAULT_TOLERANCE, Config, Inputs, Outputs, Shape, Template
+from .chunk_bwd import DEFAULT_CONFIG, TritonBackward
+from .template import cost as forward_cost
+from .template import make_inputs as forward_inputs
+
+_HERE = Path(__file__).resolve().parent
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, seed: int) -> Inputs:
+    inputs = forward_inputs(shape, dtype, device, seed)
+    del inputs["initial_state"]  # a training step's recurrence starts from zero states
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed + 7919)
+    n, h, vd = inputs["v"].shape
+    inputs["do"] = torch.randn(n, h, vd, generator=gen, device=dev).to(dtype)
+    return inputs
+
+
+def launch(inputs: Inputs, config: Config | None = None, out: Outputs | None = None) -> Outputs:
+    from .chunk import dot_precision
+
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    scans = TritonBackward(dot=dot_precision(inputs["q"].dtype), **cfg)
+    cu = [int(c) for c in inputs["cu_seqlens"].tolist()]
+    q = inputs["q"]
+    got = scans.normalised_backward(q, inputs["k"], inputs["v"], inputs["g"], inputs["beta"], inputs["do"], cu,
+                                    cfg["chunk"], q.shape[-1] ** -0.5, out=out)
+    return dict(zip(("dq", "dk", "dv", "dg", "dbeta"), got))
+
+
+def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
+    from momtune.reference.recurrence import gated_delta_backward
+
+    d = dtype
+    got = gated_delta_backward(*(inputs[x].to(d) for x in ("q", "k", "v", "g", "beta", "do")),
+                               cu_seqlens=inputs["cu_seqlens"], use_qk_l2norm=True, chunk_size=64)
+    return dict(zip(("dq", "dk", "dv", "dg", "dbeta"), got))
+
+
+def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:
+    """(flops, bytes): ~3x the forward's matmuls (the terms, the two scans' state products, the
+    gradients' K x V products); bytes: the inputs and do read, the gradients written, and the
+    float32 workspace of the chunk backward (W, KD, QE, U, do, vnew, dvnew written and read once,
+    the starting states and their gradients [C, H, K, V] written and read once)."""
+    n, s, h, kd, vd = (int(shape[key]) for key in ("N", "S", "H", "K", "V"))
+    e = torch.empty((), dtype=dtype).element_size()
+    flops, _ = forward_cost(shape, dtype)
+    L = DEFAULT_CONFIG["chunk"]
+    chunks = (n + s * (L - 1)) // L  # at most: every segment's last chunk partial
+    io = n * h * (2 * (2 * kd + 2 * vd) * e + 4 * (e + 4))
+    work = 2 * chunks * h * L * 4 * (3 * kd + 4 * vd) + 2 * 2 * chunks * h * kd * vd * 4
+    return 3.0 * flops, float(io + work)
+
+
+def check_config(shape: Shape, config: Config) -> str:
+    """Why ``config`` cannot run ``shape`` ('' if it can); mirrors the TOML constraints."""
+    cfg = {**DEFAULT_CONFIG, **config}
+    tile = cfg["block_k"] * cfg["block_v"]
+    if tile >= 4096 and cfg["num_stages"] != 2:
+        return "64 x 64 blocks spill 672 B in one stage (Triton 3.6, sm_90) and exceed the shared memory in three"
+    if cfg["num_stages"] >= 3 and tile > 2048:
+        return "three stages of K x V tiles over 2048 elements exceed the H100's shared memory"
+    return ""
+
+
+TEMPLATE = Template(
+    name="recurrence_bwd",
+    shape_keys=("N", "S", "H", "K", "V"),
+    make_inputs=make_inputs,
+    launch=launch,
+    reference=reference,
+    default_config=dict(DEFAULT_CONFIG),
+    cost=cost,
+    sources=tuple(str(_HERE / f) for f in ("chunk_bwd.py", "scan.py", "common.py", "qk_norm.py", "template_bwd.py")),
+    tolerances={**DEFAULT_TOLERANCE, torch.float32: (2e-3, 2e-3), torch.bfloat16: (5e-2, 5e-2)},
+    check_config=check_config,
+    # no fallbacks: at K = V = 256 the backward scan takes 136-160 KiB of shared memory at every V
+    # block (Triton 3.6, sm_90), more than sm_86 / sm_89 have (99 KiB); sm_80 (163 KiB) fits
+    tf32=True,
+)
