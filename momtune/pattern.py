@@ -37,6 +37,10 @@ from typing import Any
 
 from .space import SearchSpace, canonical
 
+NEAR = 0.03  # measured configs within this of the best are polled with it (at most KMAX centres)
+KMAX = 3
+AGREE_M = 6  # best configs whose agreement orders the parameters: the ones they all share move first
+WALL_RANK = 0.5  # a config out of resources ranks as this share of its best measured neighbour's time
 BEAM = 4  # best measured configs whose moves are searched before moving two parameters
 
 
@@ -123,13 +127,15 @@ class PatternSearch:
     computed once: an ask costs a few lookups, not a pass over a space of 16k configs)."""
 
     def __init__(self, space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
-                 seed: int, starts: Sequence[Mapping[str, Any]] = ()) -> None:
+                 seed: int, starts: Sequence[Mapping[str, Any]] = (),
+                 fallbacks: Sequence[Mapping[str, Any]] = ()) -> None:
         self.space = space
         self.by_key = {canonical(c): dict(c) for c in valid}
         self.default = dict(default)
         # measured right after the default (those valid at this shape): the space's [[starts]], the
         # template's fallbacks; the moves from the best of them all come next
         self.starts = [dict(c) for c in starts if canonical(c) in self.by_key]
+        self.fallbacks = [dict(c) for c in fallbacks if canonical(c) in self.by_key]
         rng = random.Random(seed)
         self.order = list(space.parameters)
         rng.shuffle(self.order)  # which parameter moves first: seeded, so seeds explore differently
@@ -166,18 +172,37 @@ class PatternSearch:
                         return True
             return False
 
-        if canonical(self.default) in by_key and add([self.default]):
+        default = canonical(self.default)
+        if default in by_key and add([self.default]):
             return out
         if add(self.starts):
             return out
-        for key in ranked[:BEAM]:
-            found = self.moves(key)
-            if add(found):
-                return out
-            for c in found:  # over a resource wall: the failed move's own moves, in their order
-                wall = canonical(c)
-                if wall in walls and add([m for m in self.moves(wall) if canonical(m) != key]):
+        if default in done and default not in times and add(self.fallbacks):  # the default did not run
+            return out
+        if default in times and add(self.moves(default)):  # the default's whole neighbourhood first
+            return out
+        # centres: the measured configs by time, and the walls (configs out of resources), each ranked
+        # at WALL_RANK of its best measured neighbour's time: bridged before the others' moves
+        centres = [(times[k], k) for k in ranked if k in times] or [(0.0, k) for k in ranked[:1]]
+        best_t = centres[0][0] if centres else math.inf
+        for w in walls:
+            near = [times[canonical(m)] for m in self.moves(w) if canonical(m) in times] if w in by_key else []
+            if near:
+                centres.append((min(near) * WALL_RANK, w))
+        centres.sort()
+        k_poll = min(KMAX, max(1, sum(t <= best_t * (1 + NEAR) for t, _ in centres)))
+        top = [k for _, k in centres[:k_poll]]
+        # parameters on which the best configs agree first (the directions not yet explored where the
+        # times are good), each one's moves from every polled centre together
+        best = [by_key[k] for _, k in centres[:max(k_poll, AGREE_M)]]
+        names = sorted(self.order, key=lambda n: (len({repr(c[n]) for c in best}), self.order.index(n)))
+        for name in names:
+            for key in top:
+                if add([m for m in self.moves(key) if m[name] != by_key[key][name]]):
                     return out
+        for _, key in centres[k_poll:BEAM]:  # a local optimum: the next-best configs' moves
+            if add(self.moves(key)):
+                return out
         if ranked:
             center = by_key[ranked[0]]
             for a, b in itertools.combinations(self.order, 2):
