@@ -9,23 +9,17 @@ claims the first candidate nobody else claims, :func:`momtune.study.claim_config
 driver asks a few candidates at a time (momtune.search), so each batch follows the results of
 the ones before.
 
-0. the default, then the configs known to be good elsewhere: the space's ``[[starts]]`` (e.g.
-   winners on another GPU or shape) and the template's fallbacks;
-1. the moves from the best measured config (the default until one is measured): one parameter
-   moved one step (a numeric parameter to the nearest valid choice up or down, a named one to
-   each other choice); a move the constraints forbid is *repaired*: one other parameter moved to
-   its nearest choice that makes it valid (``PRE_QK`` on needs one pipeline stage in the
-   recurrence's register mode: from a 2-stage default no single move turns it on, and the H200's
-   optimum of the reduced space has it on); a move to a config that failed for lack of per-block
-   resources (``out_of_resources``: shared memory or registers) is *bridged* the same way: its own
-   moves come next, so the search crosses a wall that only a smaller tile or fewer stages let through
-   (on the H200 the transposed state pass at the 2-stage default needs 250 KB of shared memory,
-   and its best configs are two moves past it);
-2. once none is left (a local optimum), the moves from the next-best measured configs;
-3. then two parameters moved together from the best, which steps over a ridge that no single
-   move crosses (a larger tile pays only with more warps);
-4. then every other valid config, in a seeded random order (a restart: the search never runs
-   dry before the space does).
+0. the default, then the configs known to be good elsewhere (the space's ``[[starts]]``, other
+   studies' winners); the template's fallbacks only if the default fails;
+1. the default's whole one-parameter neighbourhood (a move the constraints forbid is *repaired* by
+   one other parameter moved to its nearest valid choice);
+2. the moves of a config that failed for lack of per-block resources (a *wall*, ranked at
+   WALL_RANK of its best measured neighbour's time: bridged before the others), and of the best
+   measured configs: those within NEAR of the best (at most KMAX) polled together, one parameter at
+   a time, the parameters on which the AGREE_M best configs agree first;
+3. once none is left (a local optimum), the moves from the next-best measured configs, then two
+   parameters moved together from the best;
+4. then every other valid config, in a seeded random order (a restart).
 """
 from __future__ import annotations
 
