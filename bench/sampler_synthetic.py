@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = [("recurrence", "bench/spaces", 11), ("decode", None, 40), ("recurrence", None, 40)]
+CASES = [("recurrence", "bench/spaces", 22), ("decode", None, 40), ("recurrence", None, 40)]
 FAMILIES = {"separable": dict(inter=0.0, pairs=0), "mild": dict(inter=0.15, pairs=3), "strong": dict(inter=0.3, pairs=4)}
 
 
@@ -117,7 +117,8 @@ def main() -> int:
     p.add_argument("--old", default="1c15072", help="git revision of the pattern search to compare against")
     p.add_argument("--landscapes", type=int, default=40)
     p.add_argument("--noise", type=float, default=0.01)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None,
+                   help="configs asked at a time (default: the search driver's, a quarter of the trials, 2-16)")
     args = p.parse_args()
 
     from momtune import pattern
@@ -133,13 +134,14 @@ def main() -> int:
         sets = [s for s in space.shape_sets if s != "tiny"]
         shape = space.shape_sets[sets[0]].shapes[len(space.shape_sets[sets[0]].shapes) // 2]
         valid = space.enumerate(shape)
+        batch = args.batch or min(16, max(2, budget // 4))
         for family, kw in FAMILIES.items():
             rows: dict[str, list[float]] = {"blind": [], "old": [], "new": [], "random": []}
             for s in range(args.landscapes):
                 times = landscape(space, valid, 1000 + s, **kw)
                 rows["blind"].append(run(old.PatternSearch, space, valid, s, times, budget, 16, args.noise))
-                rows["old"].append(run(old.PatternSearch, space, valid, s, times, budget, args.batch, args.noise))
-                rows["new"].append(run(pattern.PatternSearch, space, valid, s, times, budget, args.batch, args.noise))
+                rows["old"].append(run(old.PatternSearch, space, valid, s, times, budget, batch, args.noise))
+                rows["new"].append(run(pattern.PatternSearch, space, valid, s, times, budget, batch, args.noise))
                 rows["random"].append(random_search(space, valid, s, times, budget))
             cells = [f"{statistics.median(v):.3f} / {math.exp(statistics.mean(map(math.log, v))):.3f} / "
                      f"{sum(x <= 1.02 for x in v)}" for v in rows.values()]

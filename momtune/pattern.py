@@ -9,23 +9,17 @@ claims the first candidate nobody else claims, :func:`momtune.study.claim_config
 driver asks a few candidates at a time (momtune.search), so each batch follows the results of
 the ones before.
 
-0. the default, then the configs known to be good elsewhere: the space's ``[[starts]]`` (e.g.
-   winners on another GPU or shape) and the template's fallbacks;
-1. the moves from the best measured config (the default until one is measured): one parameter
-   moved one step (a numeric parameter to the nearest valid choice up or down, a named one to
-   each other choice); a move the constraints forbid is *repaired*: one other parameter moved to
-   its nearest choice that makes it valid (``PRE_QK`` on needs one pipeline stage in the
-   recurrence's register mode: from a 2-stage default no single move turns it on, and the H200's
-   optimum of the reduced space has it on); a move to a config that failed for lack of per-block
-   resources (``out_of_resources``: shared memory or registers) is *bridged* the same way: its own
-   moves come next, so the search crosses a wall that only a smaller tile or fewer stages let through
-   (on the H200 the transposed state pass at the 2-stage default needs 250 KB of shared memory,
-   and its best configs are two moves past it);
-2. once none is left (a local optimum), the moves from the next-best measured configs;
-3. then two parameters moved together from the best, which steps over a ridge that no single
-   move crosses (a larger tile pays only with more warps);
-4. then every other valid config, in a seeded random order (a restart: the search never runs
-   dry before the space does).
+0. the default, then the configs known to be good elsewhere (the space's ``[[starts]]``, other
+   studies' winners); the template's fallbacks only if the default fails;
+1. the default's whole one-parameter neighbourhood (a move the constraints forbid is *repaired* by
+   one other parameter moved to its nearest valid choice);
+2. the moves of a config that failed for lack of per-block resources (a *wall*, ranked at
+   WALL_RANK of its best measured neighbour's time: bridged before the others), and of the best
+   measured configs: those within NEAR of the best (at most KMAX) polled together, one parameter at
+   a time, the parameters on which the AGREE_M best configs agree first;
+3. once none is left (a local optimum), the moves from the next-best measured configs, then two
+   parameters moved together from the best;
+4. then every other valid config, in a seeded random order (a restart).
 """
 from __future__ import annotations
 
@@ -37,6 +31,10 @@ from typing import Any
 
 from .space import SearchSpace, canonical
 
+NEAR = 0.03  # measured configs within this of the best are polled with it (at most KMAX centres)
+KMAX = 3
+AGREE_M = 6  # best configs whose agreement orders the parameters: the ones they all share move first
+WALL_RANK = 0.5  # a config out of resources ranks as this share of its best measured neighbour's time
 BEAM = 4  # best measured configs whose moves are searched before moving two parameters
 
 
@@ -123,13 +121,15 @@ class PatternSearch:
     computed once: an ask costs a few lookups, not a pass over a space of 16k configs)."""
 
     def __init__(self, space: SearchSpace, valid: Sequence[Mapping[str, Any]], default: Mapping[str, Any],
-                 seed: int, starts: Sequence[Mapping[str, Any]] = ()) -> None:
+                 seed: int, starts: Sequence[Mapping[str, Any]] = (),
+                 fallbacks: Sequence[Mapping[str, Any]] = ()) -> None:
         self.space = space
         self.by_key = {canonical(c): dict(c) for c in valid}
         self.default = dict(default)
         # measured right after the default (those valid at this shape): the space's [[starts]], the
         # template's fallbacks; the moves from the best of them all come next
         self.starts = [dict(c) for c in starts if canonical(c) in self.by_key]
+        self.fallbacks = [dict(c) for c in fallbacks if canonical(c) in self.by_key]
         rng = random.Random(seed)
         self.order = list(space.parameters)
         rng.shuffle(self.order)  # which parameter moves first: seeded, so seeds explore differently
@@ -166,18 +166,37 @@ class PatternSearch:
                         return True
             return False
 
-        if canonical(self.default) in by_key and add([self.default]):
+        default = canonical(self.default)
+        if default in by_key and add([self.default]):
             return out
         if add(self.starts):
             return out
-        for key in ranked[:BEAM]:
-            found = self.moves(key)
-            if add(found):
-                return out
-            for c in found:  # over a resource wall: the failed move's own moves, in their order
-                wall = canonical(c)
-                if wall in walls and add([m for m in self.moves(wall) if canonical(m) != key]):
+        if default in done and default not in times and add(self.fallbacks):  # the default did not run
+            return out
+        if default in times and add(self.moves(default)):  # the default's whole neighbourhood first
+            return out
+        # centres: the measured configs by time, and the walls (configs out of resources), each ranked
+        # at WALL_RANK of its best measured neighbour's time: bridged before the others' moves
+        centres = [(times[k], k) for k in ranked if k in times] or [(0.0, k) for k in ranked[:1]]
+        best_t = centres[0][0] if centres else math.inf
+        for w in walls:
+            near = [times[canonical(m)] for m in self.moves(w) if canonical(m) in times] if w in by_key else []
+            if near:
+                centres.append((min(near) * WALL_RANK, w))
+        centres.sort()
+        k_poll = min(KMAX, max(1, sum(t <= best_t * (1 + NEAR) for t, _ in centres)))
+        top = [k for _, k in centres[:k_poll]]
+        # parameters on which the best configs agree first (the directions not yet explored where the
+        # times are good), each one's moves from every polled centre together
+        best = [by_key[k] for _, k in centres[:max(k_poll, AGREE_M)]]
+        names = sorted(self.order, key=lambda n: (len({repr(c[n]) for c in best}), self.order.index(n)))
+        for name in names:
+            for key in top:
+                if add([m for m in self.moves(key) if m[name] != by_key[key][name]]):
                     return out
+        for _, key in centres[k_poll:BEAM]:  # a local optimum: the next-best configs' moves
+            if add(self.moves(key)):
+                return out
         if ranked:
             center = by_key[ranked[0]]
             for a, b in itertools.combinations(self.order, 2):

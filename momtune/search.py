@@ -432,7 +432,7 @@ class Engine:
             # winner): the search is measured, not a lookup; the template's fallbacks stay
             starts = [*ctx.learnt, *ctx.space.starts] if self.o.transfer else []
             ctx.pattern = pattern.PatternSearch(ctx.space, ctx.valid, default, self.o.seed,
-                                                starts=[*starts, *fallbacks])
+                                                starts=starts, fallbacks=fallbacks)
         claimed = sum(t.state.name == "RUNNING" for t in trials)
         return ctx.pattern.candidates(times, count(trials).measured, limit=claimed + 64, walls=walls)
 
