@@ -7,10 +7,8 @@ parameters and ``chunk``, the backward's own chunk size.
 Shape keys as "recurrence": N, S, H, K, V. Inputs are the recurrence template's (uneven segments,
 one empty and one of length 1 when S >= 3), without an initial state, plus do [N, H, V] in the
 dtype; outputs dq, dk [N, H, K], dv [N, H, V] and dg, dbeta [N, H] in their inputs' dtypes. The
-reference is the backward written out by hand in PyTorch
-(:func:`momtune.reference.recurrence.gated_delta_backward` without ``scans``: every chunk step in
-the reference's dtype), itself checked against autograd of the chunked recurrence in
-tests/reference.
+reference differentiates the recurrence template's reference (the chunked recurrence in PyTorch)
+with autograd in float64, as every backward template's does.
 """
 from __future__ import annotations
 
@@ -18,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ..template import DEFAULT_TOLERANCE, Config, Inputs, Outputs, Shape, Template
+from ..template import DEFAULT_TOLERANCE, Config, Inputs, Outputs, Shape, Template, reference_gradients
 from .chunk_bwd import DEFAULT_CONFIG, TritonBackward
 from .template import cost as forward_cost
 from .template import make_inputs as forward_inputs
+from .template import reference as forward_reference
 
 _HERE = Path(__file__).resolve().parent
 
@@ -49,12 +48,11 @@ def launch(inputs: Inputs, config: Config | None = None, out: Outputs | None = N
 
 
 def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
-    from momtune.reference.recurrence import gated_delta_backward
-
-    d = dtype
-    got = gated_delta_backward(*(inputs[x].to(d) for x in ("q", "k", "v", "g", "beta", "do")),
-                               cu_seqlens=inputs["cu_seqlens"], use_qk_l2norm=True, chunk_size=64)
-    return dict(zip(("dq", "dk", "dv", "dg", "dbeta"), got))
+    """Autograd of the recurrence template's reference (the chunked recurrence in PyTorch, in
+    ``dtype``) from zero states, given do: never the kernels' hand-written backward."""
+    return reference_gradients(forward_reference, {**inputs, "initial_state": None},
+                               {"dq": "q", "dk": "k", "dv": "v", "dg": "g", "dbeta": "beta"},
+                               {"o": inputs["do"], "final_state": None}, dtype)
 
 
 def cost(shape: Shape, dtype: torch.dtype) -> tuple[float, float]:
