@@ -229,7 +229,8 @@ stage() {
       echo "exhaustive: rc $?"; grep -a "^│ exh" $OUT/exhaustive.log | cut -c1-220 ;;
     library1|library2|library3)  # issue 11, item 6: every template's H200 library, --effort quick (pattern
       # search), studies named quick/... (the recurrence resumes the effort stage's); then `shiplib`.
-      # library3: the backward templates (issue 14) on the mom-340m prefill shapes
+      # library3: the backward templates (issue 14) on the mom-340m prefill shapes, the recurrence's
+      # first (60 s a shape: its float64 autograd reference takes seconds at N 196608)
       # (session 9 searched the recurrence and decode, whose sources have not changed since: LIBRARY_FULL=1
       # searches them again in library1; the short ops were re-timed as graphs after session 9)
       if [ $1 = library1 ] && [ -n "${LIBRARY_FULL:-}" ]; then
@@ -239,7 +240,8 @@ stage() {
       elif [ $1 = library2 ]; then
         local runs=("routing norm swiglu:mom-1.3b-prefill:15")
       else
-        local runs=("norm_bwd swiglu_bwd conv_bwd:mom-340m-prefill:15" "merge_bwd routing_bwd:mom-340m-prefill:15")
+        local runs=("recurrence_bwd:mom-340m-prefill:60" "norm_bwd swiglu_bwd conv_bwd:mom-340m-prefill:15"
+                    "merge_bwd routing_bwd:mom-340m-prefill:15")
       fi
       for r in "${runs[@]}"; do
         IFS=: read names set secs <<< "$r"
