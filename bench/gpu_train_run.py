@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="PNG of the loss curves (needs matplotlib)")
     ap.add_argument("--plot-from", type=Path, help="only draw --plot from this run's JSON")
     a = ap.parse_args(argv)
+    if a.decay_a < 0:
+        ap.error(f"--decay-a: expected A > 0 (or 0: fla's init), got {a.decay_a}")
     if a.plot_from:
         if not a.plot:
             ap.error("--plot-from needs --plot")
