@@ -40,6 +40,27 @@ def test_nudged_moves_every_weight_by_about_one_unit() -> None:
     assert bool((rel > 0).all()) and float(rel.max()) <= 2 * torch.finfo(torch.float32).eps
 
 
+def test_slow_decays_set_every_layers_A_and_nothing_else() -> None:
+    import momtune
+
+    mod = load_script(SCRIPT)
+    torch.manual_seed(0)
+    cfg = momtune.MoMConfig.from_preset("tiny", vocab_size=8, hidden_size=32, num_hidden_layers=2)
+    state = momtune.reference.MoMForCausalLM(cfg).state_dict()
+    slow = mod.slow_decays(state, 1.0)
+    names = [k for k in state if k.endswith(".attn.A_log")]
+    assert len(names) == 2 and all(bool((slow[k] == 0).all()) and bool((state[k] != 0).all()) for k in names)
+    assert all(slow[k] is state[k] for k in state if k not in names)
+    assert torch.allclose(mod.slow_decays(state, 2.0)[names[0]].exp(), torch.full((2,), 2.0))
+
+
+def test_unbound_recall_is_a_stored_value_not_recalled_yet_at_random() -> None:
+    mod = load_script(SCRIPT)
+    assert mod.unbound_recall(1) == 1
+    assert mod.unbound_recall(2) == pytest.approx((1 / 2 + 1) / 2)
+    assert mod.unbound_recall(4) == pytest.approx((1 / 4 + 1 / 3 + 1 / 2 + 1) / 4)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU run needs the interpreter")
 def test_cpu_run_trains_both_and_compares_the_curves(tmp_path: Path) -> None:
     mod = load_script(SCRIPT)
@@ -51,3 +72,5 @@ def test_cpu_run_trains_both_and_compares_the_curves(tmp_path: Path) -> None:
     assert all(len(r["loss"]) == 2 and len(r["step_ms"]) == 2 for r in data["runs"].values())
     assert len(data["bound"]) == 2 and rc == (0 if data["agree"] else 1)
     assert data["agree"], (data["gap"], data["bound"])
+    # on the CPU (plumbing) the recall is reported, not required
+    assert data["min_recall"] == 0 and data["learnt"] and data["unbound_recall"] == pytest.approx(11 / 18)
