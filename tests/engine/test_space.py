@@ -70,7 +70,7 @@ def test_load_from_test_dir_and_names() -> None:
 def test_package_spaces_load() -> None:
     names = space_names()
     assert set(names) == {"routing", "recurrence", "merge", "conv", "decode", "norm", "swiglu", "norm_bwd", "swiglu_bwd",
-                          "merge_bwd", "routing_bwd", "conv_bwd"}
+                          "merge_bwd", "routing_bwd", "conv_bwd", "recurrence_bwd"}
     for name in names:
         space = load_space(name)
         assert "tiny" in space.shape_sets
