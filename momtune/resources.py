@@ -65,6 +65,23 @@ def _ptxas_info(ptx: str, capability: int) -> dict[str, int]:
     return info
 
 
+def _compile(fn: Any, sig: Mapping[str, str], const: Mapping[str, Any], num_warps: int, num_stages: int,
+             capability: int, registers: bool) -> dict[str, int]:
+    """Compile the Triton kernel ``fn`` (its pointers 16-byte aligned, as torch allocates them) for
+    sm_<capability>: {"shared": bytes} and, with ``registers``, "n_regs" and "n_spills"."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    compiled = triton.compile(ASTSource(fn, dict(sig), dict(const), attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    out = {"shared": int(compiled.metadata.shared)}
+    if registers:
+        out.update(_ptxas_info(compiled.asm["ptx"], capability))
+    return out
+
+
 def recurrence_resources(dtype: str, cfg: Mapping[str, Any] | None, kernel: str = "recurrence", K: int = 256,
                          V: int = 256, H: int = 4, S: int = 8, capability: int = 90,
                          registers: bool = False) -> dict[str, int]:
@@ -73,9 +90,6 @@ def recurrence_resources(dtype: str, cfg: Mapping[str, Any] | None, kernel: str 
     (spill-store bytes). ``kernel``: "prepass", "recurrence" (the sequential pass) or "output"
     (``STATES="memory"`` only) — see :func:`recurrence_kernel_names`."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from momtune.kernels.recurrence.chunk import dot_precision, kernel_specs, resolve_config
 
@@ -86,13 +100,7 @@ def recurrence_resources(dtype: str, cfg: Mapping[str, Any] | None, kernel: str 
     sp = specs[kernel]
     types = _arg_types(dtype, cfg)
     sig = {p.name: types.get(p.name, "constexpr") for p in sp.fn.params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sp.fn.params) if sig[p.name].startswith("*")}
-    compiled = triton.compile(ASTSource(sp.fn, sig, sp.const, attrs), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=sp.num_warps, num_stages=sp.num_stages))
-    out = {"shared": int(compiled.metadata.shared)}
-    if registers:
-        out.update(_ptxas_info(compiled.asm["ptx"], capability))
-    return out
+    return _compile(sp.fn, sig, sp.const, sp.num_warps, sp.num_stages, capability, registers)
 
 
 def recurrence_kernel_names(cfg: Mapping[str, Any] | None, dtype: str = "bfloat16") -> list[str]:
@@ -143,23 +151,13 @@ def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int =
     """Compile one of the recurrence backward's scans (``"forward"`` or ``"backward"``,
     :mod:`momtune.kernels.recurrence.scan`; ``vnew``: storing vnew / dvnew too) for sm_<capability>:
     {"shared": bytes} (and, with ``registers``, "n_regs" and "n_spills")."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from momtune.kernels.recurrence import scan
 
     fn = {"forward": scan._forward_scan_kernel, "backward": scan._backward_scan_kernel}[kernel]
     sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
                     else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
     const = scan.constants(H, K, V, L, block_v, "tf32", vnew)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
-    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=1))
-    out = {"shared": int(compiled.metadata.shared)}
-    if registers:
-        out.update(_ptxas_info(compiled.asm["ptx"], capability))
-    return out
+    return _compile(fn, sig, const, num_warps, 1, capability, registers)
 
 
 def scan_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:
@@ -181,10 +179,6 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
     defaults."""
     import inspect
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from momtune.kernels.recurrence import chunk_bwd
 
     fn = {"terms": chunk_bwd._terms_kernel, "grads": chunk_bwd._grads_kernel}[kernel]
@@ -202,13 +196,7 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
         num_warps = defaults["terms_warps" if kernel == "terms" else "num_warps"].default
     if num_stages is None:
         num_stages = 1 if kernel == "terms" else defaults["num_stages"].default
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
-    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    out = {"shared": int(compiled.metadata.shared)}
-    if registers:
-        out.update(_ptxas_info(compiled.asm["ptx"], capability))
-    return out
+    return _compile(fn, sig, const, num_warps, num_stages, capability, registers)
 
 
 def qk_norm_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, capability: int = 90,
@@ -217,10 +205,6 @@ def qk_norm_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, capabi
     :mod:`momtune.kernels.recurrence.qk_norm`) for sm_<capability> with x (and dx) in ``dtype``,
     with the launcher's blocks for ``K``: {"shared": bytes} (and, with ``registers``, "n_regs"
     and "n_spills")."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from momtune.kernels.recurrence import qk_norm
 
     fn = {"forward": qk_norm._l2norm_fwd_kernel, "backward": qk_norm._l2norm_bwd_kernel}[kernel]
@@ -228,13 +212,7 @@ def qk_norm_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, capabi
     typed = {"x_ptr": f"*{_DT[dtype]}", "dx_ptr": f"*{_DT[dtype]}", "R": "i32", "K": "i32", "scale": "fp32",
              "eps": "fp32"}
     sig = {p.name: typed.get(p.name, "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
-    compiled = triton.compile(ASTSource(fn, sig, dict(BLOCK_R=br, BLOCK_K=bk), attrs),
-                              target=GPUTarget("cuda", capability, 32), options=dict(num_warps=qk_norm.NUM_WARPS, num_stages=1))
-    out = {"shared": int(compiled.metadata.shared)}
-    if registers:
-        out.update(_ptxas_info(compiled.asm["ptx"], capability))
-    return out
+    return _compile(fn, sig, dict(BLOCK_R=br, BLOCK_K=bk), qk_norm.NUM_WARPS, 1, capability, registers)
 
 
 def qk_norm_resources_isolated(kernel: str, **kw: Any) -> dict[str, int]:

@@ -351,7 +351,7 @@ class TritonBackward(TritonScans):
     :meth:`normalised_backward`); as :class:`.scan.TritonScans` (``dot``, ``poison``) it still
     offers the two scans alone. ``launch``: :func:`chunk_backward`'s launch parameters (its
     defaults otherwise) and ``chunk``, the backward's chunk size (the template "recurrence_bwd"
-    tunes them). ``launch``: :func:`chunk_backward`'s launch parameters (its defaults otherwise)."""
+    tunes them)."""
 
     LAUNCH = ("solve", "block_k", "block_v", "num_warps", "num_stages", "terms_warps", "fwd_block_v", "fwd_warps",
               "bwd_block_v", "bwd_warps", "chunk")
