@@ -460,7 +460,9 @@ class Engine:
                 todo.append((trial, config))
         base = {"template": ctx.spec, "shape": ctx.shape, "dtype": ctx.dtype}
 
-        def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None) -> None:
+        deferred: list[tuple[Any, dict[str, Any]]] = []
+
+        def bench(trial: Any, config: dict[str, Any], early: dict[str, Any] | None, contended: bool = False) -> None:
             # compiled, but the study's time is up: not run (a failed compile is still recorded);
             # the default still runs: the winner is judged against it
             if (early is None and time.monotonic() > ctx.deadline and count(trials_of(ctx.study)).ok
@@ -470,6 +472,15 @@ class Engine:
             seed = trial_seed(self.o.seed, trial.number)
             request = {**base, "op": "trial", "config": config, "seed": seed, "timing": self.timing().__dict__}
             reply = early or bencher.call(request, self.trial_timeout)
+            if contended and reply.get("status") == "out_of_memory":
+                # the compile workers run the batch's other configs on the same device meanwhile
+                # (H200, session 13: 38 of 40 configs of the recurrence backward at N 196,608,
+                # the default among them, out of memory while 16 compile runs held 8-18 GB each):
+                # no attempt of its own until the batch's compiles are done
+                self.reporter.note(f"  trial {trial.number}: {reply.get('reason')}; while the batch's compiles "
+                                   "ran: run again once they are done")
+                deferred.append((trial, config))
+                return
             attempts = 1
             while attempts < RETRIED_ATTEMPTS.get(reply.get("status"), 0) and not ctx.stopped:
                 # not the config's fault until it happens again (see RETRIED_ATTEMPTS)
@@ -487,7 +498,9 @@ class Engine:
             requests = [{**base, "op": "compile", "config": cfg, "seed": 0} for _, cfg in todo]
             for i, reply in self.pool.imap_unordered(requests, self.trial_timeout):
                 failed = reply.get("status") in COMPILE_FAILURES
-                bench(*todo[i], reply if failed else None)
+                bench(*todo[i], reply if failed else None, contended=len(todo) > 1)
+            for trial, config in deferred:  # the compile workers are idle (and hold no device memory)
+                bench(trial, config, None)
         else:
             for trial, config in todo:
                 bench(trial, config, None)

@@ -8,7 +8,8 @@ is killed from outside (SIGKILL, as the out-of-memory killer does) on its first 
 (``FAULT = "oom_once"``, a marker file in ``$MOMTUNE_TEST_MARKERS`` remembers it) or on every run
 (``"oom_always"``), or dies as of an illegal memory access (``"crash_once"``, ``"crash_always"``),
 or its launch raises torch's out-of-memory error (the device's memory held elsewhere:
-``"devmem_once"``, ``"devmem_always"``).
+``"devmem_once"``, ``"devmem_always"``, or on its first three runs: ``"devmem_thrice"``, a compile
+worker's run, a run while the batch's other compiles hold the device, one retry).
 """
 from __future__ import annotations
 
@@ -95,7 +96,13 @@ def killer_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tens
     fault = config.get("FAULT", "none")
     if fault != "none":
         marker = Path(os.environ["MOMTUNE_TEST_MARKERS"]) / f"{fault}-{config['BLOCK']}"
-        if fault.endswith("_always") or not marker.exists():
+        if fault == "devmem_thrice":
+            runs = int(marker.read_text()) if marker.exists() else 0
+            marker.write_text(str(runs + 1))
+            if runs < 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.52 GiB. GPU 0 has a total "
+                                             "capacity of 139.80 GiB of which 885.81 MiB is free.")
+        elif fault.endswith("_always") or not marker.exists():
             marker.touch()
             if fault.startswith("devmem"):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 384.00 MiB. GPU 0 has a total "
