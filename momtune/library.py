@@ -27,7 +27,8 @@ PROVENANCE_KEYS = ("gpu", "capability", "sm_count", "driver", "cuda", "torch", "
 # every field a library may hold (docs/DATA_FORMATS.md); any other is reported as unknown (a typo)
 TOP_FIELDS = ("schema", "provenance", "templates")
 PROVENANCE_FIELDS = (*PROVENANCE_KEYS, "searched", "python", "fla", "floor_peak")  # the last three optional
-TEMPLATE_FIELDS = ("source_hash", "default_config", "spec", "choices", "entries")
+TEMPLATE_FIELDS = ("source_hash", "default_config", "spec", "choices", "entries",
+                   "provenance")  # the last: a template carried over by ``export --merge`` (where it was tuned)
 ENTRY_FIELDS = ("shape", "dtype", "config", "time_ms", "default_time_ms", "max_abs_err", "max_rel_err", "trials",
                 "study", "retimed", "floor_ms", "shape_set", "also_searched", "default_kept")
 
@@ -244,8 +245,17 @@ def _default_valid(attrs: Mapping[str, Any]) -> bool:
         return False
 
 
+def _failure_kinds(trials: Sequence[Any], config: Mapping[str, Any]) -> set[str]:
+    """The kinds of the failures ``config``'s trials recorded as its own (momtune.study.is_config_failure)."""
+    from .study import is_config_failure
+
+    key = canonical(config)
+    return {str(t.user_attrs.get("status")) for t in trials if is_config_failure(t)
+            and isinstance(t.user_attrs.get("config"), Mapping) and canonical(t.user_attrs["config"]) == key}
+
+
 def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[str, Any] | None:
-    from .study import count, is_config_failure
+    from .study import count
 
     c = count(trials)
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok"]
@@ -261,12 +271,12 @@ def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[
     default, default_ms = attrs.get("default_config"), attrs.get("default_time_ms")
     if (retimed and isinstance(default, Mapping) and canonical(default) != canonical(config)
             and isinstance(default_ms, (int, float)) and math.isfinite(default_ms) and time_ms is not None
-            and not any(is_config_failure(t) and t.user_attrs.get("config") == default for t in trials)
-            and _default_valid(attrs)):
+            and not (_failure_kinds(trials, default) - {"out_of_memory"}) and _default_valid(attrs)):
         # the search's own rule (momtune.winner), for studies whose default had no result when
         # their winner was named: a winner not faster than the default it was re-timed with beyond
         # noise is no win (the default runs; a nearest-shape lookup must not lend this shape's
-        # config either); not for a default that recorded a failure or is outside the space here
+        # config either); not for a default that recorded a failure or is outside the space here,
+        # but for one whose trials found the device's memory taken and that the re-timing then ran
         spread = {canonical(c.get("config", {})): c.get("spread", 0.0) for c in winner.get("candidates", [])}
         if judge(time_ms, default_ms, winner.get("spread", 0.0), spread.get(canonical(default), 0.0)) != "faster":
             kept = {"config": config, "time_ms": time_ms, "spread": winner.get("spread", 0.0)}
@@ -440,10 +450,11 @@ def _check_current_sources(templates: Mapping[str, Any], note: Callable[[str], N
 
 def export_library(storage_url: str, out: str | Path, templates: Sequence[str] | None = None,
                    gpu: str | None = None, prefix: str | None = None,
-                   note: Callable[[str], None] = print, force: bool = False) -> dict[str, Any]:
+                   note: Callable[[str], None] = print, force: bool = False, merge: bool = False) -> dict[str, Any]:
     """Build the library and write it to ``out``. Refused, ``out`` untouched: ``out`` is the storage's
     own database; the library has no entry; and, unless ``force``, ``out`` holds something this
-    export would destroy (see :func:`check_replace`)."""
+    export would destroy (see :func:`check_replace`). ``merge``: the templates of the library in
+    ``out`` that this export has no entry of are kept (see :func:`merge_into`)."""
     from .study import safe_url, sqlite_path
 
     db = sqlite_path(storage_url)
@@ -454,10 +465,44 @@ def export_library(storage_url: str, out: str | Path, templates: Sequence[str] |
     if not any(t["entries"] for t in lib["templates"].values()):
         raise LibraryError(f"nothing to export: no study of {', '.join(sorted(lib['templates']))} on GPU "
                            f"{lib['provenance']['gpu']!r} has a config that passed its check; {out} not written")
+    if merge:
+        lib = merge_into(out, lib, note)
     if not force:
         check_replace(out, lib)
     atomic_write_json(out, lib)
     return lib
+
+
+def merge_into(out: str | Path, lib: dict[str, Any], note: Callable[[str], None] = print) -> dict[str, Any]:
+    """``lib`` with the templates of the library file ``out`` that ``lib`` has no entry of, each
+    carrying the provenance it was tuned with (its own ``provenance`` field, else the old file's),
+    so that a library grows a template at a time (a device session tunes the backward templates,
+    another the forward ones) and still says where each was measured. Refused (InputError naming
+    ``out``) when ``out`` is not a library or is one of another GPU or Triton version; a missing
+    ``out`` is no error (nothing to keep). A template both hold is this export's (said)."""
+    from .provenance import MATCH_KEYS, mismatches
+
+    path = Path(out)
+    if not path.is_file():
+        return lib
+    try:
+        old = load_library(path)
+    except LibraryError as exc:
+        raise InputError(f"--merge: --out {out} is not a momtune library ({exc}); nothing to merge into") from None
+    if mismatches(old.provenance, lib["provenance"], MATCH_KEYS):
+        raise InputError(f"--merge: --out {out} holds the library of {_fmt_prov(old.provenance)}; this export is "
+                         f"of {_fmt_prov(lib['provenance'])}: a library is of one GPU and Triton version, so "
+                         "it is not merged (choose another --out)")
+    merged = {**lib, "templates": dict(lib["templates"])}
+    for name, tmpl in old.templates.items():
+        if lib["templates"].get(name, {}).get("entries"):
+            if tmpl.get("entries"):
+                note(f"--merge: {name}: this export's {len(lib['templates'][name]['entries'])} entries replace the "
+                     f"{len(tmpl['entries'])} of {out}")
+            continue
+        if tmpl.get("entries"):
+            merged["templates"][name] = {**tmpl, "provenance": tmpl.get("provenance", old.provenance)}
+    return merged
 
 
 def _fmt_prov(prov: Mapping[str, Any]) -> str:

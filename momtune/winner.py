@@ -7,7 +7,8 @@ smallest canonical config), so every machine picks the same winner from equal ti
 winner that is not faster than the default beyond noise (:func:`momtune.timing.judge`) is no
 win: the default is kept, and ``default_kept`` records the config that came within noise. The
 default is kept so even when it has no result of its own (not run before the study's time ran
-out), but not when one of its trials recorded a failure of its own (:func:`momtune.study.is_config_failure`).
+out), but not when one of its trials recorded a failure of its own (:func:`momtune.study.is_config_failure`),
+unless that failure was running out of the device's memory and the re-timing then ran it.
 """
 from __future__ import annotations
 
@@ -32,21 +33,25 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
     """
     best: dict[str, float] = {}
     configs: dict[str, dict[str, Any]] = {}
-    refused: set[str] = set()  # configs with a recorded failure (wrong answer, error, ...)
+    refused: dict[str, set[str]] = {}  # configs with a recorded failure (wrong answer, error, ...): its kinds
     for t in trials:
         if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok":
             key = canonical(t.user_attrs["config"])
             best[key] = min(best.get(key, math.inf), float(t.value))
             configs[key] = dict(t.user_attrs["config"])
         elif is_config_failure(t) and isinstance(t.user_attrs.get("config"), Mapping):
-            refused.add(canonical(t.user_attrs["config"]))
+            refused.setdefault(canonical(t.user_attrs["config"]), set()).add(str(t.user_attrs.get("status")))
     if not best:
         return None, None
     top = sorted(best, key=lambda key: (best[key], key))[: max(1, k)]
     dkey = canonical(default_config)
     # the default may keep its place without a result of its own (its trial was not run before the
-    # study's time ran out): it is what runs without a library; a recorded failure of it is not
-    keepable = dkey in best or (default_valid and dkey not in refused)
+    # study's time ran out): it is what runs without a library; a recorded failure of it is not,
+    # except running out of the device's memory, when the re-timing below then runs it (the memory
+    # was held by other processes at the time: H200, session 13, the recurrence backward's default
+    # at N 196,608 beside 16 compile workers; a winner 11% slower than it was named)
+    oom_only = refused.get(dkey, set()) == {"out_of_memory"}
+    keepable = dkey in best or (default_valid and (dkey not in refused or oom_only))
     configs.setdefault(dkey, dict(default_config))
     cands = top + ([dkey] if dkey in best and dkey not in top else [])
     timed = cands + ([dkey] if dkey not in cands else [])
@@ -56,6 +61,8 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
         key: Timing(best.get(key, math.inf), 0.0, 1) for key in timed}
     win = cands[pick_winner([(configs[key], times[key]) for key in cands])]
     default_ms = times[dkey].median_ms if math.isfinite(times[dkey].median_ms) else None
+    if oom_only and dkey not in best and (not retimed or default_ms is None):
+        keepable = False  # out of memory in its trials and not measured since: no evidence it runs
     kept = None
     if retimed and win != dkey and keepable:
         # a win within noise of the default (or slower than it) is no win: the default is kept

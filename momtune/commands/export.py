@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace --out even if it holds what this export would lose: the library of another GPU "
                         "or Triton version, entries of templates this export lacks, or a file that is not a "
                         "momtune library (refused without it, the file untouched)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the templates of the library already in --out that this export has no entry of "
+                        "(same GPU and Triton version; each keeps the provenance it was tuned with): a library "
+                        "grown a few templates at a time")
     p.add_argument("--json", action="store_true",
                    help="print what was written as JSON on stdout (file, GPU, Triton, entries per template)")
     p.set_defaults(func=run)
@@ -32,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     lib = export_library(args.storage or settings.load().storage, args.out, args.template, args.gpu, args.study,
-                         note=lambda m: console.print(m, markup=False, highlight=False), force=args.force)
+                         note=lambda m: console.print(m, markup=False, highlight=False), force=args.force,
+                         merge=args.merge)
     n = sum(len(t["entries"]) for t in lib["templates"].values())
     gpu = lib["provenance"]["gpu"]
     if args.json:

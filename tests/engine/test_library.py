@@ -335,3 +335,70 @@ def test_export_ships_the_default_for_a_winner_not_faster_than_it(tmp_path: Path
         state=optuna.trial.TrialState.FAIL, user_attrs={"status": "wrong", "config": {"BLOCK": 32}}))
     [e] = build_library(url, note=lambda m: None)["templates"]["fake"]["entries"]
     assert e["config"] == {"BLOCK": 16} and "default_kept" not in e
+
+
+def test_export_merge_keeps_the_other_templates_with_their_provenance(searched: tuple[str, list],
+                                                                        tmp_path: Path) -> None:
+    """``export --merge``: a library grown a template at a time (session 13 tuned the H200's
+    backward templates into a library whose forward templates came from studies of session 9): the
+    file's templates this export lacks are kept, each with the provenance it was tuned with; a
+    template both hold is the export's; another GPU's file is refused and left as it was."""
+    from momtune.errors import InputError
+
+    url, _ = searched
+    out = tmp_path / "library.json"
+    lib = build_library(url, note=lambda m: None)
+    earlier = {**lib["provenance"], "created": "2026-11-29T15:22:36+00:00", "commit": "2eaa807"}
+    other = {"source_hash": "x", "default_config": {"B": 1}, "entries": [
+        {"shape": {"N": 4}, "dtype": "float32", "config": {"B": 2}, "time_ms": 1.0, "default_time_ms": 2.0}]}
+    stale_fake = {**lib["templates"]["fake"], "entries": lib["templates"]["fake"]["entries"][:1]}
+    atomic_write_json(out, {"schema": SCHEMA, "provenance": earlier, "templates": {"other": other, "fake": stale_fake}})
+    with pytest.raises(InputError, match="other"):  # without --merge: it would lose "other"
+        export_library(url, out, note=lambda m: None)
+    notes: list[str] = []
+    merged = export_library(url, out, note=notes.append, merge=True)
+    loaded = load_library(out)
+    assert loaded.unknown == [] and set(loaded.templates) == {"fake", "other"}
+    assert loaded.templates["other"]["entries"] == other["entries"]
+    assert loaded.templates["other"]["provenance"] == earlier  # where it was tuned, not this export's
+    assert loaded.provenance == merged["provenance"] == lib["provenance"] | {"created": merged["provenance"]["created"]}
+    assert len(loaded.entries("fake")) == 2 and "provenance" not in loaded.templates["fake"]
+    assert any("fake" in n and "replace" in n for n in notes)
+    # merged again: "other" keeps its own provenance, not the file's newer one
+    export_library(url, out, note=lambda m: None, merge=True)
+    assert load_library(out).templates["other"]["provenance"] == earlier
+    # another GPU's library is not merged into, and stays as it was
+    before = out.read_text()
+    data = json.loads(before)
+    data["provenance"]["gpu"] = "NVIDIA H200"
+    atomic_write_json(out, data)
+    before = out.read_text()
+    with pytest.raises(InputError, match="--merge.*NVIDIA H200"):
+        export_library(url, out, note=lambda m: None, merge=True)
+    assert out.read_text() == before
+
+
+def test_export_ships_a_default_whose_trials_ran_out_of_device_memory_when_the_retiming_ran_it(tmp_path: Path) -> None:
+    """H200 session 13: the recurrence backward's default at N 196,608 ran out of the device's
+    memory in both its attempts (16 compile workers held it), was re-timed at 28.55 ms, and a
+    winner at 31.8 ms was named and exported (0.90x). Running out of memory is the device's state
+    at the time: the default the re-timing ran is shipped; any other failure of it still is not."""
+    url = f"sqlite:///{tmp_path}/oom.db"
+    _fake_study(url, "NVIDIA H200", 64, 0.5)
+    study = optuna.load_study(study_name="fake:nvidia-h200:N64-C3-float32", storage=url)
+    study.set_user_attr("default_time_ms", 1.0)
+    study.set_user_attr("default_valid", True)
+    study.set_user_attr("winner", {"config": {"BLOCK": 16}, "time_ms": 1.11, "spread": 0.01, "retimed": True,
+                                   "trials": 3, "default_kept": None,
+                                   "candidates": [{"config": {"BLOCK": 16}, "time_ms": 1.11, "spread": 0.01}]})
+    failed = dict(params={"BLOCK": 32}, distributions={"BLOCK": CategoricalDistribution([16, 32])},
+                  state=optuna.trial.TrialState.FAIL)
+    study.add_trial(optuna.trial.create_trial(**failed, user_attrs={"status": "out_of_memory", "attempts": 2,
+                                                                      "config": {"BLOCK": 32}}))
+    [e] = build_library(url, note=lambda m: None)["templates"]["fake"]["entries"]
+    assert e["config"] == {"BLOCK": 32} and e["time_ms"] == 1.0
+    assert e["default_kept"] == {"config": {"BLOCK": 16}, "time_ms": 1.11, "spread": 0.01}
+    study.add_trial(optuna.trial.create_trial(**failed, user_attrs={"status": "illegal_memory", "attempts": 2,
+                                                                      "config": {"BLOCK": 32}}))
+    [e] = build_library(url, note=lambda m: None)["templates"]["fake"]["entries"]
+    assert e["config"] == {"BLOCK": 16} and "default_kept" not in e

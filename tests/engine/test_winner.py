@@ -85,3 +85,24 @@ def test_a_single_crash_of_the_default_does_not_stop_it_being_kept():
                                  user_attrs={"status": status, "attempts": attempts, "config": {"BLOCK": 32}})
         winner, _ = choose_winner([failed, _trial(64, 0.9), _trial(128, 0.95)], DEFAULT, 2, 3, retimer)
         assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None, status
+
+
+def test_a_default_out_of_memory_in_its_trials_is_kept_once_the_retiming_runs_it():
+    """H200 session 13: at the recurrence backward's N 196,608 the default's trial ran out of the
+    device's memory on both attempts (16 compile workers held it); the re-timing then ran it at
+    28.55 ms, and a config at 31.8 ms was named the winner (0.90x). Running out of memory is the
+    device's state at the time; the re-timing is the verdict. Not measured by it: not kept."""
+    oom = SimpleNamespace(state=SimpleNamespace(name="FAIL"), value=None,
+                          user_attrs={"status": "out_of_memory", "attempts": 2, "config": {"BLOCK": 32}})
+    trials = [oom, _trial(64, 31.9), _trial(128, 39.2)]
+    winner, default_ms = choose_winner(trials, DEFAULT, 2, 3,
+                                       _retimer({32: (28.55, 0.01), 64: (31.80, 0.01), 128: (39.27, 0.004)}))
+    assert winner["config"] == DEFAULT and default_ms == 28.55
+    assert winner["default_kept"] == {"config": {"BLOCK": 64}, "time_ms": 31.80, "spread": 0.01}
+    # a clear win over it is still a win
+    winner, _ = choose_winner(trials, DEFAULT, 2, 3, _retimer({32: (28.55, 0.01), 64: (20.0, 0.01), 128: (39.2, 0.0)}))
+    assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None
+    # the re-timing could not run it either (or did not run): the named winner stands
+    for retimer in (_retimer({32: (float("inf"), 0.0), 64: (31.80, 0.01), 128: (39.27, 0.0)}), lambda configs: None):
+        winner, _ = choose_winner(trials, DEFAULT, 2, 3, retimer)
+        assert winner["config"] == {"BLOCK": 64} and winner["default_kept"] is None
