@@ -193,7 +193,8 @@ stage() {
         grep -a -E "per minute|winner|first result" $OUT/multigpu-$d.log | cut -c1-200 | tail -4
       done ;;
     recbench)  # issue 12: the recurrence alone, momtune (tuned library) vs fla vs FlashInfer, every shape
-      # set, one run, floors from this GPU's measured peaks. FlashInfer comes from .peers-stage (the
+      # set and two head-128 shapes (the only head size FlashInfer's gated-delta prefill takes; MoM's is
+      # 256), one run, floors from this GPU's measured peaks. FlashInfer comes from .peers-stage (the
       # pieces .peers/part-k carried by the calls before, see bench/peers_split.sh), else it is left out.
       local impls="momtune fla"
       if ! python3 -c "import flashinfer" 2>/dev/null && ls .peers-stage/peers.tar.* >/dev/null 2>&1; then
@@ -208,9 +209,10 @@ stage() {
       python3 -c "import cutlass.cute" 2>&1 | tail -1
       python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1 && impls="$impls flashinfer"
       timeout 420 momtune bench --what recurrence --presets mom-340m mom-1.3b \
-        --recurrence-sets mom-340m-prefill mom-1.3b-prefill fla-varlen --impls $impls \
+        --recurrence-sets mom-340m-prefill mom-1.3b-prefill fla-varlen N32768-S8-H16-K128-V128 N131072-S32-H16-K128-V128 \
+        --impls $impls \
         --out $OUT/bench-recurrence.json > $OUT/bench-recurrence.log 2>&1
-      echo "bench recurrence: rc $?"; grep -a "recurrence mom\|recurrence fla" $OUT/bench-recurrence.log | cut -c1-160 ;;
+      echo "bench recurrence: rc $?"; grep -a "^  recurrence " $OUT/bench-recurrence.log | cut -c1-160 ;;
     diagrec)  # which recurrence configs fail and in which kernel (BT 64, BV 32: session 10's failures)
       timeout 400 python3 bench/gpu_diag_recurrence.py > $OUT/diag-recurrence.log 2>&1; echo "diag recurrence: rc $?"
       cut -c1-300 $OUT/diag-recurrence.log | tail -16 ;;

@@ -418,14 +418,32 @@ def bench_model_decode(preset: str, B: int, impls: Iterable[str], dtype: torch.d
     return rows
 
 
+RECURRENCE_SHAPE_KEYS = ("N", "S", "H", "K", "V")
+
+
 def recurrence_shapes(set_name: str) -> list[dict[str, int]]:
-    """The recurrence's shapes of a shape set of its search space (e.g. mom-340m-prefill, fla-varlen)."""
+    """The recurrence's shapes of a shape set of its search space (e.g. mom-340m-prefill, fla-varlen),
+    or one shape written as a study names it, ``N32768-S8-H16-K128-V128`` (N tokens in S segments
+    of equal length, H heads, head sizes K and V: e.g. FlashInfer's gated-delta prefill, which takes
+    head size 128 only, against momtune and fla on a shape it runs; a set of the search space would
+    add its shapes to the compile gate)."""
+    import re
+
     from momtune.space import load_space
 
     sets = load_space("recurrence").shape_sets
-    if set_name not in sets:
-        raise InputError(f"recurrence shape set {set_name!r} is not one of {', '.join(sorted(sets))}")
-    return [dict(s) for s in sets[set_name].shapes]
+    if set_name in sets:
+        return [dict(s) for s in sets[set_name].shapes]
+    m = re.fullmatch(r"N(\d+)-S(\d+)-H(\d+)-K(\d+)-V(\d+)", set_name)
+    if m is None:
+        raise InputError(f"recurrence shape set {set_name!r} is not one of {', '.join(sorted(sets))}, nor a shape "
+                         "written N<tokens>-S<segments>-H<heads>-K<key size>-V<value size> (e.g. "
+                         "N32768-S8-H16-K128-V128)")
+    shape = dict(zip(RECURRENCE_SHAPE_KEYS, (int(g) for g in m.groups())))
+    if min(shape.values()) < 1 or shape["S"] > shape["N"]:
+        raise InputError(f"recurrence shape {set_name!r}: every size must be at least 1 and S (segments) at most N "
+                         "(tokens)")
+    return [shape]
 
 
 def fla_recurrence(inp: dict[str, Any]) -> Callable[[], dict]:

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill", nargs="+", default=["8x2048"], help="B x T shapes of the layer prefill")
     p.add_argument("--recurrence-sets", nargs="+", default=None, metavar="SET",
                    help="shape sets of the recurrence's search space for --what recurrence (default: each "
-                        "preset's PRESET-prefill; e.g. fla-varlen)")
+                        "preset's PRESET-prefill; e.g. fla-varlen), or single shapes such as "
+                        "N32768-S8-H16-K128-V128 (FlashInfer's gated-delta prefill takes head size 128 only)")
     p.add_argument("--batches", nargs="+", type=int_in(1), default=[1, 8, 32, 128], help="decode batch sizes")
     p.add_argument("--impls", nargs="+", default=["momtune", "fla", "reference"],
                    help="momtune fla reference flashinfer (flashinfer: the recurrence only)")

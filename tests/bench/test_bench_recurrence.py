@@ -15,8 +15,13 @@ def test_recurrence_is_a_bench_kind_with_its_shape_sets() -> None:
     assert "recurrence" in bench.KINDS and "recurrence" in BENCH_KINDS and "flashinfer" in bench.IMPLS
     assert bench.recurrence_shapes("fla-varlen") == [dict(N=32768, S=8, H=4, K=256, V=256)]
     assert [s["N"] for s in bench.recurrence_shapes("mom-340m-prefill")] == [12288, 49152, 196608]
-    with pytest.raises(InputError, match="shape set 'nope'"):
+    with pytest.raises(InputError, match="shape set 'nope'.*N<tokens>-S<segments>"):
         bench.recurrence_shapes("nope")
+    # one shape as a study names it (FlashInfer's prefill runs head size 128 only: MoM's 256 it refuses)
+    assert bench.recurrence_shapes("N32768-S8-H16-K128-V128") == [dict(N=32768, S=8, H=16, K=128, V=128)]
+    for bad in ("N32768-S8-H16-K128", "N8-S9-H1-K16-V16", "N8-S1-H0-K16-V16", "N8-S1-H1-K16-V16x"):
+        with pytest.raises(InputError, match="recurrence shape"):
+            bench.recurrence_shapes(bad)
     with pytest.raises(InputError, match="flashinfer.*no MoM layer"):
         bench.make_layer("flashinfer", None, torch.float32, None)
 
