@@ -28,15 +28,20 @@
 #   bash bench/gpu_session.sh chunkbwd            # recurrence backward's chunk kernels: GPU tests, bench (<5 min)
 #   bash bench/gpu_session.sh report              # export, verify and build the report on the device
 # The study database is $OUT/momtune-h100.db (seeded from a carried .bench/momtune-h100.db, else
-# from the committed H100 report's), next to every log and JSON file; copy it back to .bench/
-# before the next call. The report can be rebuilt anywhere from those files:
+# from the newest docs/perf/data/momtune-h200-*.db.gz), next to every log and JSON file; copy it
+# back to .bench/ before the next call, and commit it gzipped to docs/perf/data at the session's end. The report can be rebuilt anywhere from those files:
 #   momtune report --storage sqlite:///.bench/momtune-h100.db --library .bench/library-h100.json \
 #     --bench .bench/bench-*.json --out reports/h100-DATE
 source bench/device_setup.sh
 mkdir -p .bench
-# resume the committed H100 studies (the cut exhaustive sweep, the 2-trial recurrence TPE studies)
-# unless a newer database was carried
-[ -f .bench/momtune-h100.db ] || cp reports/h100-2026-11-26/data/momtune-h100.db .bench/ 2>/dev/null || true
+# resume the newest committed study database (docs/perf/data/momtune-h200-DATE-sN.db.gz: a session's
+# studies, committed at its end since session 13; the ignored .bench of an earlier checkout was lost
+# with it) unless a newer one was carried; else the committed H100 report's
+if [ ! -f .bench/momtune-h100.db ]; then
+  latest=$(ls docs/perf/data/momtune-h200-*.db.gz 2>/dev/null | sort -V | tail -1)
+  if [ -n "$latest" ]; then gunzip -c "$latest" > .bench/momtune-h100.db && echo "study database: $latest"
+  else cp reports/h100-2026-11-26/data/momtune-h100.db .bench/ 2>/dev/null || true; fi
+fi
 # The database is written under $OUT itself: a call cut off by its time limit still brings back
 # every finished trial (a copy made at the end of a stage would be lost with the machine).
 cp .bench/momtune-h100.db $OUT/ 2>/dev/null || true
