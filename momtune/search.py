@@ -495,7 +495,11 @@ class Engine:
             self._tell(ctx, trial, config, reply)
 
         if self.pool is not None and todo:
-            requests = [{**base, "op": "compile", "config": cfg, "seed": 0} for _, cfg in todo]
+            # each compile run on its trial's own inputs: ragged segments drawn from the seed set
+            # integer arguments Triton specialises on (H200, session 13: seed-0 compile runs built
+            # recurrence_bwd kernels no trial ran; trials then compiled 2-6 s in the benchmark worker)
+            requests = [{**base, "op": "compile", "config": cfg, "seed": trial_seed(self.o.seed, trial.number)}
+                        for trial, cfg in todo]
             for i, reply in self.pool.imap_unordered(requests, self.trial_timeout):
                 failed = reply.get("status") in COMPILE_FAILURES
                 bench(*todo[i], reply if failed else None, contended=len(todo) > 1)

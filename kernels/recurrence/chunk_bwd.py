@@ -226,10 +226,18 @@ def chunk_layout(cu: list[int], L: int, device: torch.device | str) -> dict[str,
         end += [cu[s + 1]] * n
     maxc = max(max(nch, default=0), 1)
     table = [r + [0] * (maxc - len(r)) for r in table_rows]
-    flat = torch.tensor([x for r in table for x in r] + nch + first + end, dtype=torch.int32).to(device)
     S, C = len(nch), len(first)
-    parts = torch.split(flat, [S * maxc, S, C, C])
-    return dict(table=parts[0].view(S, maxc), nch=parts[1], first=parts[2], end=parts[3], C=C)
+    # every part starts on 16 bytes (4 int32s): Triton specialises a pointer argument on its
+    # alignment, so parts packed back to back would start aligned or not as the ragged segments
+    # fall, and each kernel would compile again for each mix (H200, session 13: the terms and
+    # gradient kernels, ~16 s a compile, built again for every other input set of a search)
+    parts, flat = [], []
+    for part in ([x for r in table for x in r], nch, first, end):
+        parts.append((len(flat), len(part)))
+        flat += part + [0] * (-len(part) % 4)
+    buf = torch.tensor(flat, dtype=torch.int32).to(device)
+    table_t, nch_t, first_t, end_t = (buf[o:o + n] for o, n in parts)
+    return dict(table=table_t.view(S, maxc), nch=nch_t, first=first_t, end=end_t, C=C)
 
 
 def _contiguous(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -45,7 +45,9 @@ def _program(H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr
             o_k[:, None] * V + o_v[None, :], o_v)
 
 
-@triton.jit
+# MAXC (the table's row length: the longest segment's chunk count) is not specialised on: its
+# divisibility by 16 falls with the ragged segments, and each fall would compile the scan again
+@triton.jit(do_not_specialize=["MAXC"])
 def _forward_scan_kernel(w, u, kd, gl, state0, s0, vn, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                          DOT: tl.constexpr, VN: tl.constexpr):
@@ -66,7 +68,7 @@ def _forward_scan_kernel(w, u, kd, gl, state0, s0, vn, table, nch, MAXC, H: tl.c
         S = S * decay + tl.dot(kdT, vnew, input_precision=DOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAXC"])
 def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, vn, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
                           V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                           NV: tl.constexpr, DOT: tl.constexpr, VN: tl.constexpr):

@@ -20,6 +20,7 @@ FAKE = "tests.engine.fake_template:FAKE"
 FAULTY = "tests.engine.fake_template:FAULTY"
 SLOW = "tests.engine.fake_template:SLOW"
 KILLER = "tests.engine.fake_template:KILLER"
+RECORDER = "tests.engine.fake_template:RECORDER"
 
 
 def cli_env() -> dict[str, str]:

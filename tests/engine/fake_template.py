@@ -116,3 +116,19 @@ def killer_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tens
 KILLER = Template(name="killer", shape_keys=("N", "C"), make_inputs=make_inputs, launch=killer_launch,
                   reference=reference, default_config={"BLOCK": 32, "num_warps": 1, "FAULT": "none"}, cost=cost,
                   sources=(__file__,))
+
+
+def recorder_launch(inputs: dict[str, Any], config: Any, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``launch``, writing which worker process ran it on which inputs (their seed-drawn ``a``) to
+    ``$MOMTUNE_TEST_MARKERS/launches``: a compile worker must run a config on the inputs its trial
+    then runs on (ragged segments drawn from the seed set integer arguments that Triton
+    specialises on: other inputs, another compile)."""
+    import multiprocessing
+
+    with open(Path(os.environ["MOMTUNE_TEST_MARKERS"]) / "launches", "a") as f:
+        f.write(f"{multiprocessing.current_process().name} {config['BLOCK']} {inputs['a']!r}\n")
+    return launch(inputs, config, out=out)
+
+
+RECORDER = Template(name="recorder", shape_keys=("N", "C"), make_inputs=make_inputs, launch=recorder_launch,
+                    reference=reference, default_config={"BLOCK": 32, "num_warps": 1}, cost=cost, sources=(__file__,))

@@ -15,7 +15,7 @@ from momtune.search import SearchOptions, search
 from momtune.space import canonical
 from momtune.study import count, is_done, trials_of
 
-from .conftest import FAKE, KILLER, SPACES
+from .conftest import FAKE, KILLER, RECORDER, SPACES
 
 
 class Notes(Reporter):
@@ -90,6 +90,23 @@ def test_device_out_of_memory_in_a_compile_worker_does_not_rule_a_config_out(sto
     deferred = [n for n in notes.notes if "compiles ran" in n]
     assert len(deferred) == 2 and all("out of memory" in n for n in deferred)  # devmem_always, devmem_thrice
     assert "out_of_resources" not in res.by_status
+
+
+def test_a_compile_worker_runs_a_config_on_the_inputs_its_trial_runs_on(storage: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """H200, session 13: the recurrence backward's trials spent 2-6 s of their first run compiling
+    in the benchmarking worker although a compile worker had just run the config: compile runs used
+    input seed 0, trials their own seed, and the ragged segments drawn from the seed change integer
+    arguments Triton specialises on (a chunk count divisible by 16 or not), so the compile workers
+    built kernels no trial ran. Each compile run now uses its trial's inputs."""
+    monkeypatch.setenv("MOMTUNE_TEST_MARKERS", str(tmp_path))
+    search([RECORDER], "tiny", SearchOptions(trials=3, sampler="grid", storage=storage, space_dir=SPACES,
+                                             retime=1, rounds=1, workers=2))
+    lines = [line.split() for line in (tmp_path / "launches").read_text().splitlines()]
+    compiled = {(block, a) for who, block, a in lines if who.startswith("momtune-compile")}
+    benched = {(block, a) for who, block, a in lines if who.startswith("momtune-bench")}
+    assert {block for block, _ in compiled} == {"16", "32", "64"}  # every config ran in a compile worker
+    assert compiled <= benched, f"compiled on inputs no trial ran: {sorted(compiled - benched)}"
 
 
 def _running_trial_with(study: optuna.Study, config: dict[str, Any], status: str) -> int:
