@@ -75,6 +75,11 @@ class Template:
     # the kernels run tl.dot on float32 tiles, which a GPU does in TF32: float32 outputs are held
     # to TF32's precision by the correctness gate (momtune.gate), against a TF32 reference
     tf32: bool = False
+    # optional: other inputs the launcher also takes (through other constexpr branches of its
+    # kernels; not tuned, not timed), each made from the template's inputs: the compile gate
+    # (momtune.aot) compiles the defaults and fallbacks on them too (e.g. recurrence_bwd's
+    # gated-linear rule and initial / final states' gradients)
+    gate_variants: tuple[Callable[[Inputs], Inputs], ...] = ()
 
     def default_for(self, dtype: torch.dtype | str) -> dict[str, Any]:
         """The default config for inputs of ``dtype`` (a torch dtype or its name)."""

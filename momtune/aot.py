@@ -10,7 +10,8 @@ for ``GPUTarget("cuda", capability, 32)`` instead of running it. Triton ships pt
 reaches machine code for sm_90 / sm_80 without a GPU, and reads each kernel's shared memory.
 
 What is compiled, per template: the default of each dtype and every fallback (for every target in
-bfloat16, the dtype models run in; for sm_90 in float16 and float32), at every shape of the
+bfloat16, the dtype models run in; for sm_90 in float16 and float32; on the template's inputs and
+on each of its ``gate_variants``, other inputs its launcher takes), at every shape of the
 space's tiny set and the first of each other set (ragged tiny shapes and real model shapes take
 different constexpr branches); and for sm_90 in bfloat16 a sample of configs that holds every
 choice of every search-space parameter at least once (each constexpr branch a config can select;
@@ -179,10 +180,13 @@ def plan_template(name: str, capabilities: Sequence[int], dtypes: Sequence[str] 
             # float32 dots run in IEEE by default and in TF32 where torch allows it
             # (kernels' dot_precision): a template with tf32 dots is compiled both ways
             tf32_modes = (False, True) if dtype == "float32" and getattr(template, "tf32", False) else (None,)
+            # the defaults and fallbacks also on the template's other inputs (gate_variants)
+            variants = [lambda x: x, *(template.gate_variants if role != "sample" else ())]
             for tf32 in tf32_modes:
-                with _tf32(tf32), capturing(capabilities) as captured:
-                    template.launch(inputs[shape_key], cfg)
-                records += captured
+                for variant in variants:
+                    with _tf32(tf32), capturing(capabilities) as captured:
+                        template.launch(variant(inputs[shape_key]), cfg)
+                    records += captured
             for src, options, cap in records:
                 if cap not in SAMPLE_TARGETS and (role == "sample" or dtype != MODEL_DTYPE):
                     continue

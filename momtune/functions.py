@@ -261,38 +261,70 @@ class _GatePrep(torch.autograd.Function):
 
 
 class _Recurrence(torch.autograd.Function):
-    """The chunked gated-delta recurrence from zero states (the Triton kernel, run by ``run``,
-    which writes into ``out`` when given: a masked batch's zeroed buffer, whose rows past
-    ``cu_seqlens[-1]`` (the padding tail) no segment writes); backward: the chunk backward
-    written out by hand on the saved inputs' rows in segments
-    (:func:`momtune.reference.recurrence.gated_delta_backward`), on Triton kernels from the token
-    layout to the gradients (:mod:`momtune.kernels.recurrence.chunk_bwd`: the chunk-local terms, the
-    two sequential scans of :mod:`momtune.kernels.recurrence.scan`, the chunk gradients, the q, k
-    normalisation's both ways: the template "recurrence_bwd", whose config ``cfg_bwd`` is; float64
-    inputs: all in PyTorch); the tail gets no gradient."""
+    """The chunked recurrence (the Triton kernel, run by ``run``, which writes into ``out`` when
+    given: a masked batch's zeroed buffer, whose rows past ``cu_seqlens[-1]`` (the padding tail)
+    no segment writes); backward: the chunk backward written out by hand on the saved inputs' rows
+    in segments (:func:`momtune.reference.recurrence.recurrence_backward`), on Triton kernels from
+    the token layout to the gradients (:mod:`momtune.kernels.recurrence.chunk_bwd`: the chunk-local
+    terms, the two sequential scans of :mod:`momtune.kernels.recurrence.scan`, the chunk gradients,
+    the q, k normalisation's both ways: the template "recurrence_bwd", whose config ``cfg_bwd``
+    is; float64 inputs: all in PyTorch); the tail gets no gradient.
+
+    ``rule``: "gated_delta" (default) or "gated_linear" (beta None; its gradient None).
+    ``initial_state`` [S, H, K, V] (None: zeros): the segments' starting states, differentiable;
+    ``run`` is then called as ``run(q, k, v, g, beta, initial_state)`` (else without it) and
+    returns (o, final_state). ``output_final_state``: the final states [S, H, K, V] (float32, from
+    ``run``) are returned after o, differentiable too (their gradient starts the backward's state
+    scan); otherwise only o is returned."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                cu_seqlens: torch.Tensor, run: Any, cfg_bwd: Mapping[str, Any] | None = None) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v, g, beta, cu_seqlens)
-        ctx.cfg_bwd = cfg_bwd
-        o, _ = run(q, k, v, g, beta)
-        return o
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                beta: torch.Tensor | None, cu_seqlens: torch.Tensor, run: Any, cfg_bwd: Mapping[str, Any] | None = None,
+                rule: str = "gated_delta", initial_state: torch.Tensor | None = None,
+                output_final_state: bool = False) -> Any:
+        from momtune.checks import check_choice
+        from momtune.errors import InputError
+        from momtune.reference.recurrence import RULES
+
+        check_choice("rule", rule, RULES)
+        if rule == "gated_delta" and beta is None:
+            raise InputError("beta: the rule 'gated_delta' needs beta [N, H]; 'gated_linear' takes None")
+        ctx.save_for_backward(q, k, v, g, beta if rule == "gated_delta" else None, cu_seqlens, initial_state)
+        ctx.cfg_bwd, ctx.rule = cfg_bwd, rule
+        ctx.set_materialize_grads(False)
+        o, final = run(q, k, v, g, beta) if initial_state is None else run(q, k, v, g, beta, initial_state)
+        if not output_final_state:
+            return o
+        if final is None:
+            raise InputError("run: output_final_state needs the final states from run (output_final_state=True "
+                             "in its chunk_recurrence call), got None")
+        return o, final
 
     @staticmethod
-    def backward(ctx: Any, do: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, do: torch.Tensor | None, dfinal: torch.Tensor | None = None) -> tuple[Any, ...]:
         from momtune.kernels.recurrence.chunk import dot_precision
         from momtune.kernels.recurrence.chunk_bwd import TritonBackward
-        from momtune.reference.recurrence import gated_delta_backward
+        from momtune.reference.recurrence import recurrence_backward
 
-        q, k, v, g, beta, cu = ctx.saved_tensors
+        q, k, v, g, beta, cu, init = ctx.saved_tensors
+        if do is None:  # only the final states were used
+            do = v.new_zeros(v.shape)
         rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
-        scans = None if q.dtype == torch.float64 else TritonBackward(dot=dot_precision(q.dtype), **(ctx.cfg_bwd or {}))
-        got = gated_delta_backward(*(t[:rows] for t in (q, k, v, g, beta)), do[:rows], cu_seqlens=cu,
-                                   use_qk_l2norm=True, scans=scans)
+        triton_path = q.dtype != torch.float64
+        scans = TritonBackward(dot=dot_precision(q.dtype), **(ctx.cfg_bwd or {})) if triton_path else None
+        if triton_path:  # the kernels take the states in float32 (as the forward kernel keeps them)
+            init = None if init is None else init.float()
+            dfinal = None if dfinal is None else dfinal.float()
+        got = recurrence_backward(*(t[:rows] for t in (q, k, v, g)), None if beta is None else beta[:rows], do[:rows],
+                                  cu_seqlens=cu, rule=ctx.rule, use_qk_l2norm=True, scans=scans,
+                                  initial_state=init, dfinal=dfinal)
+        dq, dk, dv, dg, db, ds0 = got
         if rows < q.shape[0]:
-            got = [torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))]) for d in got]
-        return (*got, None, None, None)
+            dq, dk, dv, dg, db = (None if d is None else torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))])
+                                  for d in (dq, dk, dv, dg, db))
+        if ds0 is not None:
+            ds0 = ds0.to(ctx.saved_tensors[6].dtype)
+        return dq, dk, dv, dg, db, None, None, None, None, ds0, None
 
 
 class _Merge(torch.autograd.Function):

@@ -147,16 +147,21 @@ def shared_memory_isolated(dtype: str, cfg: Mapping[str, Any], **shape: int) -> 
 
 def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int = 64, block_v: int = 32,
                    num_warps: int = 4, capability: int = 90, registers: bool = False,
-                   vnew: bool = False) -> dict[str, int]:
+                   vnew: bool = False, delta: bool = True, dfinal: bool = False,
+                   initial: bool = False) -> dict[str, int]:
     """Compile one of the recurrence backward's scans (``"forward"`` or ``"backward"``,
-    :mod:`momtune.kernels.recurrence.scan`; ``vnew``: storing vnew / dvnew too) for sm_<capability>:
-    {"shared": bytes} (and, with ``registers``, "n_regs" and "n_spills")."""
+    :mod:`momtune.kernels.recurrence.scan`; ``vnew``: storing vnew / dvnew too; ``delta`` False:
+    the gated-linear rule; ``dfinal`` / ``initial``, the backward scan's: reading the final
+    states' gradient / storing the initial states') for sm_<capability>: {"shared": bytes} (and,
+    with ``registers``, "n_regs" and "n_spills")."""
     from momtune.kernels.recurrence import scan
 
     fn = {"forward": scan._forward_scan_kernel, "backward": scan._backward_scan_kernel}[kernel]
     sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
                     else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
-    const = scan.constants(H, K, V, L, block_v, "tf32", vnew)
+    const = scan.constants(H, K, V, L, block_v, "tf32", vnew, delta)
+    if kernel == "backward":
+        const.update(scan.state_constants(dfinal, initial))
     return _compile(fn, sig, const, num_warps, 1, capability, registers)
 
 
@@ -171,12 +176,12 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
                         block_k: int | None = None, block_v: int | None = None, num_warps: int | None = None,
                         solve: str = "blocked",
                         dot: str = "tf32", capability: int = 90, registers: bool = False,
-                        num_stages: int | None = None) -> dict[str, int]:
+                        num_stages: int | None = None, delta: bool = True) -> dict[str, int]:
     """Compile one of the recurrence backward's chunk kernels (``"terms"`` or ``"grads"``,
     :mod:`momtune.kernels.recurrence.chunk_bwd`) for sm_<capability> with v, do, g, beta (and dv,
     dg, dbeta) in ``dtype``: {"shared": bytes} (and, with ``registers``, "n_regs" and
     "n_spills"). ``block_k``, ``block_v``, ``num_warps``, ``num_stages``: None for the launcher's
-    defaults."""
+    defaults; ``delta`` False: the gated-linear rule."""
     import inspect
 
     from momtune.kernels.recurrence import chunk_bwd
@@ -189,7 +194,7 @@ def chunk_bwd_resources(kernel: str, dtype: str = "bfloat16", K: int = 256, V: i
     defaults = inspect.signature(chunk_bwd.chunk_backward).parameters
     block_k = defaults["block_k"].default if block_k is None else block_k
     block_v = defaults["block_v"].default if block_v is None else block_v
-    const = chunk_bwd.constants(H, K, V, L, block_k, block_v, dot)
+    const = chunk_bwd.constants(H, K, V, L, block_k, block_v, dot, delta)
     if kernel == "terms":
         const["SOLVE"] = solve
     if num_warps is None:

@@ -191,9 +191,10 @@ def recurrent_chunked(
 
 
 def _chunk_terms(q, k, v, g, b, S=None):
-    """The forward quantities of gated-delta chunks (:func:`_chunk_step`'s math) that the backward
-    reads: q, k [..., L, K], v [..., L, V], g, b [..., L], S [..., K, V] the starting states (None:
-    not known yet; ``vnew``, the one term that needs them, is left for the caller)."""
+    """The forward quantities of chunks (:func:`_chunk_step`'s math) that the backward reads: q, k
+    [..., L, K], v [..., L, V], g, b [..., L] (b None: the gated-linear rule, whose vnew is v: no
+    X, W, U), S [..., K, V] the starting states (None: not known yet; the delta rule's ``vnew``,
+    the one term that needs them, is left for the caller)."""
     from types import SimpleNamespace
 
     L = q.shape[-2]
@@ -203,14 +204,18 @@ def _chunk_terms(q, k, v, g, b, S=None):
     t.strict = t.lower & ~torch.eye(L, dtype=torch.bool, device=dev)
     t.G = g.cumsum(-1)
     t.D = torch.where(t.lower, (t.G[..., :, None] - t.G[..., None, :]).masked_fill(~t.lower, 0.0).exp(), 0.0)
-    t.KK = k @ k.transpose(-1, -2)
-    t.X = torch.eye(L, dtype=dt, device=dev) + torch.where(t.strict, b[..., :, None] * t.KK * t.D, 0.0)
     t.eG = t.G.exp()
-    t.RW, t.RU = (b * t.eG)[..., None] * k, b[..., None] * v
-    t.W = torch.linalg.solve_triangular(t.X, t.RW, upper=False, unitriangular=True)
-    t.U = torch.linalg.solve_triangular(t.X, t.RU, upper=False, unitriangular=True)
-    if S is not None:
-        t.vnew = t.U - t.W @ S
+    if b is None:  # gated_linear: vnew = v
+        t.W = None
+        t.vnew = v
+    else:
+        t.KK = k @ k.transpose(-1, -2)
+        t.X = torch.eye(L, dtype=dt, device=dev) + torch.where(t.strict, b[..., :, None] * t.KK * t.D, 0.0)
+        t.RW, t.RU = (b * t.eG)[..., None] * k, b[..., None] * v
+        t.W = torch.linalg.solve_triangular(t.X, t.RW, upper=False, unitriangular=True)
+        t.U = torch.linalg.solve_triangular(t.X, t.RU, upper=False, unitriangular=True)
+        if S is not None:
+            t.vnew = t.U - t.W @ S
     t.qe = q * t.eG[..., None]
     t.QK = q @ k.transpose(-1, -2)
     t.P = t.QK * t.D
@@ -221,15 +226,15 @@ def _chunk_terms(q, k, v, g, b, S=None):
 
 
 def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
-    """The backward of gated-delta chunks (the math of :func:`_chunk_step`), by hand: q, k
-    [..., L, K], v, do [..., L, V], g, b [..., L] (log decay, beta), S [..., K, V] the state each
-    chunk starts from, dSn the gradient of the state after it, ``t`` its :func:`_chunk_terms`
-    (computed if None) -> (dq, dk, dv, dg, db). The gradient of S itself is not formed: the
-    backward's state scan gives it (:func:`gated_delta_backward`). Padding rows (k = v = g = b =
-    0) get gradients nobody reads."""
+    """The backward of chunks (the math of :func:`_chunk_step`), by hand: q, k [..., L, K], v, do
+    [..., L, V], g, b [..., L] (log decay, beta; b None: the gated-linear rule), S [..., K, V] the
+    state each chunk starts from, dSn the gradient of the state after it, ``t`` its
+    :func:`_chunk_terms` (computed if None) -> (dq, dk, dv, dg, db) (db None without b). The
+    gradient of S itself is not formed: the backward's state scan gives it
+    (:func:`recurrence_backward`). Padding rows (k = v = g = b = 0) get gradients nobody reads."""
     t = _chunk_terms(q, k, v, g, b, S) if t is None else t
-    lower, strict, D, KK, X, eG, RW = t.lower, t.strict, t.D, t.KK, t.X, t.eG, t.RW
-    W, U, vnew, qe, QK, P, GL, eL, kd = t.W, t.U, t.vnew, t.qe, t.QK, t.P, t.GL, t.eL, t.kd
+    lower, D, eG = t.lower, t.D, t.eG
+    vnew, qe, QK, P, GL, eL, kd = t.vnew, t.qe, t.QK, t.P, t.GL, t.eL, t.kd
     # S' = e^{GL} S + kd^T vnew
     dvnew = kd @ dSn
     dkd = vnew @ dSn.transpose(-1, -2)
@@ -247,6 +252,9 @@ def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
     dq = dq + dQK @ k
     dk = dk + dQK.transpose(-1, -2) @ q
     dD = dP * QK
+    if b is None:  # gated_linear: vnew = v
+        return dq, dk, dvnew, _decay_grad(dG, dGL, dD, D, lower), None
+    strict, KK, X, RW, W, U = t.strict, t.KK, t.X, t.RW, t.W, t.U
     # vnew = U - W S
     dW = -dvnew @ S.transpose(-1, -2)
     # W = X^-1 RW, U = X^-1 RU: dR = X^-T dY, dX = -(dR_W W^T + dR_U U^T)
@@ -263,12 +271,16 @@ def _chunk_grads(q, k, v, g, b, S, do, dSn, t=None):
     dKK = dA * b[..., :, None] * D
     dk = dk + dKK @ k + dKK.transpose(-1, -2) @ k
     dD = dD + dA * b[..., :, None] * KK
-    # D_ij = exp(G_i - G_j) on and below the diagonal
+    return dq, dk, dv, _decay_grad(dG, dGL, dD, D, lower), db
+
+
+def _decay_grad(dG, dGL, dD, D, lower):
+    """dg from the gradients of G = cumsum(g) (``dG``, and ``dGL`` of its last entry) and of
+    D_ij = exp(G_i - G_j) on and below the diagonal (``dD``)."""
     dDD = torch.where(lower, dD * D, 0.0)
     dG = dG + dDD.sum(-1) - dDD.sum(-2)
     dG[..., -1] = dG[..., -1] + dGL
-    dg = dG.flip(-1).cumsum(-1).flip(-1)  # G = cumsum(g)
-    return dq, dk, dv, dg, db
+    return dG.flip(-1).cumsum(-1).flip(-1)  # G = cumsum(g)
 
 
 #: the backward's chunk gradients run in groups of chunks whose [G, H, L, K] tensors take at most
@@ -280,7 +292,173 @@ def _sliced(t: Any, sl: slice) -> Any:
     """:func:`_chunk_terms`' terms of the chunks ``sl`` (the masks are shared)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{k: (v if k in ("lower", "strict") else v[sl]) for k, v in vars(t).items()})
+    return SimpleNamespace(**{k: (v if k in ("lower", "strict") or v is None else v[sl]) for k, v in vars(t).items()})
+
+
+def recurrence_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor | None,
+    do: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    rule: str = "gated_delta",
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    dfinal: torch.Tensor | None = None,
+    scans: Any = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dq, dk, dv, dg, dbeta, dinitial_state) of the recurrence's output o and final
+    state (:func:`recurrent_chunked`'s arguments, either rule) given ``do`` [N, H, V] and ``dfinal``
+    [S, H, K, V] (the final state's gradient; None: the final state is not used), by hand, in three
+    passes as a backward kernel splits them: (1) forward, step by step over the chunks (batched over
+    the segments), keeping each chunk's starting state (from ``initial_state``, zeros if None);
+    (2) the state's gradient scanned back step by step from ``dfinal`` (zeros if None), the one
+    sequential piece, from every chunk's forward terms computed at once: what it reaches at the
+    start of a segment is the gradient of its initial state; (3) every chunk's gradients at once
+    (:func:`_chunk_grads`). The L2 normalisation of q and k goes through autograd (elementwise). In
+    float32 (float64 for float64 inputs), gradients in the inputs' dtypes. dbeta is None for
+    "gated_linear" (no beta), dinitial_state None unless ``initial_state`` is given (in its dtype).
+
+    ``scans``: an object with ``forward(w, u, kd, gl, state0, table, nch)`` and ``backward(w, kd,
+    qe, p, do, gl, table, nch)`` that run (1) and (2) over chunk-major terms (momtune's Triton
+    scans, :mod:`momtune.kernels.recurrence.scan`, which documents the layout; w is None for
+    "gated_linear"; with an initial state or ``dfinal`` the backward is also passed ``dfinal=``
+    and ``initial=True`` and returns (dS, dinitial_state)); None: the PyTorch steps here. If it
+    also has ``chunk_backward(q, k, v, g, beta, do, cu, chunk_size)`` (q, k as the recurrence reads
+    them, cu a list, beta None for "gated_linear"; returns the gradients of q, k, v, g, beta (None
+    without beta), and, passed ``initial_state=`` (and ``dfinal=``), that of the initial state
+    sixth), that runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`); if it has
+    ``normalised_backward(q, k, v, g, beta, do, cu, chunk_size, scale)`` (the raw q, k; the same
+    returns in the inputs' dtypes), that does all of it, the L2 normalisation of q and k and its
+    gradient included, instead of autograd (``use_qk_l2norm``). The extra keywords are passed only
+    when an initial state or ``dfinal`` is given: the zero-state call is unchanged."""
+    delta = rule == "gated_delta"
+    extra = {} if initial_state is None and dfinal is None else dict(initial_state=initial_state, dfinal=dfinal)
+    fused = getattr(scans, "chunk_backward", None)  # reads v, g, beta as given: no float copies of them
+    whole = getattr(scans, "normalised_backward", None) if use_qk_l2norm else None
+    if whole is not None:  # the normalisation and its gradient by ``scans`` too: no autograd
+        *_, cu, _ = _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, initial_state, use_qk_l2norm, values=False,
+                             qk=False)
+        _check_grads(do, dfinal, q, v, len(cu) - 1)
+        got = whole(q, k, v, g, beta if delta else None, do, cu, chunk_size,
+                    q.shape[-1] ** -0.5 if scale is None else float(scale), **extra)
+        return _with_state_grad(got, initial_state)
+    qk = [t.detach().requires_grad_(True) for t in (q, k)]
+    with torch.enable_grad():
+        qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, initial_state,
+                                                  use_qk_l2norm, values=fused is None)
+    n, dev, L = qf.shape[0], qf.device, chunk_size
+    _check_grads(do, dfinal, q, v, len(cu) - 1)
+    if fused is not None:
+        got = fused(qf.detach(), kf.detach(), v, g, beta if delta else None, do, cu, L, **extra)
+        with torch.enable_grad():
+            dq_in, dk_in = torch.autograd.grad((qf, kf), qk, got[:2])
+        dv, dg, db = got[2:5]
+        return _with_state_grad((dq_in.to(q.dtype), dk_in.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype),
+                                 None if db is None else db.to(beta.dtype), *got[5:]), initial_state)
+    cd = qf.dtype
+    chunks = [-(-(cu[s + 1] - cu[s]) // L) for s in range(len(cu) - 1)]
+
+    def padded(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x.detach(), x.new_zeros((1,) + tuple(x.shape[1:]))])
+
+    qp, kp, vp, gp, bp = (padded(x) for x in (qf, kf, vf, gf, bf))
+    dop = padded(do.to(cd))
+    offs = torch.arange(L, device=dev)
+    steps, toks = [], []  # per step c: (segments with a chunk c, ids of those chunks); chunk rows
+    for c in range(max(chunks, default=0)):
+        active = [s for s, nc in enumerate(chunks) if nc > c]
+        first = torch.tensor([cu[s] + c * L for s in active], device=dev)
+        end = torch.tensor([cu[s + 1] for s in active], device=dev)
+        tok = first[:, None] + offs
+        ids = torch.arange(len(active), device=dev) + sum(len(x) for x in toks)
+        steps.append((torch.tensor(active, device=dev), ids))
+        toks.append(torch.where(tok < end[:, None], tok, torch.full_like(tok, n)))
+    grads = [None if x is None else torch.zeros((n + 1, *x.shape[1:]), dtype=cd, device=dev)
+             for x in (qf, kf, vf, gf, bf)]
+    if not toks:
+        toks.append(torch.zeros(0, L, dtype=torch.long, device=dev))
+    tok = torch.cat(toks)  # [C, L]: every chunk of every segment, in step order
+    dlast = None if dfinal is None else dfinal.to(cd)
+    with torch.no_grad():
+        tr = lambda x: None if x is None else x[tok].transpose(1, 2)  # noqa: E731 - [C, L, H, *] -> [C, H, L, *]
+        qc, kc, vc, gc, bc, doc = (tr(x) for x in (qp, kp, vp, gp, bp, dop))
+        if scans is not None:  # (1) and (2) by ``scans`` over every chunk's S-free terms
+            # table[s, c]: the id of chunk c of segment s (chunks are numbered in step order)
+            table = torch.zeros((len(chunks), max(max(chunks, default=0), 1)), dtype=torch.int32, device=dev)
+            for c, (seg, ids) in enumerate(steps):
+                table[seg, c] = ids.to(torch.int32)
+            nch = torch.tensor(chunks, dtype=torch.int32, device=dev)
+            t = _chunk_terms(qc, kc, vc, gc, bc)  # the start states come from the scan: vnew below
+            S0 = scans.forward(t.W, t.U if delta else vc, t.kd, t.GL, state0, table, nch)
+            if delta:
+                t.vnew = t.U - t.W @ S0
+            if extra:
+                dSn, dstate = scans.backward(t.W, t.kd, t.qe, t.P, doc, t.GL, table, nch, dfinal=dlast, initial=True)
+            else:
+                dSn, dstate = scans.backward(t.W, t.kd, t.qe, t.P, doc, t.GL, table, nch), None
+        else:
+            # 1. forward, step by step: each chunk's starting state
+            S0 = state0.new_zeros((tok.shape[0], *state0.shape[1:]))
+            state = state0.clone()
+            for seg, ids in steps:
+                S0[ids] = state[seg]
+                _, S = _chunk_step(qp[tok[ids]], kp[tok[ids]], vp[tok[ids]], gp[tok[ids]],
+                                   None if bp is None else bp[tok[ids]], state[seg], rule)
+                state = state.index_copy(0, seg, S)
+            # 2. every chunk's forward terms at once; the state's gradient scanned back step by step
+            #    (the one sequential piece): dvnew = kd dS' + P^T do, dS = e^{GL} dS' + qe^T do - W^T dvnew
+            #    (gated_linear: no W term)
+            t = _chunk_terms(qc, kc, vc, gc, bc, S0)
+            dSn = torch.zeros_like(S0)
+            dstate = torch.zeros_like(state0) if dlast is None else dlast.clone()
+            for seg, ids in reversed(steps):
+                d = dstate[seg]
+                dSn[ids] = d
+                dS = t.GL[ids].exp()[..., None, None] * d + t.qe[ids].transpose(-1, -2) @ doc[ids]
+                if delta:
+                    dvnew = t.kd[ids] @ d + t.P[ids].transpose(-1, -2) @ doc[ids]
+                    dS = dS - t.W[ids].transpose(-1, -2) @ dvnew
+                dstate = dstate.index_copy(0, seg, dS)
+        # 3. every chunk's gradients, in groups of chunks that bound the temporaries (~30 tensors
+        #    of a group's [G, H, L, K] size: at most GRAD_GROUP_BYTES each)
+        per_chunk = qc.shape[1] * qc.shape[2] * max(qc.shape[3], vc.shape[3]) * qc.element_size()
+        group = max(1, GRAD_GROUP_BYTES // max(1, per_chunk))
+        for lo in range(0, tok.shape[0], group):
+            sl = slice(lo, lo + group)
+            got = _chunk_grads(qc[sl], kc[sl], vc[sl], gc[sl], None if bc is None else bc[sl], S0[sl], doc[sl],
+                               dSn[sl], _sliced(t, sl))
+            flat = tok[sl].flatten()
+            for acc, d in zip(grads, got):
+                if acc is not None:
+                    acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
+    dqf, dkf, dv, dg, db = (None if x is None else x[:n] for x in grads)
+    with torch.enable_grad():
+        dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
+    return (dq_in.to(q.dtype), dk_in.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype),
+            None if db is None else db.to(beta.dtype),
+            None if initial_state is None else dstate.to(initial_state.dtype))
+
+
+def _check_grads(do: Any, dfinal: Any, q: torch.Tensor, v: torch.Tensor, s: int) -> None:
+    from momtune.checks import FLOAT_DTYPES, check_tensor
+
+    check_tensor("do", do, shape=tuple(v.shape), dtypes=FLOAT_DTYPES)
+    if dfinal is not None:
+        check_tensor("dfinal", dfinal, shape=(s, q.shape[1], q.shape[2], v.shape[2]), dtypes=FLOAT_DTYPES)
+
+
+def _with_state_grad(got: tuple, initial_state: torch.Tensor | None) -> tuple:
+    """``scans``' gradients as :func:`recurrence_backward` returns them: six, the initial state's
+    last (None without one, in its dtype with one)."""
+    got = tuple(got) + (None,) * (6 - len(got))
+    ds0 = None if initial_state is None else got[5].to(initial_state.dtype)
+    return (*got[:5], ds0)
 
 
 def gated_delta_backward(
@@ -296,108 +474,36 @@ def gated_delta_backward(
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
     scans: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv, dg, dbeta) of the gated-delta recurrence's output o (zero initial
-    states; :func:`recurrent_chunked`'s arguments) given ``do``, by hand, in three passes as a
-    backward kernel splits them: (1) forward, step by step over the chunks (batched over the
-    segments), keeping each chunk's starting state; (2) the state's gradient scanned back step by
-    step, the one sequential piece, from every chunk's forward terms computed at once; (3) every
-    chunk's gradients at once (:func:`_chunk_grads`). The L2 normalisation of q and k goes
-    through autograd (elementwise). In float32 (float64 for float64 inputs), gradients in the
-    inputs' dtypes.
+    initial_state: torch.Tensor | None = None,
+    dfinal: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence (:func:`recurrence_backward`, whose
+    arguments these are), and the initial state's gradient sixth when ``initial_state`` is given."""
+    got = recurrence_backward(q, k, v, g, beta, do, cu_seqlens=cu_seqlens, rule="gated_delta", scale=scale,
+                              use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, initial_state=initial_state,
+                              dfinal=dfinal, scans=scans)
+    return got if initial_state is not None else got[:5]
 
-    ``scans``: an object with ``forward(w, u, kd, gl, state0, table, nch)`` and ``backward(w, kd,
-    qe, p, do, gl, table, nch)`` that run (1) and (2) over chunk-major terms (momtune's Triton
-    scans, :mod:`momtune.kernels.recurrence.scan`, which documents the layout); None: the
-    PyTorch steps here. If it also has ``chunk_backward(q, k, v, g, beta, do, cu, chunk_size)``
-    (q, k as the recurrence reads them, cu a list; returns the gradients of q, k, v, g, beta), that
-    runs (1) to (3) instead (:mod:`momtune.kernels.recurrence.chunk_bwd`); if it has
-    ``normalised_backward(q, k, v, g, beta, do, cu, chunk_size, scale)`` (the raw q, k; returns the
-    five gradients in the inputs' dtypes), that does all of it, the L2 normalisation of q and k and
-    its gradient included, instead of autograd (``use_qk_l2norm``)."""
-    rule = "gated_delta"
-    fused = getattr(scans, "chunk_backward", None)  # reads v, g, beta as given: no float copies of them
-    whole = getattr(scans, "normalised_backward", None) if use_qk_l2norm else None
-    if whole is not None:  # the normalisation and its gradient by ``scans`` too: no autograd
-        *_, cu, _ = _prepare(q, k, v, g, beta, cu_seqlens, rule, scale, None, use_qk_l2norm, values=False, qk=False)
-        return whole(q, k, v, g, beta, do, cu, chunk_size, q.shape[-1] ** -0.5 if scale is None else float(scale))
-    qk = [t.detach().requires_grad_(True) for t in (q, k)]
-    with torch.enable_grad():
-        qf, kf, vf, gf, bf, cu, state0 = _prepare(qk[0], qk[1], v, g, beta, cu_seqlens, rule, scale, None,
-                                                  use_qk_l2norm, values=fused is None)
-    n, dev, L = qf.shape[0], qf.device, chunk_size
-    if fused is not None:
-        dqf, dkf, dv, dg, db = fused(qf.detach(), kf.detach(), v, g, beta, do, cu, L)
-        with torch.enable_grad():
-            dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
-        return dq_in.to(q.dtype), dk_in.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype)
-    cd = qf.dtype
-    chunks = [-(-(cu[s + 1] - cu[s]) // L) for s in range(len(cu) - 1)]
 
-    def padded(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.detach(), x.new_zeros((1,) + tuple(x.shape[1:]))])
-
-    qp, kp, vp, gp, bp = (padded(x) for x in (qf, kf, vf, gf, bf))
-    dop = padded(do.to(cd))
-    offs = torch.arange(L, device=dev)
-    steps, toks = [], []  # per step c: (segments with a chunk c, ids of those chunks); chunk rows
-    for c in range(max(chunks, default=0)):
-        active = [s for s, nc in enumerate(chunks) if nc > c]
-        first = torch.tensor([cu[s] + c * L for s in active], device=dev)
-        end = torch.tensor([cu[s + 1] for s in active], device=dev)
-        tok = first[:, None] + offs
-        ids = torch.arange(len(active), device=dev) + sum(len(x) for x in toks)
-        steps.append((torch.tensor(active, device=dev), ids))
-        toks.append(torch.where(tok < end[:, None], tok, torch.full_like(tok, n)))
-    grads = [torch.zeros((n + 1, *x.shape[1:]), dtype=cd, device=dev) for x in (qf, kf, vf, gf, bf)]
-    if not toks:
-        toks.append(torch.zeros(0, L, dtype=torch.long, device=dev))
-    tok = torch.cat(toks)  # [C, L]: every chunk of every segment, in step order
-    with torch.no_grad():
-        tr = lambda x: x[tok].transpose(1, 2)  # noqa: E731 - [C, L, H, *] -> [C, H, L, *]
-        qc, kc, vc, gc, bc, doc = (tr(x) for x in (qp, kp, vp, gp, bp, dop))
-        if scans is not None:  # (1) and (2) by ``scans`` over every chunk's S-free terms
-            # table[s, c]: the id of chunk c of segment s (chunks are numbered in step order)
-            table = torch.zeros((len(chunks), max(max(chunks, default=0), 1)), dtype=torch.int32, device=dev)
-            for c, (seg, ids) in enumerate(steps):
-                table[seg, c] = ids.to(torch.int32)
-            nch = torch.tensor(chunks, dtype=torch.int32, device=dev)
-            t = _chunk_terms(qc, kc, vc, gc, bc)  # the start states come from the scan: vnew below
-            S0 = scans.forward(t.W, t.U, t.kd, t.GL, state0, table, nch)
-            t.vnew = t.U - t.W @ S0
-            dSn = scans.backward(t.W, t.kd, t.qe, t.P, doc, t.GL, table, nch)
-        else:
-            # 1. forward, step by step: each chunk's starting state
-            S0 = state0.new_zeros((tok.shape[0], *state0.shape[1:]))
-            state = state0.clone()
-            for seg, ids in steps:
-                S0[ids] = state[seg]
-                _, S = _chunk_step(qp[tok[ids]], kp[tok[ids]], vp[tok[ids]], gp[tok[ids]], bp[tok[ids]], state[seg],
-                                   rule)
-                state = state.index_copy(0, seg, S)
-            # 2. every chunk's forward terms at once; the state's gradient scanned back step by step
-            #    (the one sequential piece): dvnew = kd dS' + P^T do, dS = e^{GL} dS' + qe^T do - W^T dvnew
-            t = _chunk_terms(qc, kc, vc, gc, bc, S0)
-            dSn = torch.zeros_like(S0)
-            dstate = torch.zeros_like(state0)
-            for seg, ids in reversed(steps):
-                d = dstate[seg]
-                dSn[ids] = d
-                dvnew = t.kd[ids] @ d + t.P[ids].transpose(-1, -2) @ doc[ids]
-                dS = (t.GL[ids].exp()[..., None, None] * d + t.qe[ids].transpose(-1, -2) @ doc[ids]
-                      - t.W[ids].transpose(-1, -2) @ dvnew)
-                dstate = dstate.index_copy(0, seg, dS)
-        # 3. every chunk's gradients, in groups of chunks that bound the temporaries (~30 tensors
-        #    of a group's [G, H, L, K] size: at most GRAD_GROUP_BYTES each)
-        per_chunk = qc.shape[1] * qc.shape[2] * max(qc.shape[3], vc.shape[3]) * qc.element_size()
-        group = max(1, GRAD_GROUP_BYTES // max(1, per_chunk))
-        for lo in range(0, tok.shape[0], group):
-            sl = slice(lo, lo + group)
-            got = _chunk_grads(qc[sl], kc[sl], vc[sl], gc[sl], bc[sl], S0[sl], doc[sl], dSn[sl], _sliced(t, sl))
-            flat = tok[sl].flatten()
-            for acc, d in zip(grads, got):
-                acc.index_add_(0, flat, d.transpose(1, 2).flatten(0, 1))
-    dqf, dkf, dv, dg, db = (x[:n] for x in grads)
-    with torch.enable_grad():
-        dq_in, dk_in = torch.autograd.grad((qf, kf), qk, (dqf, dkf))
-    return dq_in.to(q.dtype), dk_in.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype)
+def gated_linear_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    do: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+    scans: Any = None,
+    initial_state: torch.Tensor | None = None,
+    dfinal: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dg) of the gated-linear recurrence (S <- exp(g_t) S + k_t v_t^T, no beta;
+    :func:`recurrence_backward`, whose arguments these are), and the initial state's gradient
+    fifth when ``initial_state`` is given."""
+    got = recurrence_backward(q, k, v, g, None, do, cu_seqlens=cu_seqlens, rule="gated_linear", scale=scale,
+                              use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, initial_state=initial_state,
+                              dfinal=dfinal, scans=scans)
+    return (*got[:4], got[5]) if initial_state is not None else got[:4]

@@ -63,10 +63,11 @@ from .scan import TritonScans, _checked, backward_scan, forward_scan
 
 
 @triton.jit
-def _chunk_rows(first, end, g, beta, H: tl.constexpr, L: tl.constexpr):
+def _chunk_rows(first, end, g, beta, H: tl.constexpr, L: tl.constexpr, IS_DELTA: tl.constexpr):
     """This program's chunk and head: the chunk-major index ch = chunk * H + head, the row offsets
-    and mask, the token-layout row index r_h = token * H + head, G = cumsum(g), GL, beta, the
-    lower-triangle mask and D_ij = exp(G_i - G_j) on and below the diagonal (0 above)."""
+    and mask, the token-layout row index r_h = token * H + head, G = cumsum(g), GL, beta (zero for
+    the gated-linear rule, IS_DELTA off), the lower-triangle mask and D_ij = exp(G_i - G_j) on and
+    below the diagonal (0 above)."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     t0 = tl.load(first + i_c).to(tl.int64)
@@ -76,7 +77,10 @@ def _chunk_rows(first, end, g, beta, H: tl.constexpr, L: tl.constexpr):
     m_l = rows < t1
     r_h = rows * H + i_h
     gv = tl.load(g + r_h, mask=m_l, other=0.0).to(tl.float32)
-    b = tl.load(beta + r_h, mask=m_l, other=0.0).to(tl.float32)
+    if IS_DELTA:
+        b = tl.load(beta + r_h, mask=m_l, other=0.0).to(tl.float32)
+    else:
+        b = gv * 0.0
     G = tl.cumsum(gv, 0)
     GL = tl.sum(tl.where(o_l == L - 1, G, 0.0), 0)
     lower = o_l[:, None] >= o_l[None, :]
@@ -88,8 +92,9 @@ def _chunk_rows(first, end, g, beta, H: tl.constexpr, L: tl.constexpr):
 @triton.jit
 def _terms_kernel(q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm, am, H: tl.constexpr,
                   K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  NK: tl.constexpr, NV: tl.constexpr, SOLVE: tl.constexpr, DOT: tl.constexpr):
-    ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L)
+                  NK: tl.constexpr, NV: tl.constexpr, SOLVE: tl.constexpr, DOT: tl.constexpr,
+                  IS_DELTA: tl.constexpr):
+    ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L, IS_DELTA)
     KK = tl.zeros([L, L], dtype=tl.float32)
     QK = tl.zeros([L, L], dtype=tl.float32)
     for i_k in range(0, NK):
@@ -97,15 +102,19 @@ def _terms_kernel(q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm
         m = m_l[:, None] & (o_k < K)[None, :]
         kb = tl.load(k + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         qb = tl.load(q + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        KK = tl.dot(kb, tl.trans(kb), KK, input_precision=DOT)
+        if IS_DELTA:
+            KK = tl.dot(kb, tl.trans(kb), KK, input_precision=DOT)
         QK = tl.dot(qb, tl.trans(kb), QK, input_precision=DOT)
-    KKD = tl.where(o_l[:, None] > o_l[None, :], KK * D, 0.0)
+    if IS_DELTA:
+        KKD = tl.where(o_l[:, None] > o_l[None, :], KK * D, 0.0)
     o_ll = ch * L * L + o_l[:, None] * L + o_l[None, :]
-    tl.store(am + o_ll, KKD)
+    if IS_DELTA:
+        tl.store(am + o_ll, KKD)
     tl.store(p + o_ll, QK * D)
     tl.store(gl + ch, GL)
-    T = _solve_unit_lower(b[:, None] * KKD, L, SOLVE, DOT)
-    tl.store(tm + o_ll, T)
+    if IS_DELTA:
+        T = _solve_unit_lower(b[:, None] * KKD, L, SOLVE, DOT)
+        tl.store(tm + o_ll, T)
     eG = tl.exp(G)
     eL = tl.exp(GL - G)
     for i_k in range(0, NK):
@@ -115,7 +124,8 @@ def _terms_kernel(q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm
         kb = tl.load(k + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         qb = tl.load(q + r_h[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         o_c = ch * L * K + o_l[:, None] * K + o_k[None, :]
-        tl.store(w + o_c, tl.dot(T, kb * (b * eG)[:, None], input_precision=DOT), mask=m_k)
+        if IS_DELTA:
+            tl.store(w + o_c, tl.dot(T, kb * (b * eG)[:, None], input_precision=DOT), mask=m_k)
         tl.store(kd + o_c, kb * eL[:, None], mask=m_k)
         tl.store(qe + o_c, qb * eG[:, None], mask=m_k)
     for i_v in range(0, NV):
@@ -125,17 +135,21 @@ def _terms_kernel(q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm
         vb = tl.load(v + r_h[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
         dob = tl.load(do + r_h[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
         o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
-        tl.store(u + o_c, tl.dot(T, vb * b[:, None], input_precision=DOT), mask=m_v)
+        if IS_DELTA:
+            tl.store(u + o_c, tl.dot(T, vb * b[:, None], input_precision=DOT), mask=m_v)
+        else:  # gated_linear: U = v (the forward scan's vnew)
+            tl.store(u + o_c, vb, mask=m_v)
         tl.store(dos + o_c, dob, mask=m_v)
 
 
 @triton.jit
 def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p, am, dq, dk, dv, dg, db,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DOT: tl.constexpr):
-    ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L)
+                  BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DOT: tl.constexpr, IS_DELTA: tl.constexpr):
+    ch, o_l, m_l, r_h, G, GL, b, lower, D = _chunk_rows(first, end, g, beta, H, L, IS_DELTA)
     o_ll = ch * L * L + o_l[:, None] * L + o_l[None, :]
-    Tt = tl.trans(tl.load(tm + o_ll))
+    if IS_DELTA:
+        Tt = tl.trans(tl.load(tm + o_ll))
     eG = tl.exp(G)
     eL = tl.exp(GL - G)
     # V blocks: dP = do vnew^T, dRU = T^T dvnew, dv = b dRU, dbeta's v term, dA = -dRU vnew^T
@@ -149,23 +163,31 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p,
         r_v = r_h[:, None] * V + o_v[None, :]
         o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
         dob = tl.load(do + r_v, mask=m, other=0.0).to(tl.float32)
-        vb = tl.load(v + r_v, mask=m, other=0.0).to(tl.float32)
+        if IS_DELTA:
+            vb = tl.load(v + r_v, mask=m, other=0.0).to(tl.float32)
         vnb = tl.load(vn + o_c, mask=m_v, other=0.0)
         dvnb = tl.load(dvn + o_c, mask=m_v, other=0.0)
         dP = tl.dot(dob, tl.trans(vnb), dP, input_precision=DOT)
-        dRU = tl.dot(Tt, dvnb, input_precision=DOT)
-        tl.store(dru + o_c, dRU, mask=m_v)
-        tl.store(dv + r_v, (b[:, None] * dRU).to(dv.dtype.element_ty), mask=m)
-        dbeta += tl.sum(vb * dRU, 1)
-        dA = tl.dot(dRU, tl.trans(vnb), dA, input_precision=DOT)
-    dA = tl.where(o_l[:, None] > o_l[None, :], -dA, 0.0)
-    KKD = tl.load(am + o_ll)
+        if IS_DELTA:
+            dRU = tl.dot(Tt, dvnb, input_precision=DOT)
+            tl.store(dru + o_c, dRU, mask=m_v)
+            tl.store(dv + r_v, (b[:, None] * dRU).to(dv.dtype.element_ty), mask=m)
+            dbeta += tl.sum(vb * dRU, 1)
+            dA = tl.dot(dRU, tl.trans(vnb), dA, input_precision=DOT)
+        else:  # gated_linear: vnew = v, dv = dvnew
+            tl.store(dv + r_v, dvnb.to(dv.dtype.element_ty), mask=m)
+    if IS_DELTA:
+        dA = tl.where(o_l[:, None] > o_l[None, :], -dA, 0.0)
+        KKD = tl.load(am + o_ll)
     dQK = dP * D
-    dKK = dA * b[:, None] * D
-    dKK = dKK + tl.trans(dKK)
-    # D's gradient (times D, on and below the diagonal): from P = QK D and A = b KK D
-    dDD = tl.where(lower, dP * tl.load(p + o_ll), 0.0) + dA * b[:, None] * KKD
-    dbeta += tl.sum(dA * KKD, 1)
+    # D's gradient (times D, on and below the diagonal): from P = QK D and (the delta rule) A = b KK D
+    if IS_DELTA:
+        dKK = dA * b[:, None] * D
+        dKK = dKK + tl.trans(dKK)
+        dDD = tl.where(lower, dP * tl.load(p + o_ll), 0.0) + dA * b[:, None] * KKD
+        dbeta += tl.sum(dA * KKD, 1)
+    else:
+        dDD = tl.where(lower, dP * tl.load(p + o_ll), 0.0)
     dG = tl.sum(dDD, 1) - tl.sum(dDD, 0)
     tl.debug_barrier()  # dRU, stored above, is read below by other threads of this program
     rks = tl.zeros([L], dtype=tl.float32)  # row sums of dkd * kd (GL's gradient: their total)
@@ -186,22 +208,30 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p,
             o_c = ch * L * V + o_l[:, None] * V + o_v[None, :]
             dob = tl.load(do + r_h[:, None] * V + o_v[None, :], mask=m_l[:, None] & m_v, other=0.0).to(tl.float32)
             vnb = tl.load(vn + o_c, mask=m_v, other=0.0)
-            dRU = tl.load(dru + o_c, mask=m_v, other=0.0)
+            if IS_DELTA:
+                dRU = tl.load(dru + o_c, mask=m_v, other=0.0)
             dkd = tl.dot(vnb, tl.trans(dS), dkd, input_precision=DOT)
             dqe = tl.dot(dob, tl.trans(S), dqe, input_precision=DOT)
-            dRW = tl.dot(dRU, tl.trans(S), dRW, input_precision=DOT)
+            if IS_DELTA:
+                dRW = tl.dot(dRU, tl.trans(S), dRW, input_precision=DOT)
             sds += tl.sum(dS * S, 1)
         # this K block's dq and dk, each accumulator used up as soon as it can be (registers)
         r_k = r_h[:, None] * K + o_k[None, :]
         m = m_l[:, None] & m_k[None, :]
         kb = tl.load(k + r_k, mask=m, other=0.0).to(tl.float32)
         rk = tl.sum(dkd * kb, 1) * eL
-        kdrw = -tl.sum(kb * dRW, 1)  # the accumulator holds -dRW
-        dkb = dkd * eL[:, None] - (b * eG)[:, None] * dRW
-        dkb = tl.dot(dKK, kb, dkb, input_precision=DOT)
+        if IS_DELTA:
+            kdrw = -tl.sum(kb * dRW, 1)  # the accumulator holds -dRW
+            dkb = dkd * eL[:, None] - (b * eG)[:, None] * dRW
+            dkb = tl.dot(dKK, kb, dkb, input_precision=DOT)
+        else:
+            dkb = dkd * eL[:, None]
         qb = tl.load(q + r_k, mask=m, other=0.0).to(tl.float32)
-        dG += tl.sum(dqe * qb, 1) * eG + b * eG * kdrw - rk
-        dbeta += eG * kdrw
+        if IS_DELTA:
+            dG += tl.sum(dqe * qb, 1) * eG + b * eG * kdrw - rk
+            dbeta += eG * kdrw
+        else:
+            dG += tl.sum(dqe * qb, 1) * eG - rk
         rks += rk
         dqb = tl.dot(dQK, kb, dqe * eG[:, None], input_precision=DOT)
         tl.store(dq + r_k, dqb.to(dq.dtype.element_ty), mask=m)
@@ -210,7 +240,8 @@ def _grads_kernel(q, k, v, g, beta, do, first, end, vn, dvn, dru, s0, ds, tm, p,
     dG += tl.where(o_l == L - 1, tl.sum(rks, 0) + tl.sum(sds, 0) * tl.exp(GL), 0.0)
     dgv = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # G = cumsum(g): dg_i = sum_{j >= i} dG_j
     tl.store(dg + r_h, dgv.to(dg.dtype.element_ty), mask=m_l)
-    tl.store(db + r_h, dbeta.to(db.dtype.element_ty), mask=m_l)
+    if IS_DELTA:
+        tl.store(db + r_h, dbeta.to(db.dtype.element_ty), mask=m_l)
 
 
 def chunk_layout(cu: list[int], L: int, device: torch.device | str) -> dict[str, Any]:
@@ -245,27 +276,36 @@ def _contiguous(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torc
                     "float16, bfloat16 or float32")
 
 
-def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot: str) -> dict[str, object]:
-    """Both chunk kernels' compile-time constants (blocks clamped to K, V padded to powers of two)."""
+def constants(h: int, kd: int, vd: int, L: int, block_k: int, block_v: int, dot: str,
+              delta: bool = True) -> dict[str, object]:
+    """Both chunk kernels' compile-time constants (blocks clamped to K, V padded to powers of two;
+    IS_DELTA off: the gated-linear rule)."""
     if L < 16 or L & (L - 1):
         raise InputError(f"chunk_size: expected a power of two >= 16 (tl.dot tiles), got {L}")
     bk = min(block_k, max(16, triton.next_power_of_2(kd)))
     bv = min(block_v, max(16, triton.next_power_of_2(vd)))
-    return dict(H=h, K=kd, V=vd, L=L, BK=bk, BV=bv, NK=triton.cdiv(kd, bk), NV=triton.cdiv(vd, bv), DOT=dot)
+    return dict(H=h, K=kd, V=vd, L=L, BK=bk, BV=bv, NK=triton.cdiv(kd, bk), NV=triton.cdiv(vd, bv), DOT=dot,
+                IS_DELTA=delta)
 
 
-def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                   do: torch.Tensor, cu: list[int], *, chunk_size: int = 64, dot: str = "tf32",
+def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor | None,
+                   do: torch.Tensor, cu: list[int], *, initial_state: torch.Tensor | None = None,
+                   dfinal: torch.Tensor | None = None, chunk_size: int = 64, dot: str = "tf32",
                    solve: str = "blocked", block_k: int = 64, block_v: int = 32, num_warps: int = 8,
                    num_stages: int = 3, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
                    bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
                    events: dict[str, list[Any]] | None = None,
                    out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence from zero states over segments ``cu``
-    (a list of ints; ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the
-    recurrence's q (normalised and scaled) and k, float32; v, do [N, H, V], g, beta [N, H] in
-    float16, bfloat16 or float32. dq, dk come back in float32, dv, dg, dbeta in v's, g's and
-    beta's dtypes. ``poison``: every output and workspace filled with NaN first (tests).
+    """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence over segments ``cu`` (a list of ints;
+    ``cu[-1]`` = N), given the output's gradient ``do``: q, k [N, H, K] the recurrence's q
+    (normalised and scaled) and k, float32; v, do [N, H, V], g, beta [N, H] in float16, bfloat16
+    or float32. dq, dk come back in float32, dv, dg, dbeta in v's, g's and beta's dtypes.
+    ``beta`` None: the gated-linear rule (S <- exp(g) S + k v^T), dbeta None. ``initial_state``
+    [S, H, K, V] float32 (S = len(cu) - 1, as ``chunk_recurrence`` takes it; None: zeros): the
+    states the segments start from, and the initial states' gradient [S, H, K, V] float32 comes
+    back sixth. ``dfinal`` [S, H, K, V] float32: the gradient of the final states (None: they
+    are not used). Without either, nothing of theirs is launched or allocated.
+    ``poison``: every output and workspace filled with NaN first (tests).
 
     Launch parameters: ``block_k``, ``block_v``, ``num_warps``, ``num_stages`` (its K x V loop's
     software pipelining) of the gradient kernel; ``terms_warps`` of the terms kernel (its K and V
@@ -290,11 +330,19 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     if q.dtype != torch.float32 or k.dtype != torch.float32:
         raise InputError(f"q, k: expected float32 (normalised and scaled), got {q.dtype}, {k.dtype}")
     v, do = (_contiguous(nm, x, (n, h, vd), dev) for nm, x in (("v", v), ("do", do)))
-    g, beta = (_contiguous(nm, x, (n, h), dev) for nm, x in (("g", g), ("beta", beta)))
+    delta = beta is not None
+    g = _contiguous("g", g, (n, h), dev)
+    if delta:
+        beta = _contiguous("beta", beta, (n, h), dev)
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
         raise InputError(f"cu: expected non-decreasing segment bounds from 0 to {n}, got {cu[:8]}")
+    states = (len(cu) - 1, h, kd_, vd)
+    if initial_state is not None:
+        initial_state = _checked("initial_state", initial_state, states, dev)
+    if dfinal is not None:
+        dfinal = _checked("dfinal", dfinal, states, dev)
     L = chunk_size
-    const = constants(h, kd_, vd, L, block_k, block_v, dot)
+    const = constants(h, kd_, vd, L, block_k, block_v, dot, delta)
     lay = chunk_layout(cu, L, dev)
     C = lay["C"]
     empty = torch.full if poison else (lambda shape, _, **kw: torch.empty(shape, **kw))
@@ -312,31 +360,45 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
                              f"{buf.dtype} {tuple(buf.shape)} on {buf.device}")
         return buf
 
-    dv, dg, db = result("dv", v), result("dg", g), result("dbeta", beta)
+    dv, dg = result("dv", v), result("dg", g)
+    db = result("dbeta", beta) if delta else None
+    ds0 = None if initial_state is None else empty(states, nan, **f32)
+    extra = () if ds0 is None else (ds0,)
     if C == 0 or h == 0:
-        return dq, dk, dv, dg, db
-    w, kd, qe = (empty((C, h, L, kd_), nan, **f32) for _ in range(3))
-    u, dos, vnew, dvnew = (empty((C, h, L, vd), nan, **f32) for _ in range(4))
-    p, tm, am = (empty((C, h, L, L), nan, **f32) for _ in range(3))
+        if ds0 is not None:  # no chunks: every initial state reaches the end unchanged
+            ds0.copy_(dfinal) if dfinal is not None else ds0.zero_()
+        return (dq, dk, dv, dg, db, *extra)
+    kd, qe = (empty((C, h, L, kd_), nan, **f32) for _ in range(2))
+    u, dos, dvnew = (empty((C, h, L, vd), nan, **f32) for _ in range(3))
+    p = empty((C, h, L, L), nan, **f32)
+    if delta:
+        w = empty((C, h, L, kd_), nan, **f32)
+        vnew = empty((C, h, L, vd), nan, **f32)
+        tm, am = (empty((C, h, L, L), nan, **f32) for _ in range(2))
+    else:  # gated_linear: no W, T, KKD; vnew is v, which the terms kernel writes into u
+        w, vnew, tm, am = None, u, p, p
     gl = empty((C, h), nan, **f32)
     grid = (C, h)
     first, end = lay["first"], lay["end"]
-    state0 = torch.zeros((len(cu) - 1, h, kd_, vd), **f32)
+    state0 = torch.zeros(states, **f32) if initial_state is None else initial_state
     s0, ds = (empty((C, h, kd_, vd), nan, **f32) for _ in range(2))
+    bb = beta if delta else g  # a pointer the gated-linear kernels never read
     with _timed(events, "terms"):
-        _terms_kernel[grid](q, k, v, g, beta, do, first, end, w, u, kd, qe, p, gl, dos, tm, am, **const,
-                            SOLVE=solve, num_warps=terms_warps, num_stages=1)
+        _terms_kernel[grid](q, k, v, g, bb, do, first, end, kd if w is None else w, u, kd, qe, p, gl, dos, tm, am,
+                            **const, SOLVE=solve, num_warps=terms_warps, num_stages=1)
     with _timed(events, "forward_scan"):
         forward_scan(w, u, kd, gl, state0, lay["table"], lay["nch"], block_v=fwd_block_v, num_warps=fwd_warps,
-                     dot=dot, out=s0, vnew=vnew)
+                     dot=dot, out=s0, vnew=vnew if delta else None)
     with _timed(events, "backward_scan"):
+        state_grads = {} if ds0 is None and dfinal is None else dict(dfinal=dfinal, initial=ds0 is not None,
+                                                                     out_initial=ds0)
         backward_scan(w, kd, qe, p, dos, gl, lay["table"], lay["nch"], block_v=bwd_block_v, num_warps=bwd_warps,
-                      dot=dot, out=ds, dvnew=dvnew)
+                      dot=dot, out=ds, dvnew=dvnew, **state_grads)
     with _timed(events, "grads"):
-        # dRU into u (U is dead after the forward scan)
-        _grads_kernel[grid](q, k, v, g, beta, do, first, end, vnew, dvnew, u, s0, ds, tm, p, am, dq, dk, dv, dg, db,
-                            **const, num_warps=num_warps, num_stages=num_stages)
-    return dq, dk, dv, dg, db
+        # dRU into u (U is dead after the forward scan; the gated-linear kernel reads v there)
+        _grads_kernel[grid](q, k, v, g, bb, do, first, end, vnew, dvnew, u, s0, ds, tm, p, am, dq, dk, dv, dg,
+                            dg if db is None else db, **const, num_warps=num_warps, num_stages=num_stages)
+    return (dq, dk, dv, dg, db, *extra)
 
 
 @contextlib.contextmanager
@@ -353,8 +415,8 @@ def _timed(events: dict[str, list[Any]] | None, name: str) -> Iterator[None]:
 
 
 class TritonBackward(TritonScans):
-    """``scans`` for :func:`momtune.reference.recurrence.gated_delta_backward` that runs the whole
-    chunk backward on Triton kernels (:func:`chunk_backward`: chunk terms, both scans, chunk
+    """``scans`` for :func:`momtune.reference.recurrence.recurrence_backward` (either rule, initial
+    states and the final states' gradient too) that runs the whole chunk backward on Triton kernels (:func:`chunk_backward`: chunk terms, both scans, chunk
     gradients), and the L2 normalisation of q and k both ways (:mod:`.qk_norm`,
     :meth:`normalised_backward`); as :class:`.scan.TritonScans` (``dot``, ``poison``) it still
     offers the two scans alone. ``launch``: :func:`chunk_backward`'s launch parameters (its
@@ -374,23 +436,28 @@ class TritonBackward(TritonScans):
         self.chunk = launch.pop("chunk", None)  # the backward's own chunk size (None: the caller's)
         self.launch = launch
 
-    def chunk_backward(self, q, k, v, g, beta, do, cu, chunk_size, out=None):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+    def chunk_backward(self, q, k, v, g, beta, do, cu, chunk_size, out=None, initial_state=None,  # noqa: ANN001, ANN201 - recurrence_backward's protocol
+                       dfinal=None):
         return chunk_backward(q, k, v, g, beta, do, cu, chunk_size=self.chunk or chunk_size, dot=self.dot,
-                              poison=self.poison, out=out, **self.launch)
+                              poison=self.poison, out=out, initial_state=initial_state, dfinal=dfinal, **self.launch)
 
-    def normalised_backward(self, q, k, v, g, beta, do, cu, chunk_size, scale, out=None):  # noqa: ANN001, ANN201 - gated_delta_backward's protocol
+    def normalised_backward(self, q, k, v, g, beta, do, cu, chunk_size, scale, out=None, initial_state=None,  # noqa: ANN001, ANN201 - recurrence_backward's protocol
+                            dfinal=None):
         """(dq, dk, dv, dg, dbeta) in the inputs' dtypes from the raw q, k (L2-normalised here,
-        q scaled by ``scale``: :mod:`.qk_norm` both ways) and ``cu`` a list; ``out``: buffers
-        for any of them (named so), written instead of new tensors."""
+        q scaled by ``scale``: :mod:`.qk_norm` both ways) and ``cu`` a list (beta None: the
+        gated-linear rule, dbeta None); with ``initial_state`` the initial states' gradient
+        sixth (:func:`chunk_backward`); ``out``: buffers for any of them (named so), written
+        instead of new tensors."""
         from .qk_norm import l2norm_rows, l2norm_rows_backward
 
         out = out or {}
         (qf, rq), (kf, rk) = l2norm_rows(q, scale), l2norm_rows(k, 1.0)
-        dqf, dkf, dv, dg, db = self.chunk_backward(qf, kf, v, g, beta, do, cu, chunk_size, out=out)
+        dqf, dkf, *rest = self.chunk_backward(qf, kf, v, g, beta, do, cu, chunk_size, out=out,
+                                              initial_state=initial_state, dfinal=dfinal)
         del qf, kf
         dq = l2norm_rows_backward(q, rq, dqf, scale, out=out.get("dq"))
         dk = l2norm_rows_backward(k, rk, dkf, 1.0, out=out.get("dk"))
-        return dq, dk, dv, dg, db
+        return (dq, dk, *rest)
 
 
 def _defaults() -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Template "recurrence_bwd": the gated-delta recurrence's backward from zero states, as a training
-step runs it (issue 14): q and k L2-normalised (q scaled by K^-1/2) by :mod:`.qk_norm`, the chunk
+step runs it (issue 14; its launcher also takes the gated-linear rule, initial states and the final
+states' gradient, which the compile gate compiles: ``GATE_VARIANTS``): q and k L2-normalised (q scaled by K^-1/2) by :mod:`.qk_norm`, the chunk
 backward's four launches (:mod:`.chunk_bwd`: chunk terms, forward scan, backward scan, chunk
 gradients), the normalisation's gradient. Its config is :func:`.chunk_bwd.chunk_backward`'s launch
 parameters and ``chunk``, the backward's own chunk size.
@@ -36,15 +37,35 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, se
 
 
 def launch(inputs: Inputs, config: Config | None = None, out: Outputs | None = None) -> Outputs:
+    """The gradients (module doc). Optional inputs (not the template's, which tunes the training
+    step: the compile gate's ``gate_variants``): "rule" "gated_linear" (no dbeta), an
+    "initial_state" [S, H, K, V] float32 (its gradient "dinitial_state" too) and "dfinal", the
+    final states' gradient."""
     from .chunk import dot_precision
 
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     scans = TritonBackward(dot=dot_precision(inputs["q"].dtype), **cfg)
     cu = [int(c) for c in inputs["cu_seqlens"].tolist()]
     q = inputs["q"]
-    got = scans.normalised_backward(q, inputs["k"], inputs["v"], inputs["g"], inputs["beta"], inputs["do"], cu,
-                                    cfg["chunk"], q.shape[-1] ** -0.5, out=out)
-    return dict(zip(("dq", "dk", "dv", "dg", "dbeta"), got))
+    delta = inputs.get("rule", "gated_delta") == "gated_delta"
+    extra = {n: inputs[n] for n in ("initial_state", "dfinal") if inputs.get(n) is not None}
+    got = scans.normalised_backward(q, inputs["k"], inputs["v"], inputs["g"], inputs["beta"] if delta else None,
+                                    inputs["do"], cu, cfg["chunk"], q.shape[-1] ** -0.5, out=out, **extra)
+    names = ("dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
+    return {n: x for n, x in zip(names, got) if x is not None}
+
+
+def _with_states(inputs: Inputs, rule: str) -> Inputs:
+    """``inputs`` with ``rule``, random initial states and final states' gradient (gate_variants)."""
+    s, h, kd, vd = len(inputs["cu_seqlens"]) - 1, *inputs["k"].shape[1:], inputs["v"].shape[-1]
+    gen = torch.Generator().manual_seed(4049)
+    states = [torch.randn(s, h, kd, vd, generator=gen).to(inputs["v"].device) for _ in range(2)]
+    return {**inputs, "rule": rule, "initial_state": states[0], "dfinal": states[1]}
+
+
+#: the compile gate's other inputs: both rules from initial states with the final states' gradient
+#: (the zero-state delta rule, the tuned one, is the template's own inputs)
+GATE_VARIANTS = (lambda x: _with_states(x, "gated_delta"), lambda x: _with_states(x, "gated_linear"))
 
 
 def reference(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Outputs:
@@ -95,4 +116,5 @@ TEMPLATE = Template(
     # no fallbacks: at K = V = 256 the backward scan takes 136-160 KiB of shared memory at every V
     # block (Triton 3.6, sm_90), more than sm_86 / sm_89 have (99 KiB); sm_80 (163 KiB) fits
     tf32=True,
+    gate_variants=GATE_VARIANTS,
 )
