@@ -78,3 +78,17 @@ def test_cpu_run_trains_both_and_compares_the_curves(tmp_path: Path) -> None:
     assert data["provenance"]["gpu"] == "interpreter" and {"torch", "triton", "commit", "created"} <= set(data["provenance"])
     # the plot is the report's (momtune.report.plots.loss_curves)
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_plot_is_the_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One plotting function: --plot draws with momtune.report.plots.loss_curves, through a temporary file."""
+    import momtune.report.plots as plots
+
+    mod = load_script(SCRIPT)
+    seen = []
+    monkeypatch.setattr(plots, "loss_curves", lambda path, result: (seen.append((path.name, result)),
+                                                                    path.write_bytes(b"png")))
+    result = {"runs": {}, "device": "cpu"}
+    mod.plot(result, tmp_path / "t.png")
+    assert seen == [("t.tmp.png", result)] and (tmp_path / "t.png").read_bytes() == b"png"
+    assert not (tmp_path / "t.tmp.png").exists()
