@@ -37,6 +37,9 @@ rounding of the loss itself).
     python3 bench/gpu_train_run.py --steps 300 --out train.json --plot train.png
     TRITON_INTERPRET=1 python3 bench/gpu_train_run.py --device cpu --steps 3 --batch 2 --pairs 4   # plumbing
     python3 bench/gpu_train_run.py --plot-from train.json --plot train.png       # the plot, anywhere
+
+`momtune report --train-run train.json` shows the run in a report (the same plot, the numbers as
+recorded); the JSON records the provenance `momtune bench` records (GPU, versions, commit, date).
 """
 from __future__ import annotations
 
@@ -124,24 +127,11 @@ def windowed_max(diff: list[float], window: int) -> list[float]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    """The loss curves as `momtune report --train-run` draws them (one plotting function for both)."""
+    from momtune.report.plots import loss_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run in result["runs"].items():
-        ax.plot(run["loss"], label=f"{name} (recall {run['accuracy']:.0%}, {run['median_step_ms']:.1f} ms/step)",
-                lw=1)
-    ax.axhline(result["chance_loss"], color="grey", ls=":", lw=1, label="chance")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy of the recalled values")
-    ax.set_title(f"MoM LM, associative recall ({result['device']}, {result['dtype']})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    loss_curves(tmp, result)
     tmp.replace(path)
 
 
@@ -237,11 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"curves: momtune vs reference within {a.factor:g} x the nudged reference's drift at every step: "
           f"{'yes' if ok else 'NO'} (tightest at step {worst}: {gap[worst]:.3g} against a bound of {bound[worst]:.3g}); "
           f"momtune's step {speed:.1f}x the reference's")
+    from momtune.dispatch import library_path
+    from momtune.provenance import collect as provenance
+    from momtune.settings import load as settings
+
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)",
               "dtype": "float32", "args": {k: str(v) for k, v in vars(a).items()}, "config": cfg.to_dict(),
               "chance_loss": float(torch.log(torch.tensor(float(a.values)))), "chance_recall": 1 / a.values,
               "unbound_recall": unbound, "min_recall": need, "learnt": learnt, "runs": runs,
-              "drift": drift, "gap": gap, "bound": bound, "agree": ok, "speedup": speed}
+              "drift": drift, "gap": gap, "bound": bound, "agree": ok, "speedup": speed,
+              # where and with what it ran, as `momtune bench` records it (momtune report shows it)
+              "provenance": {**provenance(), "momtune_library": library_path(settings().library)}}
     if a.out:
         tmp = a.out.with_suffix(a.out.suffix + ".tmp")
         tmp.write_text(json.dumps(result, indent=1))

@@ -1,5 +1,5 @@
 """momtune report: Markdown + self-contained HTML report (with PNGs) from stored studies, a
-tuned library and bench files; nothing is re-run and no GPU is needed."""
+tuned library, bench files and training runs; nothing is re-run and no GPU is needed."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "roofline per template from the peaks the studies recorded (measured on the GPU, or "
                     "nominal, said which), search convergence, parameter importance, dispatch quality, "
                     "failures, end-to-end numbers labelled with the configs the bench ran (tuned library or "
-                    "defaults) and every input's provenance. Missing inputs are listed in the report with "
+                    "defaults), a training run's loss curves on momtune's kernels against the reference (as "
+                    "recorded) and every input's provenance. Missing inputs are listed in the report with "
                     "the command that produces them.",
     )
     p.add_argument("--storage", metavar="URL",
@@ -24,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--library", metavar="FILE", help="tuned library JSON from `momtune export`")
     p.add_argument("--bench", metavar="FILE", nargs="+", action="extend", default=[],
                    help="bench JSON files from `momtune bench --out FILE` (repeatable)")
+    p.add_argument("--train-run", metavar="FILE", nargs="+", action="extend", default=[], dest="train_run",
+                   help="a training run's JSON from `python3 bench/gpu_train_run.py --out FILE` on a GPU: its loss "
+                        "curves on momtune's kernels and on the reference, recall, step times and whether the "
+                        "curves agree, as recorded (repeatable)")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="output folder: the report is built whole next to it and swapped in atomically (a kill "
                         "leaves the old report or the new one); a folder holding files momtune did not write "
@@ -44,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     storage = args.storage or load().storage
     report = build_report(args.out, storage=storage, library=args.library, benches=args.bench,
-                          title=args.title, storage_required=args.storage is not None, force=args.force)
+                          title=args.title, storage_required=args.storage is not None, force=args.force,
+                          train_runs=args.train_run)
     a = report.analysis
     console = Console()
     if a.interpreter:
@@ -62,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
 
         console.print("floors use the peaks " + peaks_summary(floors, sum(valid_peak(p) is None for p in floors)),
                       markup=False)
+    from momtune.report.sections_train import summary_line
+
+    for t in a.inputs.train_runs:
+        console.print(summary_line(t), markup=False)
     for m in a.missing:
         console.print(f"[yellow]missing[/] {m.what}: {m.effect} — {m.how}")
     console.print(f"wrote {', '.join(str(f) for f in report.files)}")

@@ -1,16 +1,17 @@
 """``momtune report``: a Markdown + self-contained HTML report (with PNG figures) rebuilt from
-stored Optuna studies, a tuned library and bench files alone — nothing is re-run. It claims only
+stored Optuna studies, a tuned library, bench files and training runs alone — nothing is re-run. It claims only
 what the data records: which peaks each floor uses, every time with its spread (a gain within
 noise is not a win), which configs a bench ran (tuned library or defaults), and the provenance
 (Python, torch, Triton, fla, driver, GPU, commit) of every input, "not recorded" where absent.
 
     collect.py         read studies / library / bench JSON into plain data (docs/DATA_FORMATS.md)
+    trainrun.py        read a training run's JSON (bench/gpu_train_run.py --out)
     analyze.py         derived tables: kernel times, convergence, failures, end to end
     dispatch_view.py   the dispatch quality tables (library picks and held-out shapes)
     peaks.py           the peaks the floors use (measured or nominal, as recorded); roofline points
     fmt.py             numbers: times with their spread, gains judged against noise (timing.judge)
     plots.py           matplotlib figures (Agg, PNG)
-    doc.py, sections*.py  the document and its sections as blocks
+    doc.py, sections*.py  the document and its sections as blocks (sections_train.py: the training run)
     render.py          blocks -> Markdown and one HTML page (inline CSS, base64 PNGs, no script)
 
     folder.py          the output folder: built whole next to ``--out``, then swapped in
@@ -48,7 +49,8 @@ class Report:
 
 def build_report(out: str | Path, storage: str | None = None, library: str | Path | None = None,
                  benches: Sequence[str | Path] = (), title: str | None = None, storage_required: bool = True,
-                 dispatcher_factory: Callable[[Library], Any] | None = None, force: bool = False) -> Report:
+                 dispatcher_factory: Callable[[Library], Any] | None = None, force: bool = False,
+                 train_runs: Sequence[str | Path] = ()) -> Report:
     """Read the inputs, write ``out/report.md``, ``out/report.html``, ``out/*.png`` and the manifest.
 
     Raises ReportError for unreadable or wrong inputs, when there is nothing to report on, when
@@ -61,10 +63,12 @@ def build_report(out: str | Path, storage: str | None = None, library: str | Pat
     from .analyze import analyze
     from .collect import collect
     from .folder import write_folder
+    from .trainrun import load_train_run
 
     out = Path(os.path.abspath(out))
-    _check_out(out, storage, library, benches)
-    inputs = collect(storage, library, benches, storage_required=storage_required)
+    _check_out(out, storage, library, benches, train_runs)
+    runs = [load_train_run(t) for t in train_runs]  # bad arguments fail before the slow part
+    inputs = collect(storage, library, benches, storage_required=storage_required, train_runs=runs)
     analysis = analyze(inputs, dispatcher_factory)
     built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     titles: list[str] = []
@@ -84,7 +88,8 @@ def build_report(out: str | Path, storage: str | None = None, library: str | Pat
     return Report(out, [out / n for n in names], titles[0], analysis)
 
 
-def _check_out(out: Path, storage: str | None, library: str | Path | None, benches: Sequence[str | Path]) -> None:
+def _check_out(out: Path, storage: str | None, library: str | Path | None, benches: Sequence[str | Path],
+               train_runs: Sequence[str | Path] = ()) -> None:
     """``out`` is replaced whole: it must not be, or hold, the working folder or an input."""
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: exists and is not a folder; give a folder for the report")
@@ -96,7 +101,8 @@ def _check_out(out: Path, storage: str | None, library: str | Path | None, bench
     from momtune.study import sqlite_path
 
     db = sqlite_path(storage) if storage else None
-    for what, path in [("--storage", db), ("--library", library), *(("--bench", b) for b in benches)]:
+    for what, path in [("--storage", db), ("--library", library), *(("--bench", b) for b in benches),
+                       *(("--train-run", t) for t in train_runs)]:
         if path is not None and real in Path(os.path.abspath(path)).resolve().parents:
             raise ReportError(f"--out {out}: holds {what} {path}; a report replaces its whole folder, so give a "
                               "folder of its own")

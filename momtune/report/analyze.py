@@ -1,5 +1,6 @@
 """Derived tables of a report, as plain data: kernel times, convergence, dispatch quality
-(dispatch_view.py), failures, end-to-end numbers and the list of missing inputs."""
+(dispatch_view.py), failures, end-to-end numbers and the list of missing inputs (a training run
+is shown as its file records it: trainrun.py)."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -174,6 +175,10 @@ def _gpu_slugs(inputs: Inputs) -> tuple[dict[str, str], str | None]:
         if p.get("gpu"):
             names.setdefault(slug(p["gpu"]), str(p["gpu"]))
     sole = next(iter(names)) if len(names) == 1 else None
+    for t in inputs.train_runs:  # named in the title, kept out of the kernels' dispatch rule
+        gpu = t.provenance.get("gpu")
+        if gpu:
+            names.setdefault(slug(gpu), str(gpu))
     return names, sole
 
 
@@ -210,7 +215,8 @@ def analyze(inputs: Inputs, dispatcher_factory: Callable[[Library], Any] | None 
     e2e = _e2e(inputs)
     interp = any(s.interpreter or slug(s.gpu) in ("interpreter", "cpu") for s in inputs.studies) or any(
         bool(p.get("interpreter")) for p in [b.provenance for b in inputs.benches]
-        + ([inputs.library.provenance] if inputs.library else []))
+        + ([inputs.library.provenance] if inputs.library else [])) or any(
+        slug(t.device).startswith(("cpu", "interpreter")) for t in inputs.train_runs)
     analysis = Analysis(inputs, gpus, kernels, _summaries(by_sid), dispatch, method, held_out, dict(failures),
                         {k: c.most_common(1)[0][0] for k, c in reasons.items()}, e2e, [], interp, labels,
                         {**labels, "momtune": momtune_label(e2e)})
@@ -367,4 +373,9 @@ def _missing(a: Analysis) -> list[Missing]:
         if not any(r.kind in E2E_KINDS for r in rows):
             out.append(Missing("layer/model rows", "no end-to-end numbers",
                                "`momtune bench` with its layer and model cases"))
+    if not inp.train_runs:
+        from .trainrun import HOW
+
+        out.append(Missing("training run", "no loss curves of a real training run on momtune's kernels against "
+                           "the reference", f"{HOW}, then pass `--train-run train-run.json`"))
     return out

@@ -12,10 +12,13 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from momtune.errors import ReportError
 from momtune.study import safe_url
+
+if TYPE_CHECKING:
+    from .trainrun import TrainRun
 
 BENCH_SCHEMA = "momtune.bench/1"
 BENCH_KINDS = ("kernel", "layer_prefill", "layer_decode", "model_prefill", "model_decode", "layer_train", "model_train",
@@ -234,6 +237,7 @@ class Inputs:
     benches: list[Bench]
     repo_commit: str | None
     warnings: list[str] = field(default_factory=list)
+    train_runs: list[TrainRun] = field(default_factory=list)  # bench/gpu_train_run.py --out (trainrun.py)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -354,8 +358,10 @@ def _row_configs(impl: str, file_configs: str) -> str:
 
 
 def collect(storage: str | None, library: str | Path | None = None,
-            benches: Sequence[str | Path] = (), storage_required: bool = True) -> Inputs:
-    """Read every input; raise ReportError when there is nothing at all to report on."""
+            benches: Sequence[str | Path] = (), storage_required: bool = True,
+            train_runs: Sequence[TrainRun] = ()) -> Inputs:
+    """Read every input (``train_runs`` come read: trainrun.load_train_run); raise ReportError
+    when there is nothing at all to report on."""
     bench_data = [load_bench(b) for b in benches]  # bad arguments fail before the slow part
     lib = load_library(library) if library else None
     studies: list[Study] = []
@@ -369,11 +375,11 @@ def collect(storage: str | None, library: str | Path | None = None,
             if storage_required:
                 raise
             warnings.append(f"storage {safe_url(storage)} could not be read; no studies")
-    if not studies and not any(b.rows for b in bench_data) and not (lib and lib.entries):
+    if not studies and not any(b.rows for b in bench_data) and not (lib and lib.entries) and not train_runs:
         where = f"the storage {safe_url(storage)} holds no momtune studies" if storage else "no --storage was given"
-        raise ReportError(f"nothing to report: {where}, and no bench rows or library entries were given; "
-                          "run `momtune search` first, or pass --bench FILE.json from `momtune bench`")
-    return Inputs(storage, studies, lib, bench_data, repo_commit(), warnings)
+        raise ReportError(f"nothing to report: {where}, and no bench rows, library entries or training runs were "
+                          "given; run `momtune search` first, or pass --bench FILE.json from `momtune bench`")
+    return Inputs(storage, studies, lib, bench_data, repo_commit(), warnings, list(train_runs))
 
 
 # ---------------------------------------------------------------- nearest-bucket dispatch rule

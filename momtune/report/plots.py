@@ -219,3 +219,64 @@ def roofline(path: Path, title: str, points: Sequence[Any], peaks: Sequence[Mapp
         uniq = dict(zip(lab, h))
         fig.legend(list(uniq.values()), list(uniq), loc="outside right center", frameon=False, fontsize=7.5)
         _save(fig, path)
+
+
+def _g(v: Any) -> str:
+    """A recorded number (bench/gpu_train_run.py writes its arguments as strings) without a trailing .0."""
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+RUN_COLORS = {"momtune": IMPL_COLORS["momtune"], "reference": IMPL_COLORS["reference"],
+              "reference, nudged init": "#f97316"}
+
+
+def loss_curves(path: Path, result: Mapping[str, Any], title: str | None = None) -> None:
+    """A training run as bench/gpu_train_run.py records it (its JSON, read as is): the loss of
+    every run against the step (log scale) with the chance loss; below, where recorded, the
+    distance between momtune's curve and the reference's, the nudged reference's drift from the
+    reference and the bound the first must stay under (factor x the drift), log scale."""
+    import matplotlib
+
+    from .trainrun import RUN_LABELS
+
+    runs: Mapping[str, Mapping[str, Any]] = result["runs"]
+    gap, bound, drift = result.get("gap"), result.get("bound"), result.get("drift")
+    below = isinstance(gap, list) and isinstance(bound, list) and bool(gap)
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(7.5, 6.2 if below else 4.0)
+        axes = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2)) if below else [fig.subplots()]
+        ax = axes[0]
+        for j, (name, run) in enumerate(runs.items()):
+            facts = []
+            if isinstance(run.get("accuracy"), (int, float)):
+                facts.append(f"recall {run['accuracy']:.1%}")
+            if isinstance(run.get("median_step_ms"), (int, float)):
+                facts.append(f"{num(run['median_step_ms'])} ms/step")
+            label = RUN_LABELS.get(name, name) + (f" ({', '.join(facts)})" if facts else "")
+            ax.plot(range(len(run["loss"])), run["loss"], lw=1.4 if j == 0 else 1.0, label=label,
+                    color=RUN_COLORS.get(name, _EXTRA[j % len(_EXTRA)]), ls="--" if "nudged" in name else "-")
+        if isinstance(result.get("chance_loss"), (int, float)):
+            ax.axhline(result["chance_loss"], color="#9ca3af", ls=":", lw=1.2, label="chance (ln values)")
+        ax.set_yscale("log")
+        ax.set_ylabel("loss on the recalled values")
+        ax.legend(loc="lower left", frameon=False)
+        ax.set_title(title or f"MoM LM learning associative recall — {result.get('device', '?')}, "
+                              f"{result.get('dtype', '?')}")
+        if below:
+            low = axes[1]
+            args = result.get("args") or {}
+            steps = range(len(gap))
+            low.plot(steps, gap, color=RUN_COLORS["momtune"], lw=1.2, label="|momtune − reference|")
+            if isinstance(drift, list) and drift:
+                low.plot(range(len(drift)), drift, color=RUN_COLORS["reference, nudged init"], lw=1.0, ls="--",
+                         label="|nudged reference − reference| (drift)")
+            low.plot(range(len(bound)), bound, color="#111827", lw=1.0, ls=":",
+                     label=f"bound: {_g(args.get('factor', '?'))} × drift")
+            low.set_yscale("log")
+            low.set_ylabel(f"loss difference\n(max over {args.get('window', '?')} steps)")
+            low.legend(loc="lower right", frameon=False, fontsize=7)
+        axes[-1].set_xlabel("training step")
+        _save(fig, path)

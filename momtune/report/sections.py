@@ -46,6 +46,7 @@ def build(a: Analysis, outdir: Path, built: str, version: str) -> tuple[str, Doc
     if inp.library:
         sources.append(f"library `{inp.library.path.name}`")
     sources += [f"bench `{b.path.name}`" for b in inp.benches]
+    sources += [f"training run `{t.path.name}`" for t in inp.train_runs]
     subtitle = f"Built {built} from " + ", ".join(sources) + "."
     if a.interpreter:
         doc.add(Banner(INTERPRETER_BANNER + ": some studies or benches ran in the Triton interpreter "
@@ -69,7 +70,8 @@ def build(a: Analysis, outdir: Path, built: str, version: str) -> tuple[str, Doc
     ]))
     toc = [("provenance", "Provenance")] + ([("missing", "Missing inputs")] if a.missing or inp.warnings else [])
     toc += [("kernels", "Kernels"), ("convergence", "Search convergence"), ("importance", "Parameter importance"),
-            ("dispatch", "Dispatch quality"), ("failures", "Failures"), ("end-to-end", "End to end")]
+            ("dispatch", "Dispatch quality"), ("failures", "Failures"), ("end-to-end", "End to end"),
+            ("training-run", "Training run")]
     doc.add(Toc(toc))
     from .sections_prov import provenance
 
@@ -84,6 +86,9 @@ def build(a: Analysis, outdir: Path, built: str, version: str) -> tuple[str, Doc
     dispatch(doc, a)
     failures(doc, a)
     _end_to_end(doc, a)
+    from .sections_train import training
+
+    training(doc, a)
     return subtitle, doc
 
 

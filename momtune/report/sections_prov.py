@@ -1,5 +1,5 @@
 """The provenance section: where every input was measured (GPU, driver, Python, torch, Triton,
-fla, momtune, commit) and which peaks its floors use, one column per input."""
+fla, momtune, commit) and which peaks its floors use, one column per input (training runs too)."""
 from __future__ import annotations
 
 import json
@@ -63,6 +63,20 @@ def _configs_text(prov: dict[str, Any]) -> Cell:
     return Cell(f"tuned library `{str(prov['momtune_library']).rsplit('/', 1)[-1]}`")
 
 
+def _dtypes(a: Analysis) -> list[Cell]:
+    """The dtypes of each input, in the columns' order (studies, library, benches, training runs)."""
+    def cell(dtypes: set[str]) -> Cell:
+        return Cell(", ".join(sorted(dtypes))) if dtypes else Cell(NOT_RECORDED, "muted")
+
+    inp = a.inputs
+    out = [cell({s.dtype for s in studies if s.dtype}) for studies, _ in _study_groups(inp.studies)]
+    if inp.library:
+        out.append(cell({e.dtype for e in inp.library.entries if e.dtype}))
+    out += [cell({r.dtype for r in b.rows if r.dtype}) for b in inp.benches]
+    out += [cell({t.dtype} if t.data.get("dtype") else set()) for t in inp.train_runs]
+    return out
+
+
 def provenance(doc: "Doc", a: Analysis, built: str, version: str) -> None:
     doc.add(Heading("Provenance", 2, "provenance"))
     inp = a.inputs
@@ -86,12 +100,17 @@ def provenance(doc: "Doc", a: Analysis, built: str, version: str) -> None:
         text = peak_text(b.provenance.get("floor_peak") or b.provenance.get("peaks"))
         cols.append((f"bench {b.path.name}", b.provenance, Cell(text, "muted" if text == NOT_RECORDED else ""),
                      _configs_text(b.provenance), _dates([b.provenance])))
+    for t in inp.train_runs:  # no floors: a training run times whole steps
+        cols.append((f"training run {t.path.name}", t.provenance, Cell(DASH, "muted"), _configs_text(t.provenance),
+                     _dates([t.provenance])))
     if cols:
         rows: list[list[Cell | str]] = []
         for key, label in FIELDS:
             rows.append([Cell(label, "nw")] + [value_text(key, prov) for _, prov, _, _, _ in cols])
+        if inp.train_runs:
+            rows.append([Cell("dtype", "nw")] + _dtypes(a))
         rows.append([Cell("floor peaks", "nw")] + [c[2] for c in cols])
-        if inp.benches:
+        if inp.benches or inp.train_runs:
             rows.append([Cell("momtune ran with", "nw")] + [c[3] if c[3] else Cell(DASH, "muted") for c in cols])
         rows.append([Cell("created", "nw")] + [c[4] for c in cols])
         hows = sorted({str(p["how"]) for s in inp.studies if (p := valid_peak(s.floor_peak)) and p.get("how")})
@@ -99,6 +118,9 @@ def provenance(doc: "Doc", a: Analysis, built: str, version: str) -> None:
                  f"{DASH}: recorded as none (e.g. no driver in the interpreter).",
                  "floor peaks: the FLOP/s and byte/s every floor and roofline of that input is computed from."]
         notes += [f"peaks measured by the search: {h}." for h in hows]
+        if inp.train_runs:
+            notes.append("training run: `bench/gpu_train_run.py` records the device and dtype, and this provenance "
+                         f"since 2026-11-29 (after session 13); an older file shows {NOT_RECORDED} for the rest.")
         doc.add(Table(["", *(c[0] for c in cols)], "l" * (len(cols) + 1), rows, notes=notes))
     commit = inp.repo_commit or "not a git checkout"
     doc.add(Para(f"Report built {built} by momtune {version} (commit `{commit}`), from stored results only: "

@@ -66,7 +66,7 @@ def test_cpu_run_trains_both_and_compares_the_curves(tmp_path: Path) -> None:
     mod = load_script(SCRIPT)
     out = tmp_path / "t.json"
     rc = mod.main(["--device", "cpu", "--steps", "2", "--batch", "2", "--pairs", "3", "--keys", "6", "--values", "6",
-                   "--hidden", "32", "--out", str(out)])
+                   "--hidden", "32", "--out", str(out), "--plot", str(tmp_path / "t.png")])
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"momtune", "reference", "reference, nudged init"}
     assert all(len(r["loss"]) == 2 and len(r["step_ms"]) == 2 for r in data["runs"].values())
@@ -74,3 +74,21 @@ def test_cpu_run_trains_both_and_compares_the_curves(tmp_path: Path) -> None:
     assert data["agree"], (data["gap"], data["bound"])
     # on the CPU (plumbing) the recall is reported, not required
     assert data["min_recall"] == 0 and data["learnt"] and data["unbound_recall"] == pytest.approx(11 / 18)
+    # where it ran, as `momtune bench` records it (momtune report --train-run shows it)
+    assert data["provenance"]["gpu"] == "interpreter" and {"torch", "triton", "commit", "created"} <= set(data["provenance"])
+    # the plot is the report's (momtune.report.plots.loss_curves)
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_plot_is_the_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One plotting function: --plot draws with momtune.report.plots.loss_curves, through a temporary file."""
+    import momtune.report.plots as plots
+
+    mod = load_script(SCRIPT)
+    seen = []
+    monkeypatch.setattr(plots, "loss_curves", lambda path, result: (seen.append((path.name, result)),
+                                                                    path.write_bytes(b"png")))
+    result = {"runs": {}, "device": "cpu"}
+    mod.plot(result, tmp_path / "t.png")
+    assert seen == [("t.tmp.png", result)] and (tmp_path / "t.png").read_bytes() == b"png"
+    assert not (tmp_path / "t.tmp.png").exists()
