@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a training run's JSON from `python3 bench/gpu_train_run.py --out FILE` on a GPU: its loss "
                         "curves on momtune's kernels and on the reference, recall, step times and whether the "
                         "curves agree, as recorded (repeatable)")
+    p.add_argument("--gpu", metavar="NAME",
+                   help="only the studies of this GPU (e.g. 'NVIDIA H200'; a storage may hold several GPUs' "
+                        "studies: the others are left out, and the report says how many)")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="output folder: the report is built whole next to it and swapped in atomically (a kill "
                         "leaves the old report or the new one); a folder holding files momtune did not write "
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     storage = args.storage or load().storage
     report = build_report(args.out, storage=storage, library=args.library, benches=args.bench,
                           title=args.title, storage_required=args.storage is not None, force=args.force,
-                          train_runs=args.train_run)
+                          train_runs=args.train_run, gpu=args.gpu)
     a = report.analysis
     console = Console()
     if a.interpreter:

@@ -50,10 +50,11 @@ class Report:
 def build_report(out: str | Path, storage: str | None = None, library: str | Path | None = None,
                  benches: Sequence[str | Path] = (), title: str | None = None, storage_required: bool = True,
                  dispatcher_factory: Callable[[Library], Any] | None = None, force: bool = False,
-                 train_runs: Sequence[str | Path] = ()) -> Report:
+                 train_runs: Sequence[str | Path] = (), gpu: str | None = None) -> Report:
     """Read the inputs, write ``out/report.md``, ``out/report.html``, ``out/*.png`` and the manifest.
 
-    Raises ReportError for unreadable or wrong inputs, when there is nothing to report on, when
+    ``gpu``: only the studies of that GPU (its name or slug, e.g. "NVIDIA H200"; the others are
+    left out with a warning). Raises ReportError for unreadable or wrong inputs, when there is nothing to report on, when
     ``out`` is a file, holds an input or the working folder, or (unless ``force``) holds files
     momtune did not write; on any error an existing report in ``out`` is left untouched.
     """
@@ -68,7 +69,7 @@ def build_report(out: str | Path, storage: str | None = None, library: str | Pat
     out = Path(os.path.abspath(out))
     _check_out(out, storage, library, benches, train_runs)
     runs = [load_train_run(t) for t in train_runs]  # bad arguments fail before the slow part
-    inputs = collect(storage, library, benches, storage_required=storage_required, train_runs=runs)
+    inputs = collect(storage, library, benches, storage_required=storage_required, train_runs=runs, gpu=gpu)
     analysis = analyze(inputs, dispatcher_factory)
     built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     titles: list[str] = []

@@ -359,9 +359,10 @@ def _row_configs(impl: str, file_configs: str) -> str:
 
 def collect(storage: str | None, library: str | Path | None = None,
             benches: Sequence[str | Path] = (), storage_required: bool = True,
-            train_runs: Sequence[TrainRun] = ()) -> Inputs:
-    """Read every input (``train_runs`` come read: trainrun.load_train_run); raise ReportError
-    when there is nothing at all to report on."""
+            train_runs: Sequence[TrainRun] = (), gpu: str | None = None) -> Inputs:
+    """Read every input (``train_runs`` come read: trainrun.load_train_run); only the studies of
+    ``gpu`` when given (a ReportError naming the GPUs the storage holds if it has none of it); raise
+    ReportError when there is nothing at all to report on."""
     bench_data = [load_bench(b) for b in benches]  # bad arguments fail before the slow part
     lib = load_library(library) if library else None
     studies: list[Study] = []
@@ -375,6 +376,19 @@ def collect(storage: str | None, library: str | Path | None = None,
             if storage_required:
                 raise
             warnings.append(f"storage {safe_url(storage)} could not be read; no studies")
+        if gpu is not None and studies:
+            from momtune.provenance import gpu_slug
+
+            want = gpu_slug(gpu)
+            held = sorted({s.gpu for s in studies})
+            kept = [s for s in studies if gpu_slug(s.gpu) == want]
+            if not kept:
+                raise ReportError(f"--gpu {gpu!r}: the storage {safe_url(storage)} holds no study of that GPU; "
+                                  f"it holds studies of {', '.join(held)}")
+            if len(kept) < len(studies):
+                others = sorted({s.gpu for s in studies if gpu_slug(s.gpu) != want})
+                warnings.append(f"--gpu {gpu}: {len(studies) - len(kept)} studies of {', '.join(others)} left out")
+            studies = kept
     if not studies and not any(b.rows for b in bench_data) and not (lib and lib.entries) and not train_runs:
         where = f"the storage {safe_url(storage)} holds no momtune studies" if storage else "no --storage was given"
         raise ReportError(f"nothing to report: {where}, and no bench rows, library entries or training runs were "

@@ -167,3 +167,26 @@ def test_exhaustive_only_when_every_config_ran(done: int, expect: bool) -> None:
     s = Study("exhaustive/recurrence:h100:N1", "recurrence", {"N": 1}, "bfloat16", "h100", False, "grid", 56,
               {}, {}, None, None, None, trials)
     assert s.exhaustive is expect
+
+
+def test_gpu_keeps_one_gpu_s_studies_of_a_mixed_storage(tmp_path: Path) -> None:
+    """Session 13's committed database holds the H200's studies and 13 older H100 ones: ``--gpu``
+    reports on one GPU (the others are left out, said so); a GPU the storage lacks is an error
+    naming the GPUs it holds."""
+    import gzip
+    import shutil
+
+    from momtune.report.collect import collect
+
+    db = tmp_path / "s13.db"
+    src = Path(__file__).resolve().parents[2] / "docs/perf/data/momtune-h200-2026-11-29-s13.db.gz"
+    with gzip.open(src, "rb") as f, open(db, "wb") as g:
+        shutil.copyfileobj(f, g)
+    url = f"sqlite:///{db}"
+    assert {s.gpu for s in collect(url).studies} == {"NVIDIA H200", "NVIDIA H100 80GB HBM3"}
+    inputs = collect(url, gpu="NVIDIA H200")
+    assert {s.gpu for s in inputs.studies} == {"NVIDIA H200"} and len(inputs.studies) == 25
+    assert any("13 studies of NVIDIA H100 80GB HBM3 left out" in w for w in inputs.warnings)
+    assert len(collect(url, gpu="nvidia-h100-80gb-hbm3").studies) == 13  # the slug names it too
+    with pytest.raises(ReportError, match="--gpu 'A100'.*NVIDIA H100 80GB HBM3, NVIDIA H200"):
+        collect(url, gpu="A100")
