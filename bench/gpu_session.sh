@@ -112,7 +112,8 @@ stage() {
     trainstep)  # issue 14: the training step after session 12's glue work (q, k normalisation kernels, the
       # projection's blocks, K blocks of 64): their GPU tests, the chunk backward old vs new, the step's profile
       # and layer_train (momtune only: the reference's rows are in bench-train of `train`/`trainprof`)
-      timeout -s INT -k 20 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/kernels/test_qk_norm.py \
+      timeout -s INT -k 20 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/kernels/test_qk_norm.py \
+        tests/kernels/test_recurrence_state_bwd.py \
         tests/kernels/test_recurrence_chunk_bwd.py::test_gpu_chunk_backward_at_the_model_shape \
         "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" \
         > $OUT/gpu-trainstep-tests.log 2>&1
@@ -240,7 +241,10 @@ stage() {
       # first (60 s a shape: its float64 autograd reference takes seconds at N 196608)
       # (session 9 searched the recurrence and decode, whose sources have not changed since: LIBRARY_FULL=1
       # searches them again in library1; the short ops were re-timed as graphs after session 9)
-      if [ $1 = library1 ] && [ -n "${LIBRARY_FULL:-}" ]; then
+      # LIBRARY_RUNS="template:set:seconds ..." (one template an entry) replaces a stage's runs
+      if [ -n "${LIBRARY_RUNS:-}" ]; then
+        local runs=($LIBRARY_RUNS)
+      elif [ $1 = library1 ] && [ -n "${LIBRARY_FULL:-}" ]; then
         local runs=("recurrence merge conv:mom-340m-prefill:25" "decode:decode:25")
       elif [ $1 = library1 ]; then
         local runs=("merge conv routing norm swiglu:mom-340m-prefill:15")
@@ -259,9 +263,13 @@ stage() {
           --storage $DB --workers 16 -q >> $OUT/$1.log 2>&1; echo "$names $set: rc $?"
       done
       grep -a -E "winner|per minute" $OUT/$1.log | cut -c1-200 | tail -40 ;;
-    shiplib)  # export the quick/... studies; ship $OUT/library-h200.json as momtune/libraries/nvidia-h200-triton3.6.json
+    shiplib)  # export the quick/... studies (SHIP_TEMPLATES: only those) merged into the shipped H200 library
+      # (its other templates kept with their own provenance); ship $OUT/library-h200.json as
+      # momtune/libraries/nvidia-h200-triton3.6.json
+      cp momtune/libraries/nvidia-h200-triton3.6.json $OUT/library-h200.json
+      local targs=""; for n in ${SHIP_TEMPLATES:-}; do targs="$targs --template $n"; done
       momtune export --storage $DB --study quick,exhaustive --gpu "$(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
-        --out $OUT/library-h200.json 2>&1 | tail -3 ;;
+        $targs --merge --out $OUT/library-h200.json 2>&1 | tail -3 ;;
     verify)  # every entry of the shipped H200 library (or $LIB) against the default, one template per
       # capped call so a cut run keeps what it verified (~16 s an entry: all 31 entries do not fit one
       # device call; session 9 verified recurrence, merge, conv: VERIFY_TEMPLATES picks; default: all)
