@@ -19,6 +19,7 @@
 #   bash bench/gpu_session.sh trainprof           # profile of a layer's training step + layer_train bench
 #   bash bench/gpu_session.sh trainstep           # training step: new kernels' GPU tests, profile, layer_train
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
+#   bash bench/gpu_session.sh mutants             # the gate's mutant suite on the GPU, every template (<7 min)
 #   bash bench/gpu_session.sh trainrun            # 300 steps of associative recall, kernels vs reference (<7 min)
 #   bash bench/gpu_session.sh shiplib             # export the quick/ studies (<1 min)
 #   bash bench/gpu_session.sh verify              # verify the shipped library, a template at a time (VERIFY_TEMPLATES)
@@ -138,6 +139,11 @@ stage() {
         tests/kernels/test_backward_templates.py tests/kernels/test_recurrence_scan.py tests/kernels/test_recurrence_chunk_bwd.py tests/bench/test_bench_train.py tests/bench/test_bench_recurrence.py \
         "tests/model/test_fast_model.py::test_gpu_layer_training_step_bf16_matches_float64_reference" > $OUT/gpu-train-tests.log 2>&1
       echo "pytest -m gpu (training): rc $?"; tail -4 $OUT/gpu-train-tests.log ;;
+    mutants)  # issue 11, item 1: the gate's mutant suite on the GPU (bf16, each template's first model
+      # shape), every template: session 5 ran the forward templates' 47; the backward templates' are new
+      timeout -s INT -k 20 420 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
+        tests/engine/test_gate_mutants.py > $OUT/gpu-gate-mutants.log 2>&1
+      echo "pytest -m gpu (gate mutants): rc $?"; tail -6 $OUT/gpu-gate-mutants.log ;;
     trainrun)  # issue 14, item 3: a small MoM LM learns associative recall on the kernels and on the
       # reference (same init, same batches), loss curves compared against a nudged reference's drift
       timeout 420 python3 bench/gpu_train_run.py --steps 300 --out $OUT/train-run.json --plot $OUT/train-run.png \
