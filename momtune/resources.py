@@ -148,15 +148,18 @@ def shared_memory_isolated(dtype: str, cfg: Mapping[str, Any], **shape: int) -> 
 def scan_resources(kernel: str, K: int = 256, V: int = 256, H: int = 4, L: int = 64, block_v: int = 32,
                    num_warps: int = 4, capability: int = 90, registers: bool = False,
                    vnew: bool = False, delta: bool = True, dfinal: bool = False,
-                   initial: bool = False) -> dict[str, int]:
-    """Compile one of the recurrence backward's scans (``"forward"`` or ``"backward"``,
+                   initial: bool = False, layout: str = "KV") -> dict[str, int]:
+    """Compile one of the recurrence backward's scans (``"forward"`` or ``"backward"``, in the
+    state ``layout`` "KV" or "VK",
     :mod:`momtune.kernels.recurrence.scan`; ``vnew``: storing vnew / dvnew too; ``delta`` False:
     the gated-linear rule; ``dfinal`` / ``initial``, the backward scan's: reading the final
     states' gradient / storing the initial states') for sm_<capability>: {"shared": bytes} (and,
     with ``registers``, "n_regs" and "n_spills")."""
     from momtune.kernels.recurrence import scan
 
-    fn = {"forward": scan._forward_scan_kernel, "backward": scan._backward_scan_kernel}[kernel]
+    fn = {("forward", "KV"): scan._forward_scan_kernel, ("backward", "KV"): scan._backward_scan_kernel,
+          ("forward", "VK"): scan._forward_scan_vk_kernel, ("backward", "VK"): scan._backward_scan_vk_kernel}[
+        (kernel, layout)]
     sig = {p.name: ("*i32" if p.name in ("table", "nch") else "i32" if p.name == "MAXC"
                     else "constexpr" if p.name.isupper() else "*fp32") for p in fn.params}
     const = scan.constants(H, K, V, L, block_v, "tf32", vnew, delta)

@@ -59,7 +59,7 @@ import triton.language as tl
 from momtune.errors import InputError
 
 from .common import _solve_unit_lower
-from .scan import TritonScans, _checked, backward_scan, forward_scan
+from .scan import LAYOUTS, TritonScans, _checked, backward_scan, forward_scan
 
 
 @triton.jit
@@ -293,7 +293,7 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
                    dfinal: torch.Tensor | None = None, chunk_size: int = 64, dot: str = "tf32",
                    solve: str = "blocked", block_k: int = 64, block_v: int = 32, num_warps: int = 8,
                    num_stages: int = 3, terms_warps: int = 4, fwd_block_v: int = 64, fwd_warps: int = 8,
-                   bwd_block_v: int = 64, bwd_warps: int = 8, poison: bool = False,
+                   bwd_block_v: int = 64, bwd_warps: int = 8, scan_layout: str = "KV", poison: bool = False,
                    events: dict[str, list[Any]] | None = None,
                    out: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dg, dbeta) of the gated-delta recurrence over segments ``cu`` (a list of ints;
@@ -310,7 +310,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     Launch parameters: ``block_k``, ``block_v``, ``num_warps``, ``num_stages`` (its K x V loop's
     software pipelining) of the gradient kernel; ``terms_warps`` of the terms kernel (its K and V
     blocks: ``block_k``, ``block_v``); ``fwd_block_v``, ``fwd_warps`` / ``bwd_block_v``,
-    ``bwd_warps`` of the forward / backward scan. Defaults (sm_90, K = V = 256, Triton 3.6, the
+    ``bwd_warps`` of the forward / backward scan, ``scan_layout`` their state layout ("KV" or "VK",
+    :mod:`.scan`). Defaults (sm_90, K = V = 256, Triton 3.6, the
     H200's; tests/kernels/test_recurrence_chunk_bwd.py): K blocks of 64 (session 12 on the H200 at
     mom-340m B 8 T 2048: terms 0.85 and grads 2.76 ms against 0.97 and 3.74 at 32; the gradient
     kernel re-reads do, vnew, dRU once per K block), at which the terms kernel spills 16 B with
@@ -336,6 +337,8 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         beta = _contiguous("beta", beta, (n, h), dev)
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
         raise InputError(f"cu: expected non-decreasing segment bounds from 0 to {n}, got {cu[:8]}")
+    if scan_layout not in LAYOUTS:
+        raise InputError(f"scan_layout: expected one of {', '.join(LAYOUTS)}, got {scan_layout!r}")
     states = (len(cu) - 1, h, kd_, vd)
     if initial_state is not None:
         initial_state = _checked("initial_state", initial_state, states, dev)
@@ -388,12 +391,12 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
                             **const, SOLVE=solve, num_warps=terms_warps, num_stages=1)
     with _timed(events, "forward_scan"):
         forward_scan(w, u, kd, gl, state0, lay["table"], lay["nch"], block_v=fwd_block_v, num_warps=fwd_warps,
-                     dot=dot, out=s0, vnew=vnew if delta else None)
+                     dot=dot, out=s0, vnew=vnew if delta else None, layout=scan_layout)
     with _timed(events, "backward_scan"):
         state_grads = {} if ds0 is None and dfinal is None else dict(dfinal=dfinal, initial=ds0 is not None,
                                                                      out_initial=ds0)
         backward_scan(w, kd, qe, p, dos, gl, lay["table"], lay["nch"], block_v=bwd_block_v, num_warps=bwd_warps,
-                      dot=dot, out=ds, dvnew=dvnew, **state_grads)
+                      dot=dot, out=ds, dvnew=dvnew, layout=scan_layout, **state_grads)
     with _timed(events, "grads"):
         # dRU into u (U is dead after the forward scan; the gated-linear kernel reads v there)
         _grads_kernel[grid](q, k, v, g, bb, do, first, end, vnew, dvnew, u, s0, ds, tm, p, am, dq, dk, dv, dg,
@@ -424,15 +427,15 @@ class TritonBackward(TritonScans):
     tunes them)."""
 
     LAUNCH = ("solve", "block_k", "block_v", "num_warps", "num_stages", "terms_warps", "fwd_block_v", "fwd_warps",
-              "bwd_block_v", "bwd_warps", "chunk")
+              "bwd_block_v", "bwd_warps", "scan_layout", "chunk")
 
     def __init__(self, dot: str = "tf32", poison: bool = False, **launch: Any) -> None:
-        super().__init__(dot=dot, poison=poison)
         unknown = sorted(set(launch) - set(self.LAUNCH))
         if unknown:
             raise InputError(f"TritonBackward: unknown launch parameters {unknown}; known: {list(self.LAUNCH)}")
         if launch.get("solve", "blocked") not in ("blocked", "forward"):
             raise InputError(f"solve: expected 'blocked' or 'forward', got {launch['solve']!r}")
+        super().__init__(dot=dot, poison=poison, layout=launch.get("scan_layout", "KV"))
         self.chunk = launch.pop("chunk", None)  # the backward's own chunk size (None: the caller's)
         self.launch = launch
 

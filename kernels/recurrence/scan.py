@@ -111,6 +111,74 @@ def _backward_scan_kernel(w, kd, qe, p, do, gl, ds, vn, table, nch, MAXC, dfinal
         tl.store(ds0 + i_sh * K * V + o_state, dS, mask=m_state)
 
 
+@triton.jit
+def _state_t(V: tl.constexpr, o_k, m_k, m_v, o_v):
+    """Offsets and mask of a [BV, KP] block S^T of a [K, V] state: the VK scans hold the state
+    transposed (the layout of the forward's v6 pass, ``STATE_LAYOUT="VK"``)."""
+    return o_v[:, None] + o_k[None, :] * V, m_v[:, None] & m_k[None, :]
+
+
+# The VK scans: the same recurrences with every product transposed, so that the state (and vnew,
+# dvnew) is the left-hand operand of each dot, which sm_90's wgmma takes from registers; in the
+# KV scans above it is the right-hand operand, staged through shared memory every chunk (the
+# forward pass gained 1.15-1.19x from this layout, session 11). Same tensors and layouts in memory.
+#   forward:  vnew^T = U^T - S^T W^T;   S^T <- exp(GL) S^T + vnew^T KD
+#   backward: dvnew^T = dS^T KD^T + DO^T P;   dS^T <- exp(GL) dS^T + DO^T QE - dvnew^T W
+@triton.jit(do_not_specialize=["MAXC"])
+def _forward_scan_vk_kernel(w, u, kd, gl, state0, s0, vn, table, nch, MAXC, H: tl.constexpr, K: tl.constexpr,
+                            V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                            NV: tl.constexpr, DOT: tl.constexpr, VN: tl.constexpr, IS_DELTA: tl.constexpr):
+    i_sh, i_s, i_h, o_l, o_k, m_k, m_v, _, _, o_v = _program(H, K, V, KP, L, BV, NV)
+    o_t, m_t = _state_t(V, o_k, m_k, m_v, o_v)
+    ST = tl.load(state0 + i_sh * K * V + o_t, mask=m_t, other=0.0).to(tl.float32)
+    n_c = tl.load(nch + i_s)
+    for c in range(0, n_c):
+        base = tl.load(table + i_s * MAXC + c).to(tl.int64) * H + i_h
+        tl.store(s0 + base * K * V + o_t, ST, mask=m_t)
+        o_lv = base * L * V + o_l[None, :] * V + o_v[:, None]  # a [BV, L] block of a [L, V] term, transposed
+        vnT = tl.load(u + o_lv, mask=m_v[:, None], other=0.0)
+        if IS_DELTA:
+            wT = tl.load(w + base * L * K + o_l[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
+            vnT = vnT - tl.dot(ST, wT, input_precision=DOT)
+        if VN:
+            tl.store(vn + o_lv, vnT, mask=m_v[:, None])
+        kdb = tl.load(kd + base * L * K + o_l[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        ST = ST * tl.exp(tl.load(gl + base)) + tl.dot(vnT, kdb, input_precision=DOT)
+
+
+@triton.jit(do_not_specialize=["MAXC"])
+def _backward_scan_vk_kernel(w, kd, qe, p, do, gl, ds, vn, table, nch, MAXC, dfinal, ds0, H: tl.constexpr,
+                             K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                             NV: tl.constexpr, DOT: tl.constexpr, VN: tl.constexpr, IS_DELTA: tl.constexpr,
+                             USE_DFINAL: tl.constexpr, STORE_D0: tl.constexpr):
+    i_sh, i_s, i_h, o_l, o_k, m_k, m_v, _, _, o_v = _program(H, K, V, KP, L, BV, NV)
+    o_t, m_t = _state_t(V, o_k, m_k, m_v, o_v)
+    if USE_DFINAL:
+        dST = tl.load(dfinal + i_sh * K * V + o_t, mask=m_t, other=0.0).to(tl.float32)
+    else:
+        dST = tl.zeros([BV, KP], dtype=tl.float32)
+    n_c = tl.load(nch + i_s)
+    for j in range(0, n_c):
+        base = tl.load(table + i_s * MAXC + (n_c - 1 - j)).to(tl.int64) * H + i_h
+        tl.store(ds + base * K * V + o_t, dST, mask=m_t)
+        o_lv = base * L * V + o_l[None, :] * V + o_v[:, None]
+        kdT = tl.load(kd + base * L * K + o_l[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
+        pb = tl.load(p + base * L * L + o_l[:, None] * L + o_l[None, :])
+        doT = tl.load(do + o_lv, mask=m_v[:, None], other=0.0)
+        dvT = tl.dot(dST, kdT, input_precision=DOT)
+        dvT = tl.dot(doT, pb, dvT, input_precision=DOT)
+        if VN:
+            tl.store(vn + o_lv, dvT, mask=m_v[:, None])
+        o_lk = base * L * K + o_l[:, None] * K + o_k[None, :]
+        qeb = tl.load(qe + o_lk, mask=m_k[None, :], other=0.0)
+        dST = dST * tl.exp(tl.load(gl + base)) + tl.dot(doT, qeb, input_precision=DOT)
+        if IS_DELTA:
+            wb = tl.load(w + o_lk, mask=m_k[None, :], other=0.0)
+            dST = dST - tl.dot(dvT, wb, input_precision=DOT)
+    if STORE_D0:
+        tl.store(ds0 + i_sh * K * V + o_t, dST, mask=m_t)
+
+
 def _checked(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device,
              dtypes: tuple[torch.dtype, ...] = (torch.float32,),
              accepted: str = "float32 (the backward's chunk terms)") -> torch.Tensor:
@@ -148,13 +216,25 @@ def _checked_tables(table: torch.Tensor, nch: torch.Tensor) -> None:
                          f"and {nch.dtype} {tuple(nch.shape)}")
 
 
+#: the scans' state layouts: "KV" holds the [K, BV] state, "VK" its transpose (see the VK kernels)
+LAYOUTS = ("KV", "VK")
+
+
+def _layout_kernel(layout: str, kv: Any, vk: Any) -> Any:
+    if layout not in LAYOUTS:
+        raise InputError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return vk if layout == "VK" else kv
+
+
 def forward_scan(w: torch.Tensor | None, u: torch.Tensor, kd: torch.Tensor, gl: torch.Tensor, state0: torch.Tensor,
                  table: torch.Tensor, nch: torch.Tensor, *, block_v: int = 32, num_warps: int = 4,
-                 dot: str = "tf32", out: torch.Tensor | None = None, vnew: torch.Tensor | None = None) -> torch.Tensor:
+                 dot: str = "tf32", out: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
+                 layout: str = "KV") -> torch.Tensor:
     """Every chunk's starting state S0 [C, H, K, V] (float32) from the chunk terms (module doc) and
     the segments' initial states ``state0`` [S, H, K, V] (float32); into ``out`` when given; with
     ``vnew`` [C, H, L, V] (float32) also every chunk's vnew = U - W S0 into it. ``w`` None: the
-    gated-linear rule (vnew = U, which holds v)."""
+    gated-linear rule (vnew = U, which holds v). ``layout``: "KV" (the state [K, BV] in registers)
+    or "VK" (held transposed: the state is the left-hand operand of every dot); the same results."""
     c, h, L, kd_ = kd.shape
     vd = u.shape[-1]
     dev = kd.device
@@ -165,15 +245,15 @@ def forward_scan(w: torch.Tensor | None, u: torch.Tensor, kd: torch.Tensor, gl: 
     gl = _checked("gl", gl, (c, h), dev)
     state0 = _checked("state0", state0, (table.shape[0], h, kd_, vd), dev)
     _checked_tables(table, nch)
+    kernel = _layout_kernel(layout, _forward_scan_kernel, _forward_scan_vk_kernel)
     const = constants(h, kd_, vd, L, block_v, dot, vnew is not None, w is not None)
     vn = None if vnew is None else _checked("vnew", vnew, (c, h, L, vd), dev)
     s0 = torch.empty((c, h, kd_, vd), dtype=torch.float32, device=dev) if out is None else \
         _checked("out", out, (c, h, kd_, vd), dev)
     programs = table.shape[0] * h * const["NV"]
     if programs and c:
-        _forward_scan_kernel[(programs,)](kd if w is None else w, u, kd, gl, state0, s0, s0 if vn is None else vn,
-                                          table.contiguous(), nch, table.shape[1], **const, num_warps=num_warps,
-                                          num_stages=1)
+        kernel[(programs,)](kd if w is None else w, u, kd, gl, state0, s0, s0 if vn is None else vn,
+                            table.contiguous(), nch, table.shape[1], **const, num_warps=num_warps, num_stages=1)
     return s0
 
 
@@ -181,13 +261,13 @@ def backward_scan(w: torch.Tensor | None, kd: torch.Tensor, qe: torch.Tensor, p:
                   gl: torch.Tensor, table: torch.Tensor, nch: torch.Tensor, *, block_v: int = 32,
                   num_warps: int = 4, dot: str = "tf32", out: torch.Tensor | None = None,
                   dvnew: torch.Tensor | None = None, dfinal: torch.Tensor | None = None,
-                  initial: bool = False, out_initial: torch.Tensor | None = None) -> Any:
+                  initial: bool = False, out_initial: torch.Tensor | None = None, layout: str = "KV") -> Any:
     """The gradient of the state after every chunk, dS [C, H, K, V] (float32; after each segment's
     last chunk: ``dfinal`` [S, H, K, V] (float32), the final states' gradient, or zero), from the
     chunk terms and the output's gradient (module doc); into ``out`` when given; with ``dvnew``
     [C, H, L, V] (float32) also every chunk's dvnew = KD dS + P^T DO into it. ``w`` None: the
     gated-linear rule. ``initial``: returns (dS, dS0), dS0 [S, H, K, V] float32 the gradient of
-    every segment's initial state (into ``out_initial`` when given)."""
+    every segment's initial state (into ``out_initial`` when given). ``layout``: as :func:`forward_scan`'s."""
     c, h, L, kd_ = kd.shape
     vd = do.shape[-1]
     dev = kd.device
@@ -198,6 +278,7 @@ def backward_scan(w: torch.Tensor | None, kd: torch.Tensor, qe: torch.Tensor, p:
     do = _checked("do", do, (c, h, L, vd), dev)
     gl = _checked("gl", gl, (c, h), dev)
     _checked_tables(table, nch)
+    kernel = _layout_kernel(layout, _backward_scan_kernel, _backward_scan_vk_kernel)
     n_seg = table.shape[0]
     if dfinal is not None:
         dfinal = _checked("dfinal", dfinal, (n_seg, h, kd_, vd), dev)
@@ -212,10 +293,9 @@ def backward_scan(w: torch.Tensor | None, kd: torch.Tensor, qe: torch.Tensor, p:
             _checked("out_initial", out_initial, (n_seg, h, kd_, vd), dev)
     programs = n_seg * h * const["NV"]
     if programs and c:
-        _backward_scan_kernel[(programs,)](kd if w is None else w, kd, qe, p, do, gl, ds, ds if dvn is None else dvn,
-                                           table.contiguous(), nch, table.shape[1],
-                                           ds if dfinal is None else dfinal, ds if ds0 is None else ds0, **const,
-                                           num_warps=num_warps, num_stages=1)
+        kernel[(programs,)](kd if w is None else w, kd, qe, p, do, gl, ds, ds if dvn is None else dvn,
+                            table.contiguous(), nch, table.shape[1], ds if dfinal is None else dfinal,
+                            ds if ds0 is None else ds0, **const, num_warps=num_warps, num_stages=1)
     elif ds0 is not None:  # no chunks: every initial state reaches the end unchanged
         ds0.copy_(dfinal) if dfinal is not None else ds0.zero_()
     return (ds, ds0) if initial else ds
@@ -223,13 +303,17 @@ def backward_scan(w: torch.Tensor | None, kd: torch.Tensor, qe: torch.Tensor, p:
 
 class TritonScans:
     """The ``scans`` of :func:`momtune.reference.recurrence.recurrence_backward`: both on these
-    kernels (either rule, initial states and the final states' gradient too). ``dot``: the float32 dots' precision ("tf32" or "ieee"; the interpreter's are exact);
+    kernels (either rule, initial states and the final states' gradient too, in the state
+    ``layout`` "KV" or "VK"). ``dot``: the float32 dots' precision ("tf32" or "ieee"; the interpreter's are exact);
     ``poison``: outputs filled with NaN before the kernels run (tests: every chunk must be written)."""
 
-    def __init__(self, dot: str = "tf32", block_v: int = 32, num_warps: int = 4, poison: bool = False) -> None:
+    def __init__(self, dot: str = "tf32", block_v: int = 32, num_warps: int = 4, poison: bool = False,
+                 layout: str = "KV") -> None:
         if dot not in ("tf32", "ieee"):
             raise InputError(f"dot: expected 'tf32' or 'ieee', got {dot!r}")
+        _layout_kernel(layout, None, None)  # an unknown layout is an error here, not at the first launch
         self.dot, self.block_v, self.num_warps, self.poison = dot, block_v, num_warps, poison
+        self.layout = layout
 
     def _out(self, like: torch.Tensor, vd: int) -> torch.Tensor | None:
         if not self.poison:
@@ -239,7 +323,7 @@ class TritonScans:
 
     def forward(self, w, u, kd, gl, state0, table, nch):  # noqa: ANN001, ANN201 - recurrence_backward's protocol
         return forward_scan(w, u, kd, gl, state0, table, nch, block_v=self.block_v, num_warps=self.num_warps,
-                            dot=self.dot, out=self._out(kd, u.shape[-1]))
+                            dot=self.dot, out=self._out(kd, u.shape[-1]), layout=self.layout)
 
     def backward(self, w, kd, qe, p, do, gl, table, nch, dfinal=None, initial=False):  # noqa: ANN001, ANN201
         out_initial = None
@@ -248,4 +332,4 @@ class TritonScans:
                                      dtype=torch.float32, device=kd.device)
         return backward_scan(w, kd, qe, p, do, gl, table, nch, block_v=self.block_v, num_warps=self.num_warps,
                              dot=self.dot, out=self._out(kd, do.shape[-1]), dfinal=dfinal, initial=initial,
-                             out_initial=out_initial)
+                             out_initial=out_initial, layout=self.layout)

@@ -17,10 +17,12 @@ from tests.helpers import gated_delta_autograd, gated_delta_case
                          [([0, 13, 13, 40], 16, 16, 24, 16), ([0, 70], 16, 20, 16, 16), ([0, 1, 5], 16, 16, 16, 32),
                           ([0, 0, 9], 16, 32, 40, 32), ([0, 33, 97], 32, 16, 16, 16)],
                          ids=["ragged-empty", "one-segment-K20", "short", "leading-empty-V40", "two-chunks-of-32"])
-def test_scanned_backward_matches_autograd(cu: list[int], chunk: int, K: int, V: int, block_v: int) -> None:
+@pytest.mark.parametrize("layout", ["KV", "VK"])
+def test_scanned_backward_matches_autograd(cu: list[int], chunk: int, K: int, V: int, block_v: int,
+                                           layout: str) -> None:
     case = gated_delta_case(cu, 2, K, V, seed=len(cu) * 100 + chunk + K)
     want, want32 = (gated_delta_autograd(case, dt, chunk) for dt in (torch.float64, torch.float32))
-    scans = TritonScans(dot="ieee", block_v=block_v, poison=True)
+    scans = TritonScans(dot="ieee", block_v=block_v, poison=True, layout=layout)
     got = gated_delta_backward(*(case[n] for n in ("q", "k", "v", "g", "beta", "do")),
                                cu_seqlens=case["cu_seqlens"], chunk_size=chunk, scans=scans)
     for name, a, w, w32 in zip(("dq", "dk", "dv", "dg", "dbeta"), got, want, want32):
@@ -40,6 +42,11 @@ def test_scan_inputs_are_checked() -> None:
         forward_scan(w, torch.zeros(2, 1, 16, 16), w, torch.zeros(2, 1), torch.zeros(1, 1, 16, 16), table.long(), nch)
     with pytest.raises(InputError, match="dot"):
         TritonScans(dot="bf16")
+    with pytest.raises(InputError, match="layout: expected one of KV, VK, got 'kv'"):
+        TritonScans(layout="kv")
+    with pytest.raises(InputError, match="layout"):
+        forward_scan(w, torch.zeros(2, 1, 16, 16), w, torch.zeros(2, 1), torch.zeros(1, 1, 16, 16), table, nch,
+                     layout="T")
 
 
 @pytest.mark.gpu
@@ -74,10 +81,12 @@ def test_gpu_scanned_backward_at_the_model_shape(dot: str) -> None:
         assert err <= 4 * max(ref_err, torch.finfo(torch.float32).eps), (name, err, ref_err)
 
 
+@pytest.mark.parametrize("layout", ["KV", "VK"])
 @pytest.mark.parametrize("kernel", ["forward", "backward"])
-def test_scans_compile_for_hopper_within_its_shared_memory(kernel: str) -> None:
+def test_scans_compile_for_hopper_within_its_shared_memory(kernel: str, layout: str) -> None:
     """The interpreter never compiles: both scans compile for sm_90 at the model's K = V = 256,
-    chunks of 64, V blocks of 32 (TritonScans' default), under the H100/H200's limit."""
+    chunks of 64, V blocks of 32 (TritonScans' default), under the H100/H200's limit, in both
+    state layouts."""
     from momtune.resources import H100_SHARED_LIMIT, scan_resources_isolated
 
-    assert 0 < scan_resources_isolated(kernel)["shared"] <= H100_SHARED_LIMIT
+    assert 0 < scan_resources_isolated(kernel, layout=layout)["shared"] <= H100_SHARED_LIMIT

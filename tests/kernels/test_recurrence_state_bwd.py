@@ -120,18 +120,21 @@ def test_recurrence_function_gradcheck_float64(rule: str, final: bool) -> None:
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize(("init", "final"), [(True, True), (True, False), (False, True), (False, False)],
                          ids=["init-final", "init", "final", "zero-states"])
-@pytest.mark.parametrize("path", ["chunk-kernels", "scans"])
-def test_triton_backward_with_states_matches_autograd(rule: str, init: bool, final: bool, path: str) -> None:
+@pytest.mark.parametrize(("path", "layout"), [("chunk-kernels", "KV"), ("chunk-kernels", "VK"), ("scans", "KV"),
+                                               ("scans", "VK")])
+def test_triton_backward_with_states_matches_autograd(rule: str, init: bool, final: bool, path: str,
+                                                      layout: str) -> None:
     """Segments of 13, 0, 1 and 27 tokens (chunks of 16), K 16, V 24, both rules, with and without
     initial states / the final states' gradient; the whole chunk backward (with the L2
-    normalisation's kernels) or the two scans alone; outputs poisoned with NaN."""
+    normalisation's kernels) or the two scans alone, in both scan layouts; outputs poisoned with NaN."""
     cu = [0, 13, 13, 14, 41]
     case = _case(cu, 2, 16, 24, seed=10 + 2 * RULES.index(rule) + init)
     want, want32 = (_autograd(case, rule, dt, 16, init, final) for dt in (torch.float64, torch.float32))
     if path == "scans":
-        scans = TritonScans(dot="ieee", block_v=16, poison=True)
+        scans = TritonScans(dot="ieee", block_v=16, poison=True, layout=layout)
     else:
-        scans = TritonBackward(dot="ieee", poison=True, block_k=16, block_v=16, fwd_block_v=16, bwd_block_v=16)
+        scans = TritonBackward(dot="ieee", poison=True, block_k=16, block_v=16, fwd_block_v=16, bwd_block_v=16,
+                               scan_layout=layout)
     got = recurrence_backward(*(case[n] for n in ("q", "k", "v", "g")), case["beta"] if rule == "gated_delta" else None,
                               case["do"], cu_seqlens=case["cu_seqlens"], rule=rule, chunk_size=16,
                               initial_state=case["initial_state"] if init else None,
@@ -208,10 +211,11 @@ def test_state_inputs_are_checked() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["KV", "VK"])
 @pytest.mark.parametrize("rule", RULES)
-def test_gpu_state_backward_at_the_model_shape(rule: str) -> None:
+def test_gpu_state_backward_at_the_model_shape(rule: str, layout: str) -> None:
     """K = V = 256, chunks of 64, 6 ragged segments (one empty, one of length 1), bf16 inputs (TF32
-    dots), random initial states and final states' gradient: the chunk kernels against float64
+    dots), random initial states and final states' gradient, both scan layouts: the chunk kernels against float64
     autograd of the chunked recurrence within 4 x the error of the PyTorch chunk backward on the
     same inputs with TF32 matmuls."""
     gen = torch.Generator().manual_seed(14)
@@ -238,7 +242,7 @@ def test_gpu_state_backward_at_the_model_shape(rule: str) -> None:
         own = recurrence_backward(*args, **kw)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    got = recurrence_backward(*args, **kw, scans=TritonBackward(dot="tf32", poison=True))
+    got = recurrence_backward(*args, **kw, scans=TritonBackward(dot="tf32", poison=True, scan_layout=layout))
     for name, a, w, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dinitial_state"), got, want, own):
         if w is None:
             assert a is None, name
