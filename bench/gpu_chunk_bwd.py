@@ -48,6 +48,8 @@ SWEEP = [  # chunk_backward launch parameters besides its defaults (compiled for
     dict(num_stages=1),
     dict(block_v=16),
     dict(terms_warps=8),
+    dict(scan_layout="VK"),  # both scans with the state transposed (session 13, CPU: 0 spills, Triton 3.6)
+    dict(scan_layout="VK", fwd_block_v=32, bwd_block_v=32),
 ]
 
 
