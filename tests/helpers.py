@@ -131,3 +131,24 @@ def gated_delta_autograd(case: dict, dtype: torch.dtype, chunk: int) -> tuple[to
     leaves = [case[n].to(dtype).requires_grad_(True) for n in ("q", "k", "v", "g", "beta")]
     o, _ = recurrent_chunked(*leaves, cu_seqlens=case["cu_seqlens"], chunk_size=chunk)
     return torch.autograd.grad(o, leaves, case["do"].to(dtype))
+
+
+#: Triton 3.6.0, the lent H200's, installed beside the venv's newest by `make test` (.triton36)
+TRITON36 = Path(__file__).resolve().parents[1] / ".triton36"
+
+
+def use_triton(triton_dir: "Path | None", monkeypatch) -> None:  # noqa: ANN001 - pytest's fixture
+    """Compile checks run in a subprocess: put ``triton_dir``'s Triton first on its path (None: the
+    venv's). Missing: a failure under CI (``.ci/run`` runs `make test`, which installs it), else a skip."""
+    import os
+
+    import pytest
+
+    if triton_dir is None:
+        return
+    if not (triton_dir / "triton").is_dir():
+        why = f"no Triton in {triton_dir} (`make test` installs it before the tests)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(triton_dir), os.environ.get("PYTHONPATH")])))

@@ -4,7 +4,6 @@ same formula through PyTorch autograd in float32 (what the backward did before t
 rounded to the kernel's output dtype, against float64."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from momtune.errors import InputError
 from momtune.kernels.recurrence.qk_norm import L2_EPS, l2norm_rows, l2norm_rows_backward
 from momtune.reference.recurrence import L2_EPS as REF_EPS
 from momtune.reference.recurrence import l2norm
+from tests.helpers import TRITON36, use_triton
 
 F32 = torch.finfo(torch.float32).eps
 
@@ -108,7 +108,6 @@ def test_fused_backward_uses_the_kernels_and_matches_autograd(monkeypatch) -> No
         assert _rel(a, w) <= 64 * F32, (name, _rel(a, w))
 
 
-TRITON36 = Path(__file__).resolve().parents[2] / ".triton36"
 
 
 @pytest.mark.parametrize("triton_dir", [None, TRITON36], ids=["triton-venv", "triton-3.6"])
@@ -118,13 +117,7 @@ def test_qk_norm_kernels_compile_for_hopper(kernel: str, triton_dir: Path | None
     venv's Triton and the GPU machine's (3.6, .triton36), without spills."""
     from momtune.resources import qk_norm_resources_isolated
 
-    if triton_dir is not None:
-        if not (triton_dir / "triton").is_dir():
-            why = f"no Triton in {triton_dir} (`make test` installs it before the tests)"
-            if os.environ.get("CI"):
-                pytest.fail(why)
-            pytest.skip(why)
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(triton_dir), os.environ.get("PYTHONPATH")])))
+    use_triton(triton_dir, monkeypatch)
     res = qk_norm_resources_isolated(kernel, registers=True)
     assert res["n_spills"] == 0 and res["n_regs"] <= 255, res
 

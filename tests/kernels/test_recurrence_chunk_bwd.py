@@ -7,7 +7,6 @@ the same computation in PyTorch (float32 autograd of the chunked recurrence, or 
 PyTorch chunk backward on float16 inputs), as in test_recurrence_scan.py."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from momtune.errors import InputError
 from momtune.kernels.recurrence.chunk_bwd import TritonBackward, chunk_backward, chunk_layout
 from momtune.reference.recurrence import gated_delta_backward, recurrent_chunked
-from tests.helpers import gated_delta_autograd, gated_delta_case
+from tests.helpers import TRITON36, gated_delta_autograd, gated_delta_case, use_triton
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta")
 ARGS = ("q", "k", "v", "g", "beta", "do")
@@ -126,7 +125,6 @@ def test_gpu_chunk_backward_at_the_model_shape(dtype: torch.dtype) -> None:
         assert err <= 4 * max(ref_err, torch.finfo(torch.float32).eps), (name, err, ref_err)
 
 
-TRITON36 = Path(__file__).resolve().parents[2] / ".triton36"
 
 
 @pytest.mark.parametrize("triton_dir", [None, TRITON36], ids=["triton-venv", "triton-3.6"])
@@ -144,13 +142,7 @@ def test_chunk_kernels_compile_for_hopper(kernel: str, triton_dir: Path | None, 
     from momtune.kernels.recurrence.chunk_bwd import chunk_backward as launcher
     from momtune.resources import H100_SHARED_LIMIT, chunk_bwd_resources_isolated, scan_resources_isolated
 
-    if triton_dir is not None:
-        if not (triton_dir / "triton").is_dir():
-            why = f"no Triton in {triton_dir} (`make test` installs it before the tests)"
-            if os.environ.get("CI"):  # .ci/run runs `make test`: there the 3.6 compile must run
-                pytest.fail(why)
-            pytest.skip(why)
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(triton_dir), os.environ.get("PYTHONPATH")])))
+    use_triton(triton_dir, monkeypatch)
     scan = kernel.split("-")[0] if "scan" in kernel else None
     if scan is not None:
         d = {n: p.default for n, p in inspect.signature(launcher).parameters.items()}

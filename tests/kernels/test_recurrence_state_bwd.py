@@ -15,7 +15,6 @@ the segments' initial states (and from the final states' gradient), and the gate
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from momtune.functions import _Recurrence
 from momtune.kernels.recurrence.chunk_bwd import TritonBackward, chunk_backward
 from momtune.kernels.recurrence.scan import TritonScans
 from momtune.reference.recurrence import recurrence_backward, recurrent_chunked
+from tests.helpers import TRITON36, use_triton
 
 RULES = ("gated_delta", "gated_linear")
 
@@ -254,7 +254,6 @@ def test_gpu_state_backward_at_the_model_shape(rule: str, layout: str) -> None:
 
 # ---------------------------------------------------------------------------- compile (sm_90)
 
-TRITON36 = Path(__file__).resolve().parents[2] / ".triton36"
 
 
 @pytest.mark.parametrize("triton_dir", [None, TRITON36], ids=["triton-venv", "triton-3.6"])
@@ -271,13 +270,7 @@ def test_state_and_linear_kernels_compile_for_hopper(kernel: str, triton_dir: Pa
     from momtune.kernels.recurrence.chunk_bwd import chunk_backward as launcher
     from momtune.resources import H100_SHARED_LIMIT, chunk_bwd_resources_isolated, scan_resources_isolated
 
-    if triton_dir is not None:
-        if not (triton_dir / "triton").is_dir():
-            why = f"no Triton in {triton_dir} (`make test` installs it before the tests)"
-            if os.environ.get("CI"):
-                pytest.fail(why)
-            pytest.skip(why)
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(triton_dir), os.environ.get("PYTHONPATH")])))
+    use_triton(triton_dir, monkeypatch)
     d = {n: p.default for n, p in inspect.signature(launcher).parameters.items()}
     if "scan" in kernel:
         scan = kernel.split("-")[0]
