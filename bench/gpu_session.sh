@@ -183,7 +183,9 @@ stage() {
                pattern:22:0 pattern:22:1 pattern:22:2}; do
         IFS=: read sampler trials seed <<< "$s"
         local study=$sampler-s$seed; [ $sampler = grid ] && study=exhaustive; [ $sampler = pattern ] && study=pattern2-s$seed
-        timeout 150 momtune search --template recurrence --shapes mom-340m-B8 --space-dir bench/spaces \
+        # the sweep compiles all 112 configs on a cold machine (session 13: cut at 94 by 150 s)
+        timeout $([ $sampler = grid ] && echo 300 || echo 150) momtune search --template recurrence \
+          --shapes mom-340m-B8 --space-dir bench/spaces \
           --sampler $sampler --seed $seed --no-transfer --trials $trials --study $study --storage $DB --workers 16 \
           >> $OUT/sampler.log 2>&1
         echo "sampler $study: rc $?"; grep -E "winner" $OUT/sampler.log | tail -1
