@@ -15,7 +15,8 @@
 #   bash bench/gpu_session.sh library3            # H200 library: the backward templates (~6 min)
 #   bash bench/gpu_session.sh exhaustive          # the reduced recurrence space, every config, 3 shapes (~4 min)
 #   bash bench/gpu_session.sh diagrec             # recurrence configs that fault: which kernel (<7 min)
-#   bash bench/gpu_session.sh recbench            # recurrence alone: momtune vs fla vs FlashInfer (<7 min)
+#   bash bench/gpu_session.sh h128 recbench       # momtune tuned at head 128, then the recurrence alone:
+#                                                 # momtune vs fla vs FlashInfer (<7 min each)
 #   bash bench/gpu_session.sh trainprof           # profile of a layer's training step + layer_train bench
 #   bash bench/gpu_session.sh trainstep           # training step: new kernels' GPU tests, profile, layer_train
 #   bash bench/gpu_session.sh train               # layer training step vs reference/fla + GPU training tests
@@ -227,6 +228,12 @@ stage() {
         --impls $impls \
         --out $OUT/bench-recurrence.json > $OUT/bench-recurrence.log 2>&1
       echo "bench recurrence: rc $?"; grep -a "^  recurrence " $OUT/bench-recurrence.log | cut -c1-160 ;;
+    h128)  # issue 12: momtune tuned at head size 128 (the reduced space's every config, bench/spaces) so
+      # that recbench's FlashInfer comparison runs a tuned config there; merged into the shipped library
+      timeout 420 momtune search --template recurrence --shapes gdn-h128 --space-dir bench/spaces --sampler grid \
+        --trials 112 --no-transfer --study exhaustive --storage $DB --workers 16 -q > $OUT/h128.log 2>&1
+      echo "h128 sweep: rc $?"; grep -a -E "winner|per minute" $OUT/h128.log | cut -c1-200 | tail -6
+      SHIP_TEMPLATES=recurrence stage shiplib ;;
     diagrec)  # which recurrence configs fail and in which kernel (BT 64, BV 32: session 10's failures)
       timeout 400 python3 bench/gpu_diag_recurrence.py > $OUT/diag-recurrence.log 2>&1; echo "diag recurrence: rc $?"
       cut -c1-300 $OUT/diag-recurrence.log | tail -16 ;;

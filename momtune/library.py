@@ -30,7 +30,8 @@ PROVENANCE_FIELDS = (*PROVENANCE_KEYS, "searched", "python", "fla", "floor_peak"
 TEMPLATE_FIELDS = ("source_hash", "default_config", "spec", "choices", "entries",
                    "provenance")  # the last: a template carried over by ``export --merge`` (where it was tuned)
 ENTRY_FIELDS = ("shape", "dtype", "config", "time_ms", "default_time_ms", "max_abs_err", "max_rel_err", "trials",
-                "study", "retimed", "floor_ms", "shape_set", "also_searched", "default_kept")
+                "study", "retimed", "floor_ms", "shape_set", "also_searched", "default_kept",
+                "provenance")  # the last: an entry ``export --merge`` kept from the file (where it was tuned)
 
 
 def _clean(obj: Any) -> Any:
@@ -474,12 +475,16 @@ def export_library(storage_url: str, out: str | Path, templates: Sequence[str] |
 
 
 def merge_into(out: str | Path, lib: dict[str, Any], note: Callable[[str], None] = print) -> dict[str, Any]:
-    """``lib`` with the templates of the library file ``out`` that ``lib`` has no entry of, each
-    carrying the provenance it was tuned with (its own ``provenance`` field, else the old file's),
-    so that a library grows a template at a time (a device session tunes the backward templates,
-    another the forward ones) and still says where each was measured. Refused (InputError naming
-    ``out``) when ``out`` is not a library or is one of another GPU or Triton version; a missing
-    ``out`` is no error (nothing to keep). A template both hold is this export's (said)."""
+    """``lib`` with what the library file ``out`` holds that ``lib`` lacks, each piece carrying the
+    provenance it was tuned with (its own ``provenance`` field, else its template's, else the old
+    file's), so that a library grows a template or a shape set at a time (a device session tunes
+    the backward templates, another the forward ones at a new head size) and still says where each
+    entry was measured: the templates ``lib`` has no entry of, and, of a template both hold with the
+    same source hash, the old entries of shapes ``lib`` lacks and those faster over their own
+    default than ``lib``'s of the same shape (the rule of several study prefixes, :func:`_faster`).
+    A template whose source changed since the old file's entries is ``lib``'s alone (said). Refused
+    (InputError naming ``out``) when ``out`` is not a library or is one of another GPU or Triton
+    version; a missing ``out`` is no error (nothing to keep)."""
     from .provenance import MATCH_KEYS, mismatches
 
     path = Path(out)
@@ -495,14 +500,32 @@ def merge_into(out: str | Path, lib: dict[str, Any], note: Callable[[str], None]
                          "it is not merged (choose another --out)")
     merged = {**lib, "templates": dict(lib["templates"])}
     for name, tmpl in old.templates.items():
-        if lib["templates"].get(name, {}).get("entries"):
-            if tmpl.get("entries"):
-                note(f"--merge: {name}: this export's {len(lib['templates'][name]['entries'])} entries replace the "
-                     f"{len(tmpl['entries'])} of {out}")
+        if not tmpl.get("entries"):
             continue
-        if tmpl.get("entries"):
-            merged["templates"][name] = {**tmpl, "provenance": tmpl.get("provenance", old.provenance)}
+        prov = tmpl.get("provenance", old.provenance)
+        new = lib["templates"].get(name, {})
+        if not new.get("entries"):
+            merged["templates"][name] = {**tmpl, "provenance": prov}
+            continue
+        if tmpl.get("source_hash") != new.get("source_hash"):
+            note(f"--merge: {name}: its source changed since {out}'s {len(tmpl['entries'])} entries were tuned; "
+                 f"this export's {len(new['entries'])} replace them")
+            continue
+        mine = {_entry_key(e): e for e in new["entries"]}
+        kept = 0
+        for e in tmpl["entries"]:
+            key = _entry_key(e)
+            if key not in mine or _faster(e, mine[key]):
+                mine[key] = {**e, "provenance": e.get("provenance", prov)}
+                kept += 1
+        merged["templates"][name] = {**new, "entries": list(mine.values())}
+        note(f"--merge: {name}: {len(new['entries'])} entries exported, {kept} of {out}'s {len(tmpl['entries'])} "
+             "kept (shapes not exported, or faster over their default)")
     return merged
+
+
+def _entry_key(e: Mapping[str, Any]) -> str:
+    return json.dumps([e.get("shape"), e.get("dtype")], sort_keys=True)
 
 
 def _fmt_prov(prov: Mapping[str, Any]) -> str:

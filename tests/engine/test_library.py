@@ -363,10 +363,36 @@ def test_export_merge_keeps_the_other_templates_with_their_provenance(searched: 
     assert loaded.templates["other"]["provenance"] == earlier  # where it was tuned, not this export's
     assert loaded.provenance == merged["provenance"] == lib["provenance"] | {"created": merged["provenance"]["created"]}
     assert len(loaded.entries("fake")) == 2 and "provenance" not in loaded.templates["fake"]
-    assert any("fake" in n and "replace" in n for n in notes)
+    assert not any("provenance" in e for e in loaded.entries("fake"))  # the old entry was not faster: not kept
+    assert any("fake: 2 entries exported, 0 of" in n for n in notes)
     # merged again: "other" keeps its own provenance, not the file's newer one
     export_library(url, out, note=lambda m: None, merge=True)
     assert load_library(out).templates["other"]["provenance"] == earlier
+    # of a template both hold: an old entry of a shape the export lacks, and one faster over its own
+    # default than the export's of its shape, are kept (with where they were tuned); the rest is the
+    # export's (session 13: head-128 recurrence entries must not drop the mom-340m ones)
+    fresh = lib["templates"]["fake"]["entries"]
+    elsewhere = {**fresh[0], "shape": {"N": 999, "C": 3}, "config": {"BLOCK": 64, "num_warps": 1}}
+    better = {**fresh[1], "time_ms": fresh[1]["default_time_ms"] / 10, "config": {"BLOCK": 128, "num_warps": 1}}
+    atomic_write_json(out, {"schema": SCHEMA, "provenance": earlier,
+                            "templates": {"fake": {**lib["templates"]["fake"], "entries": [elsewhere, better]}}})
+    notes.clear()
+    export_library(url, out, note=notes.append, merge=True)
+    got = {json.dumps(e["shape"], sort_keys=True): e for e in load_library(out).entries("fake")}
+    assert len(got) == 3
+    assert got['{"C": 3, "N": 999}']["provenance"] == earlier and got['{"C": 3, "N": 999}']["config"]["BLOCK"] == 64
+    kept = got[json.dumps(better["shape"], sort_keys=True)]
+    assert kept["config"]["BLOCK"] == 128 and kept["provenance"] == earlier
+    other_shape = next(e for k, e in got.items() if k not in ('{"C": 3, "N": 999}', json.dumps(better["shape"],
+                                                                                             sort_keys=True)))
+    assert "provenance" not in other_shape  # the export's own
+    assert any("2 of" in n and "kept" in n for n in notes)
+    # the template's source changed since: the old entries go (said)
+    atomic_write_json(out, {"schema": SCHEMA, "provenance": earlier, "templates": {
+        "fake": {**lib["templates"]["fake"], "source_hash": "0000", "entries": [elsewhere]}}})
+    notes.clear()
+    export_library(url, out, note=notes.append, merge=True)
+    assert len(load_library(out).entries("fake")) == 2 and any("source changed" in n for n in notes)
     # another GPU's library is not merged into, and stays as it was
     before = out.read_text()
     data = json.loads(before)
