@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or Triton version, entries of templates this export lacks, or a file that is not a "
                         "momtune library (refused without it, the file untouched)")
     p.add_argument("--merge", action="store_true",
-                   help="keep the templates of the library already in --out that this export has no entry of "
-                        "(same GPU and Triton version; each keeps the provenance it was tuned with): a library "
-                        "grown a few templates at a time")
+                   help="grow the library already in --out (same GPU and Triton version): its templates and "
+                        "shapes this export has no entry of, and its entries faster over their own default, are "
+                        "kept, each with the provenance it was tuned with")
     p.add_argument("--json", action="store_true",
                    help="print what was written as JSON on stdout (file, GPU, Triton, entries per template)")
     p.set_defaults(func=run)
