@@ -122,6 +122,9 @@ stage() {
       echo "pytest -m gpu (training step): rc $?"; tail -4 $OUT/gpu-trainstep-tests.log
       timeout 100 python3 bench/gpu_chunk_bwd.py --sweep --out $OUT/chunk-bwd.json > $OUT/chunk-bwd.log 2>&1
       echo "chunk backward bench: rc $?"; grep -v "^ *sweep" $OUT/chunk-bwd.log | tail -12; grep "sweep" $OUT/chunk-bwd.log | cut -c1-150
+      # B1 T4096 (5 long segments) got 13% slower in session 13 after the 3-stage default: its own sweep
+      timeout 80 python3 bench/gpu_chunk_bwd.py --batch 1 --seq 4096 --sweep > $OUT/chunk-bwd-b1.log 2>&1
+      echo "chunk backward bench B1 T4096: rc $?"; grep -E "new total|sweep" $OUT/chunk-bwd-b1.log | cut -c1-150
       OUT=$OUT timeout 60 python3 bench/gpu_profile_layer.py --train --impls momtune --top 16 > $OUT/profile-train.log 2>&1
       echo "profile train: rc $?"; grep -A18 "^momtune" $OUT/profile-train.log | cut -c1-120
       timeout 90 momtune bench --presets mom-340m --what layer_train --prefill 8x2048 1x4096 \
