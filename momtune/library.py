@@ -246,17 +246,8 @@ def _default_valid(attrs: Mapping[str, Any]) -> bool:
         return False
 
 
-def _failure_kinds(trials: Sequence[Any], config: Mapping[str, Any]) -> set[str]:
-    """The kinds of the failures ``config``'s trials recorded as its own (momtune.study.is_config_failure)."""
-    from .study import is_config_failure
-
-    key = canonical(config)
-    return {str(t.user_attrs.get("status")) for t in trials if is_config_failure(t)
-            and isinstance(t.user_attrs.get("config"), Mapping) and canonical(t.user_attrs["config"]) == key}
-
-
 def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[str, Any] | None:
-    from .study import count
+    from .study import DEVICE_STATE_FAILURES, count, failure_kinds
 
     c = count(trials)
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok"]
@@ -272,7 +263,7 @@ def _entry(study: Any, attrs: Mapping[str, Any], trials: Sequence[Any]) -> dict[
     default, default_ms = attrs.get("default_config"), attrs.get("default_time_ms")
     if (retimed and isinstance(default, Mapping) and canonical(default) != canonical(config)
             and isinstance(default_ms, (int, float)) and math.isfinite(default_ms) and time_ms is not None
-            and not (_failure_kinds(trials, default) - {"out_of_memory"}) and _default_valid(attrs)):
+            and not (failure_kinds(trials, default) - DEVICE_STATE_FAILURES) and _default_valid(attrs)):
         # the search's own rule (momtune.winner), for studies whose default had no result when
         # their winner was named: a winner not faster than the default it was re-timed with beyond
         # noise is no win (the default runs; a nearest-shape lookup must not lend this shape's

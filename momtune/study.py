@@ -203,6 +203,21 @@ def is_config_failure(t: Any) -> bool:
     return True
 
 
+#: recorded failures that describe the device at the time rather than the config: a later run in
+#: the same process (the winner's re-timing) overrules them (H200, session 13: the recurrence
+#: backward's default out of memory beside 16 compile workers, then re-timed at 28.55 ms)
+DEVICE_STATE_FAILURES = frozenset({"out_of_memory"})
+
+
+def failure_kinds(trials: Iterable[Any], config: Mapping[str, Any]) -> set[str]:
+    """The kinds (statuses) of the failures ``config``'s trials recorded as its own (:func:`is_config_failure`)."""
+    from .space import canonical
+
+    key = canonical(config)
+    return {str(t.user_attrs.get("status")) for t in trials if is_config_failure(t)
+            and isinstance(t.user_attrs.get("config"), Mapping) and canonical(t.user_attrs["config"]) == key}
+
+
 def trials_of(study: Any) -> list[Any]:
     return list(study._storage.get_all_trials(study._study_id, deepcopy=False))
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .space import canonical
-from .study import is_config_failure
+from .study import DEVICE_STATE_FAILURES, failure_kinds, is_config_failure
 from .timing import Timing, judge, pick_winner
 
 Retimer = Callable[[Sequence[Mapping[str, Any]]], "list[Timing] | None"]
@@ -33,14 +33,15 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
     """
     best: dict[str, float] = {}
     configs: dict[str, dict[str, Any]] = {}
-    refused: dict[str, set[str]] = {}  # configs with a recorded failure (wrong answer, error, ...): its kinds
+    trials = list(trials)
+    refused: set[str] = set()  # configs with a recorded failure (wrong answer, error, ...)
     for t in trials:
         if t.state.name == "COMPLETE" and t.user_attrs.get("status") == "ok":
             key = canonical(t.user_attrs["config"])
             best[key] = min(best.get(key, math.inf), float(t.value))
             configs[key] = dict(t.user_attrs["config"])
         elif is_config_failure(t) and isinstance(t.user_attrs.get("config"), Mapping):
-            refused.setdefault(canonical(t.user_attrs["config"]), set()).add(str(t.user_attrs.get("status")))
+            refused.add(canonical(t.user_attrs["config"]))
     if not best:
         return None, None
     top = sorted(best, key=lambda key: (best[key], key))[: max(1, k)]
@@ -50,7 +51,8 @@ def choose_winner(trials: Iterable[Any], default_config: Mapping[str, Any], k: i
     # except running out of the device's memory, when the re-timing below then runs it (the memory
     # was held by other processes at the time: H200, session 13, the recurrence backward's default
     # at N 196,608 beside 16 compile workers; a winner 11% slower than it was named)
-    oom_only = refused.get(dkey, set()) == {"out_of_memory"}
+    own = failure_kinds(trials, default_config) if dkey in refused else set()
+    oom_only = bool(own) and own <= DEVICE_STATE_FAILURES
     keepable = dkey in best or (default_valid and (dkey not in refused or oom_only))
     configs.setdefault(dkey, dict(default_config))
     cands = top + ([dkey] if dkey in best and dkey not in top else [])
