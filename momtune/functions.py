@@ -307,6 +307,7 @@ class _Recurrence(torch.autograd.Function):
         from momtune.reference.recurrence import recurrence_backward
 
         q, k, v, g, beta, cu, init = ctx.saved_tensors
+        init_dtype = None if init is None else init.dtype
         if do is None:  # only the final states were used
             do = v.new_zeros(v.shape)
         rows = int(cu[-1])  # one host read a training step (the padding tail after the segments)
@@ -323,7 +324,7 @@ class _Recurrence(torch.autograd.Function):
             dq, dk, dv, dg, db = (None if d is None else torch.cat([d, d.new_zeros((q.shape[0] - rows, *d.shape[1:]))])
                                   for d in (dq, dk, dv, dg, db))
         if ds0 is not None:
-            ds0 = ds0.to(ctx.saved_tensors[6].dtype)
+            ds0 = ds0.to(init_dtype)
         return dq, dk, dv, dg, db, None, None, None, None, ds0, None
 
 

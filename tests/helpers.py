@@ -137,18 +137,26 @@ def gated_delta_autograd(case: dict, dtype: torch.dtype, chunk: int) -> tuple[to
 TRITON36 = Path(__file__).resolve().parents[1] / ".triton36"
 
 
+def missing(why: str, in_ci: str = "") -> None:
+    """Something a test needs is not on this machine: a skip here, a failure under CI=1 (``.ci/run``
+    installs or sets up everything the tests need there, so nothing may be skipped). ``in_ci``: what
+    the failure adds to ``why``."""
+    import os
+
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}: {in_ci}" if in_ci else why)
+    pytest.skip(why)
+
+
 def use_triton(triton_dir: "Path | None", monkeypatch) -> None:  # noqa: ANN001 - pytest's fixture
     """Compile checks run in a subprocess: put ``triton_dir``'s Triton first on its path (None: the
     venv's). Missing: a failure under CI (``.ci/run`` runs `make test`, which installs it), else a skip."""
     import os
 
-    import pytest
-
     if triton_dir is None:
         return
     if not (triton_dir / "triton").is_dir():
-        why = f"no Triton in {triton_dir} (`make test` installs it before the tests)"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+        missing(f"no Triton in {triton_dir} (`make test` installs it before the tests)")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(triton_dir), os.environ.get("PYTHONPATH")])))

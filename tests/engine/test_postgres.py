@@ -21,6 +21,8 @@ import pytest
 
 from momtune.space import canonical
 
+from tests.helpers import missing
+
 from .conftest import ROOT, SLOW, SPACES, cli_env, momtune_cmd, run_cli
 
 pytestmark = pytest.mark.postgres
@@ -34,9 +36,7 @@ def _free_port() -> int:
 
 def _missing(why: str) -> None:
     """CI installs PostgreSQL (.ci/run), so there a missing server is a failure, not a skip."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{why}: .ci/run should have installed it")
-    pytest.skip(why)
+    missing(why, ".ci/run should have installed it")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import pytest
 from momtune.errors import StorageError
 from momtune.study import open_storage, storage_failure
 
+from tests.helpers import missing
+
 from .conftest import run_cli
 
 
@@ -62,17 +64,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     where = tmp_path / "disk"
     where.mkdir()
 
-    def missing(why: str) -> None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}: CI must run the full and read-only disk cases")
-        pytest.skip(why)
-
     if os.geteuid() != 0 or not shutil.which("mount"):
-        missing("mounting a small tmpfs needs root")
+        missing("mounting a small tmpfs needs root", "CI must run the full and read-only disk cases")
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True,
                          text=True, check=False)
     if res.returncode != 0:
-        missing(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        missing(f"cannot mount a tmpfs here: {res.stderr.strip()}", "CI must run the full and read-only disk cases")
     try:
         yield where
     finally:
